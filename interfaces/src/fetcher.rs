@@ -1,0 +1,298 @@
+//! `org.dnfimage.Fetcher`: registry access and the local OCI blob cache.
+
+use std::collections::BTreeMap;
+
+use futures_util::Stream;
+use serde::{Deserialize, Serialize};
+use zlink::{ReplyError, introspect, proxy};
+
+/// The interface name.
+pub const INTERFACE: &str = "org.dnfimage.Fetcher";
+/// The committed interface description, the contract the service must match.
+pub const IDL: &str = include_str!("../org.dnfimage.Fetcher.varlink");
+
+/// One layer of an image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, introspect::CustomType)]
+#[serde(rename_all = "camelCase")]
+#[zlink(rename_all = "camelCase")]
+pub struct Layer {
+    /// The layer's blob digest, "sha256:…".
+    pub digest: String,
+    /// The layer's media type, e.g. "application/vnd.oci.image.layer.v1.tar+gzip".
+    pub media_type: String,
+    /// The layer's compressed size in bytes.
+    pub size: u64,
+    /// Whether the blob is already in the local cache.
+    pub cached: bool,
+}
+
+/// What a registry says about an image, from its manifest and configuration only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, introspect::CustomType)]
+#[serde(rename_all = "camelCase")]
+#[zlink(rename_all = "camelCase")]
+pub struct ImageInfo {
+    /// The image reference as the service understood it, with its transport ("docker://…").
+    pub reference: String,
+    /// The manifest digest, "sha256:…".
+    pub digest: String,
+    /// The "org.opencontainers.image.version" label, if the image has one.
+    pub version: Option<String>,
+    /// When the image was created (RFC 3339), if the configuration says.
+    pub created: Option<String>,
+    /// The CPU architecture the image is built for, e.g. "amd64".
+    pub architecture: String,
+    /// The operating system the image is built for, e.g. "linux".
+    pub os: String,
+    /// Whether the image is a bootable OS image ("containers.bootc" or "ostree.bootable" label).
+    pub bootable: bool,
+    /// Every label of the image configuration.
+    pub labels: BTreeMap<String, String>,
+    /// The layers, base first.
+    pub layers: Vec<Layer>,
+    /// The sum of the layer sizes in bytes.
+    pub total_size: u64,
+}
+
+/// Reply of `Inspect`.
+#[derive(Debug, Clone, Serialize, Deserialize, introspect::Type)]
+pub struct InspectReply {
+    /// What the registry says about the image.
+    pub image: ImageInfo,
+}
+
+/// Reply of `CheckUpdate`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, introspect::Type)]
+#[serde(rename_all = "camelCase")]
+#[zlink(rename_all = "camelCase")]
+pub struct CheckUpdateReply {
+    /// Whether the image's manifest digest differs from the current one.
+    pub update_available: bool,
+    /// The manifest digest the reference points to now.
+    pub digest: String,
+    /// The new image's version label, if any.
+    pub version: Option<String>,
+    /// How many layers of the new image are not in the local cache.
+    pub layers_missing: u64,
+    /// How many bytes of layers would be downloaded by `Fetch`.
+    pub bytes_missing: u64,
+    /// How many layers the new image has.
+    pub layers_total: u64,
+    /// The new image's size in bytes (all layers).
+    pub bytes_total: u64,
+}
+
+/// The phase a fetch is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, introspect::CustomType)]
+#[serde(rename_all = "snake_case")]
+#[zlink(rename_all = "snake_case")]
+pub enum FetchPhase {
+    /// Reading the manifest and configuration.
+    Resolving,
+    /// Downloading layer blobs.
+    Fetching,
+    /// Writing the manifest and the cache index.
+    Finishing,
+}
+
+/// A progress record streamed by `Fetch`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, introspect::CustomType)]
+#[serde(rename_all = "camelCase")]
+#[zlink(rename_all = "camelCase")]
+pub struct FetchProgress {
+    /// The phase the fetch is in.
+    pub phase: FetchPhase,
+    /// The layer this record is about, if it is about one layer.
+    pub layer: Option<String>,
+    /// Bytes of that layer downloaded so far.
+    pub layer_bytes_done: Option<u64>,
+    /// The size of that layer in bytes.
+    pub layer_bytes_total: Option<u64>,
+    /// Layers completely downloaded so far (cached ones not counted).
+    pub layers_done: u64,
+    /// Layers to download in all.
+    pub layers_total: u64,
+    /// Bytes downloaded so far, all layers.
+    pub bytes_done: u64,
+    /// Bytes to download in all.
+    pub bytes_total: u64,
+    /// What is happening, for people.
+    pub message: String,
+}
+
+/// The outcome of a completed `Fetch`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, introspect::CustomType)]
+#[serde(rename_all = "camelCase")]
+#[zlink(rename_all = "camelCase")]
+pub struct FetchResult {
+    /// The manifest digest of the fetched image.
+    pub digest: String,
+    /// The image's version label, if any.
+    pub version: Option<String>,
+    /// Where the importer reads the image: "oci:/path/to/cache:tag".
+    pub cache_reference: String,
+    /// How many layers were downloaded by this call.
+    pub layers_fetched: u64,
+    /// How many layers were already in the cache.
+    pub layers_cached: u64,
+    /// How many bytes were downloaded by this call.
+    pub bytes_fetched: u64,
+}
+
+/// Reply of `Fetch`: progress records, then one record with the result.
+#[derive(Debug, Clone, Serialize, Deserialize, introspect::Type)]
+pub struct FetchReply {
+    /// Set on every record but the last.
+    pub progress: Option<FetchProgress>,
+    /// Set on the last record only.
+    pub result: Option<FetchResult>,
+}
+
+/// An image in the local cache.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, introspect::CustomType)]
+#[serde(rename_all = "camelCase")]
+#[zlink(rename_all = "camelCase")]
+pub struct CachedImage {
+    /// The image reference it was fetched from.
+    pub reference: String,
+    /// The manifest digest.
+    pub digest: String,
+    /// The version label, if any.
+    pub version: Option<String>,
+    /// Where the importer reads it: "oci:/path/to/cache:tag".
+    pub cache_reference: String,
+    /// The sum of its layer sizes in bytes.
+    pub size: u64,
+    /// When it was fetched (RFC 3339).
+    pub fetched: String,
+}
+
+/// Reply of `ListCached`.
+#[derive(Debug, Clone, Serialize, Deserialize, introspect::Type)]
+pub struct ListCachedReply {
+    /// Every image in the cache.
+    pub images: Vec<CachedImage>,
+}
+
+/// Reply of `Prune`.
+#[derive(Debug, Clone, Serialize, Deserialize, introspect::Type)]
+#[serde(rename_all = "camelCase")]
+#[zlink(rename_all = "camelCase")]
+pub struct PruneReply {
+    /// The references of the images removed from the cache.
+    pub removed_images: Vec<String>,
+    /// How many blobs were deleted.
+    pub removed_blobs: u64,
+    /// How many bytes were freed.
+    pub freed_bytes: u64,
+}
+
+/// Reply of `Cancel`.
+#[derive(Debug, Clone, Serialize, Deserialize, introspect::Type)]
+pub struct CancelReply {
+    /// What was running and is now being cancelled; null when nothing was running.
+    pub cancelled: Option<String>,
+}
+
+/// Errors of `org.dnfimage.Fetcher`.
+#[derive(Debug, Clone, PartialEq, Eq, ReplyError, introspect::ReplyError)]
+#[zlink(interface = "org.dnfimage.Fetcher")]
+pub enum FetcherError {
+    /// The image reference cannot be parsed or uses a transport that is not supported.
+    InvalidImageReference {
+        /// The reference as given.
+        image: String,
+        /// Why it was refused.
+        message: String,
+    },
+    /// The registry or layout has no such image or tag.
+    ImageNotFound {
+        /// The reference as given.
+        image: String,
+        /// What the registry said.
+        message: String,
+    },
+    /// The registry could not be reached.
+    RegistryUnreachable {
+        /// The reference as given.
+        image: String,
+        /// What the connection attempt said.
+        message: String,
+    },
+    /// The registry wants credentials the service does not have.
+    AuthenticationRequired {
+        /// The reference as given.
+        image: String,
+        /// What the registry said.
+        message: String,
+    },
+    /// A downloaded blob does not have the digest its manifest names; nothing was kept.
+    DigestMismatch {
+        /// The digest the manifest names.
+        expected: String,
+        /// The digest of the bytes received, if they were read to the end.
+        actual: Option<String>,
+        /// What happened.
+        message: String,
+    },
+    /// The image has no bootable label ("containers.bootc=1" or "ostree.bootable").
+    NotBootable {
+        /// The reference as given.
+        image: String,
+    },
+    /// The cache filesystem has not enough free space for the missing layers.
+    InsufficientSpace {
+        /// The directory that lacks space.
+        path: String,
+        /// Bytes needed.
+        needed: u64,
+        /// Bytes available.
+        available: u64,
+    },
+    /// Another fetch is running; wait for it or cancel it.
+    AlreadyInProgress {
+        /// The image the running fetch is for.
+        image: String,
+    },
+    /// The fetch was cancelled; the blobs completed so far are kept.
+    Cancelled {
+        /// The image the fetch was for.
+        image: String,
+    },
+    /// Only root may call this method.
+    PermissionDenied {
+        /// The method refused.
+        method: String,
+    },
+    /// Anything else; the message says what went wrong.
+    Failed {
+        /// What went wrong, with its causes.
+        message: String,
+    },
+}
+
+/// Client side of `org.dnfimage.Fetcher`.
+#[proxy(interface = "org.dnfimage.Fetcher", rename_all_arguments = "camelCase")]
+pub trait FetcherProxy {
+    /// Reads an image's manifest and configuration.
+    async fn inspect(&mut self, image: &str) -> zlink::Result<Result<InspectReply, FetcherError>>;
+    /// Tells whether an image moved away from a digest.
+    async fn check_update(
+        &mut self,
+        image: &str,
+        current_digest: Option<&str>,
+    ) -> zlink::Result<Result<CheckUpdateReply, FetcherError>>;
+    /// Downloads the missing layers of an image into the cache.
+    #[zlink(more)]
+    async fn fetch(
+        &mut self,
+        image: &str,
+        concurrency: Option<u64>,
+    ) -> zlink::Result<impl Stream<Item = zlink::Result<Result<FetchReply, FetcherError>>>>;
+    /// Cancels the running fetch.
+    async fn cancel(&mut self) -> zlink::Result<Result<CancelReply, FetcherError>>;
+    /// Lists the cached images.
+    async fn list_cached(&mut self) -> zlink::Result<Result<ListCachedReply, FetcherError>>;
+    /// Removes cached images not listed in `keep`, and unreferenced blobs.
+    async fn prune(&mut self, keep: Vec<String>)
+    -> zlink::Result<Result<PruneReply, FetcherError>>;
+}

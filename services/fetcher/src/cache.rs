@@ -1,0 +1,547 @@
+//! The local blob cache: an OCI image layout that skopeo and ostree-ext read as `oci:DIR:TAG`.
+//!
+//! Blobs are written under `tmp/`, hashed while written, synced, and renamed into
+//! `blobs/sha256/` only when their digest and size match: a blob under its digest is always
+//! complete. `index.json` is replaced atomically; each entry carries the reference it was fetched
+//! from in annotations.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+
+/// OCI annotation naming the tag of an index entry.
+pub const REF_NAME: &str = "org.opencontainers.image.ref.name";
+const ANN_REFERENCE: &str = "org.dnfimage.reference";
+const ANN_DIGEST: &str = "org.dnfimage.digest";
+const ANN_VERSION: &str = "org.dnfimage.version";
+const ANN_FETCHED: &str = "org.dnfimage.fetched";
+const ANN_SIZE: &str = "org.dnfimage.size";
+
+/// A content descriptor as OCI writes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Descriptor {
+    /// The media type of the blob.
+    pub media_type: String,
+    /// "sha256:…".
+    pub digest: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Annotations.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+    /// Fields we do not interpret but keep.
+    #[serde(flatten)]
+    pub other: BTreeMap<String, Value>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Index {
+    schema_version: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    media_type: Option<String>,
+    #[serde(default)]
+    manifests: Vec<Descriptor>,
+}
+
+/// The parts of a manifest the cache needs.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Manifest {
+    /// The configuration blob.
+    pub config: Descriptor,
+    /// The layers, base first.
+    #[serde(default)]
+    pub layers: Vec<Descriptor>,
+}
+
+/// An image recorded in the cache.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// The reference it was fetched from.
+    pub reference: String,
+    /// Its tag in the layout.
+    pub tag: String,
+    /// The manifest digest the source reported.
+    pub digest: String,
+    /// The digest of the manifest blob stored here (differs when skopeo converted it to OCI).
+    pub manifest_digest: String,
+    /// Size of the manifest blob.
+    pub manifest_size: u64,
+    /// The media type of the manifest blob.
+    pub media_type: String,
+    /// Version label.
+    pub version: Option<String>,
+    /// When it was fetched (RFC 3339).
+    pub fetched: String,
+    /// Sum of the layer sizes.
+    pub size: u64,
+}
+
+/// Why a blob was not stored.
+#[derive(Debug, thiserror::Error)]
+pub enum BlobError {
+    /// The bytes do not hash to the expected digest (or have the wrong length).
+    #[error("blob {expected}: received {actual} ({received} bytes, expected {size})")]
+    Mismatch {
+        /// The digest asked for.
+        expected: String,
+        /// The digest of what arrived.
+        actual: String,
+        /// How many bytes arrived.
+        received: u64,
+        /// How many were expected.
+        size: u64,
+    },
+    /// Reading or writing failed.
+    #[error(transparent)]
+    Io(#[from] anyhow::Error),
+}
+
+/// What `prune` removed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct PruneStats {
+    /// References of the removed images.
+    pub removed_images: Vec<String>,
+    /// Blobs deleted.
+    pub removed_blobs: u64,
+    /// Bytes freed.
+    pub freed_bytes: u64,
+}
+
+/// The cache directory.
+#[derive(Debug, Clone)]
+pub struct Cache {
+    root: PathBuf,
+}
+
+/// Checks that `digest` is "sha256:" and 64 lowercase hex digits; returns the hex part.
+pub fn sha256_hex(digest: &str) -> Result<&str> {
+    let hex = digest
+        .strip_prefix("sha256:")
+        .with_context(|| format!("Digest {digest:?} is not sha256"))?;
+    anyhow::ensure!(
+        hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')),
+        "Digest {digest:?} is malformed"
+    );
+    Ok(hex)
+}
+
+impl Cache {
+    /// Opens (creating if needed) the layout at `root` and clears leftovers of killed writes.
+    pub fn open(root: &Path) -> Result<Self> {
+        let cache = Self {
+            root: root.to_path_buf(),
+        };
+        std::fs::create_dir_all(cache.blobs_dir())
+            .with_context(|| format!("Creating the cache at {}", root.display()))?;
+        let tmp = cache.tmp_dir();
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).context("Clearing partial downloads")?;
+        }
+        std::fs::create_dir_all(&tmp).context("Creating the cache's tmp directory")?;
+        let layout = root.join("oci-layout");
+        if !layout.exists() {
+            write_atomic(&layout, br#"{"imageLayoutVersion":"1.0.0"}"#, &tmp)?;
+        }
+        if !cache.index_path().exists() {
+            cache.write_index(&Index {
+                schema_version: 2,
+                media_type: Some("application/vnd.oci.image.index.v1+json".into()),
+                manifests: vec![],
+            })?;
+        }
+        Ok(cache)
+    }
+
+    /// The layout directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn blobs_dir(&self) -> PathBuf {
+        self.root.join("blobs/sha256")
+    }
+
+    fn tmp_dir(&self) -> PathBuf {
+        self.root.join("tmp")
+    }
+
+    fn index_path(&self) -> PathBuf {
+        self.root.join("index.json")
+    }
+
+    /// The `oci:` reference of a tag, for the importer.
+    pub fn oci_reference(&self, tag: &str) -> String {
+        format!("oci:{}:{tag}", self.root.display())
+    }
+
+    /// Where the blob of `digest` lives.
+    pub fn blob_path(&self, digest: &str) -> Result<PathBuf> {
+        Ok(self.blobs_dir().join(sha256_hex(digest)?))
+    }
+
+    /// Whether a complete blob of `digest` and `size` is stored.
+    pub fn has_blob(&self, digest: &str, size: u64) -> bool {
+        self.blob_path(digest)
+            .ok()
+            .and_then(|p| std::fs::metadata(p).ok())
+            .is_some_and(|m| m.is_file() && m.len() == size)
+    }
+
+    /// Streams a blob in, verifying digest and size; `progress` gets the bytes read so far.
+    pub async fn write_blob(
+        &self,
+        digest: &str,
+        size: u64,
+        mut reader: impl AsyncRead + Unpin,
+        mut progress: impl FnMut(u64),
+    ) -> Result<u64, BlobError> {
+        let dest = self.blob_path(digest)?;
+        let tmp = tempfile::Builder::new()
+            .prefix(".blob-")
+            .tempfile_in(self.tmp_dir())
+            .context("Creating a temporary blob file")?;
+        let (std_file, tmp_path) = tmp.into_parts();
+        let mut file = tokio::fs::File::from_std(std_file);
+        let mut hasher = Sha256::new();
+        let mut received = 0u64;
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            let n = reader
+                .read(&mut buf)
+                .await
+                .with_context(|| format!("Reading blob {digest}"))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            file.write_all(&buf[..n])
+                .await
+                .with_context(|| format!("Writing blob {digest}"))?;
+            received += n as u64;
+            progress(received);
+        }
+        let actual = format!("sha256:{}", hex::encode(hasher.finalize()));
+        if actual != digest || received != size {
+            // `tmp_path` removes the partial file when dropped.
+            return Err(BlobError::Mismatch {
+                expected: digest.to_string(),
+                actual,
+                received,
+                size,
+            });
+        }
+        file.sync_all()
+            .await
+            .with_context(|| format!("Syncing blob {digest}"))?;
+        drop(file);
+        tmp_path
+            .persist(&dest)
+            .map_err(|e| anyhow::Error::new(e.error))
+            .with_context(|| format!("Storing blob {digest}"))?;
+        Ok(received)
+    }
+
+    /// Stores a small blob held in memory, verifying its digest.
+    pub async fn write_bytes(&self, digest: &str, bytes: &[u8]) -> Result<(), BlobError> {
+        if self.has_blob(digest, bytes.len() as u64) {
+            return Ok(());
+        }
+        self.write_blob(digest, bytes.len() as u64, bytes, |_| {})
+            .await
+            .map(|_| ())
+    }
+
+    /// Reads a stored blob.
+    pub fn read_blob(&self, digest: &str) -> Result<Vec<u8>> {
+        let path = self.blob_path(digest)?;
+        std::fs::read(&path).with_context(|| format!("Reading {}", path.display()))
+    }
+
+    fn read_index(&self) -> Result<Index> {
+        let path = self.index_path();
+        let bytes = std::fs::read(&path).with_context(|| format!("Reading {}", path.display()))?;
+        serde_json::from_slice(&bytes).with_context(|| format!("Parsing {}", path.display()))
+    }
+
+    fn write_index(&self, index: &Index) -> Result<()> {
+        let bytes = serde_json::to_vec_pretty(index).context("Serializing the cache index")?;
+        write_atomic(&self.index_path(), &bytes, &self.tmp_dir())
+    }
+
+    /// Every image recorded in the index.
+    pub fn entries(&self) -> Result<Vec<Entry>> {
+        Ok(self
+            .read_index()?
+            .manifests
+            .iter()
+            .filter_map(entry_of)
+            .collect())
+    }
+
+    /// The entry fetched from `reference`, if any.
+    pub fn lookup(&self, reference: &str) -> Result<Option<Entry>> {
+        Ok(self
+            .entries()?
+            .into_iter()
+            .find(|e| e.reference == reference))
+    }
+
+    /// Records `entry` (replacing any entry with the same tag). Its blobs must be stored.
+    pub fn record(&self, entry: &Entry) -> Result<()> {
+        let mut index = self.read_index()?;
+        index
+            .manifests
+            .retain(|d| d.annotations.get(REF_NAME) != Some(&entry.tag));
+        let mut annotations = BTreeMap::new();
+        annotations.insert(REF_NAME.to_string(), entry.tag.clone());
+        annotations.insert(ANN_REFERENCE.to_string(), entry.reference.clone());
+        annotations.insert(ANN_DIGEST.to_string(), entry.digest.clone());
+        annotations.insert(ANN_FETCHED.to_string(), entry.fetched.clone());
+        annotations.insert(ANN_SIZE.to_string(), entry.size.to_string());
+        if let Some(v) = &entry.version {
+            annotations.insert(ANN_VERSION.to_string(), v.clone());
+        }
+        index.manifests.push(Descriptor {
+            media_type: entry.media_type.clone(),
+            digest: entry.manifest_digest.clone(),
+            size: entry.manifest_size,
+            annotations,
+            other: BTreeMap::new(),
+        });
+        self.write_index(&index)
+    }
+
+    /// Drops every image whose reference is not in `keep`, then deletes unreferenced blobs.
+    pub fn prune(&self, keep: &[String]) -> Result<PruneStats> {
+        let mut index = self.read_index()?;
+        let mut stats = PruneStats::default();
+        index.manifests.retain(|d| {
+            let reference = d.annotations.get(ANN_REFERENCE);
+            let kept = reference.is_some_and(|r| keep.contains(r));
+            if !kept {
+                stats
+                    .removed_images
+                    .push(reference.cloned().unwrap_or_else(|| d.digest.clone()));
+            }
+            kept
+        });
+        self.write_index(&index)?;
+        let mut live = BTreeSet::new();
+        for d in &index.manifests {
+            live.insert(d.digest.clone());
+            let manifest: Manifest = serde_json::from_slice(&self.read_blob(&d.digest)?)
+                .with_context(|| format!("Parsing manifest {}", d.digest))?;
+            live.insert(manifest.config.digest.clone());
+            live.extend(manifest.layers.iter().map(|l| l.digest.clone()));
+        }
+        let dir = self.blobs_dir();
+        for item in std::fs::read_dir(&dir).with_context(|| format!("Listing {}", dir.display()))? {
+            let item = item.context("Listing blobs")?;
+            let name = item.file_name().to_string_lossy().to_string();
+            if live.contains(&format!("sha256:{name}")) {
+                continue;
+            }
+            let len = item.metadata().map(|m| m.len()).unwrap_or(0);
+            std::fs::remove_file(item.path()).with_context(|| format!("Removing blob {name}"))?;
+            stats.removed_blobs += 1;
+            stats.freed_bytes += len;
+        }
+        Ok(stats)
+    }
+}
+
+fn entry_of(d: &Descriptor) -> Option<Entry> {
+    let a = &d.annotations;
+    Some(Entry {
+        reference: a.get(ANN_REFERENCE)?.clone(),
+        tag: a.get(REF_NAME)?.clone(),
+        digest: a
+            .get(ANN_DIGEST)
+            .cloned()
+            .unwrap_or_else(|| d.digest.clone()),
+        manifest_digest: d.digest.clone(),
+        manifest_size: d.size,
+        media_type: d.media_type.clone(),
+        version: a.get(ANN_VERSION).cloned(),
+        fetched: a.get(ANN_FETCHED).cloned().unwrap_or_default(),
+        size: a.get(ANN_SIZE).and_then(|s| s.parse().ok()).unwrap_or(0),
+    })
+}
+
+/// Writes `bytes` to `path` through a synced temporary file in `tmp` and a rename.
+fn write_atomic(path: &Path, bytes: &[u8], tmp: &Path) -> Result<()> {
+    use std::io::Write;
+    let mut file = tempfile::NamedTempFile::new_in(tmp).context("Creating a temporary file")?;
+    file.write_all(bytes)
+        .and_then(|()| file.as_file().sync_all())
+        .with_context(|| format!("Writing {}", path.display()))?;
+    file.persist(path)
+        .map_err(|e| e.error)
+        .with_context(|| format!("Replacing {}", path.display()))?;
+    Ok(())
+}
+
+/// The current time as RFC 3339 UTC, e.g. "2026-11-26T03:28:01Z".
+pub fn now_rfc3339() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    rfc3339(secs)
+}
+
+fn rfc3339(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Howard Hinnant's days-to-civil algorithm.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn digest_of(bytes: &[u8]) -> String {
+        format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+    }
+
+    #[test]
+    fn formats_times() {
+        let cases = [
+            (0, "1970-01-01T00:00:00Z"),
+            (951_782_400, "2000-02-29T00:00:00Z"),
+            (1_795_663_681, "2026-11-26T03:28:01Z"),
+        ];
+        for (secs, want) in cases {
+            assert_eq!(rfc3339(secs), want);
+        }
+    }
+
+    #[test]
+    fn rejects_malformed_digests() {
+        for d in [
+            "",
+            "sha256:",
+            "md5:00",
+            "sha256:ABCDEF",
+            &format!("sha256:{}", "g".repeat(64)),
+        ] {
+            assert!(sha256_hex(d).is_err(), "{d}");
+        }
+        assert!(sha256_hex(&digest_of(b"x")).is_ok());
+    }
+
+    #[tokio::test]
+    async fn stores_only_verified_blobs() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path()).unwrap();
+        let data = b"hello layer".to_vec();
+        let good = digest_of(&data);
+        let mut seen = 0;
+        let n = cache
+            .write_blob(&good, data.len() as u64, &data[..], |n| seen = n)
+            .await
+            .unwrap();
+        assert_eq!((n, seen), (data.len() as u64, data.len() as u64));
+        assert!(cache.has_blob(&good, data.len() as u64));
+        assert!(!cache.has_blob(&good, 1));
+
+        // Wrong content: refused, nothing stored, no temporary left behind.
+        let other = digest_of(b"something else");
+        let err = cache
+            .write_blob(&other, data.len() as u64, &data[..], |_| {})
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, BlobError::Mismatch { ref actual, .. } if *actual == good),
+            "{err}"
+        );
+        assert!(!cache.blob_path(&other).unwrap().exists());
+        // Right content, wrong size (truncated stream): refused too.
+        let err = cache
+            .write_blob(&good, 100, &data[..], |_| {})
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, BlobError::Mismatch { received: 11, .. }),
+            "{err}"
+        );
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+            0
+        );
+    }
+
+    #[tokio::test]
+    async fn records_lists_and_prunes() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path()).unwrap();
+        let mut entries = vec![];
+        for (i, shared) in [(1u8, b"shared".as_slice()), (2, b"shared")] {
+            let layer = vec![i; 10];
+            let config = format!("{{\"n\":{i}}}").into_bytes();
+            let (ld, sd, cd) = (digest_of(&layer), digest_of(shared), digest_of(&config));
+            let manifest = serde_json::to_vec(&serde_json::json!({
+                "schemaVersion": 2,
+                "config": {"mediaType": "c", "digest": cd, "size": config.len()},
+                "layers": [
+                    {"mediaType": "l", "digest": sd, "size": shared.len()},
+                    {"mediaType": "l", "digest": ld, "size": layer.len()},
+                ],
+            }))
+            .unwrap();
+            for bytes in [&layer[..], shared, &config[..], &manifest[..]] {
+                cache.write_bytes(&digest_of(bytes), bytes).await.unwrap();
+            }
+            let entry = Entry {
+                reference: format!("docker://r/img:{i}"),
+                tag: format!("img-{i}"),
+                digest: digest_of(&manifest),
+                manifest_digest: digest_of(&manifest),
+                manifest_size: manifest.len() as u64,
+                media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+                version: Some(i.to_string()),
+                fetched: now_rfc3339(),
+                size: 16,
+            };
+            cache.record(&entry).unwrap();
+            entries.push(entry);
+        }
+        // Recording again replaces, not duplicates.
+        cache.record(&entries[0]).unwrap();
+        let reopened = Cache::open(dir.path()).unwrap();
+        assert_eq!(reopened.entries().unwrap().len(), 2);
+        assert_eq!(
+            reopened.lookup("docker://r/img:2").unwrap(),
+            Some(entries[1].clone())
+        );
+
+        let stats = reopened.prune(&["docker://r/img:2".to_string()]).unwrap();
+        assert_eq!(stats.removed_images, vec!["docker://r/img:1".to_string()]);
+        // Image 1's own layer, config and manifest go; the shared layer stays.
+        assert_eq!(stats.removed_blobs, 3);
+        assert_eq!(reopened.entries().unwrap(), vec![entries[1].clone()]);
+        assert!(reopened.has_blob(&digest_of(b"shared"), 6));
+    }
+}

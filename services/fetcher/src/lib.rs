@@ -1,0 +1,648 @@
+//! The fetcher service (`org.dnfimage.Fetcher`): inspects images in registries and OCI layouts,
+//! tells whether an image moved, and fetches the missing layers concurrently into a local OCI
+//! layout that the importer reads.
+
+pub mod cache;
+pub mod reference;
+pub mod registry;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use dnfimage_interfaces::fetcher::{
+    CachedImage, CancelReply, CheckUpdateReply, FetchPhase, FetchProgress, FetchReply, FetchResult,
+    FetcherError, IDL, ImageInfo, InspectReply, Layer, ListCachedReply, PruneReply,
+};
+use dnfimage_runtime::{Activation, Activity, Job, JobSlot, Policy, ServiceArgs};
+use futures_util::{Stream, StreamExt, TryStreamExt};
+use serde::Deserialize;
+use tokio::sync::mpsc;
+use zlink::Reply;
+
+use cache::{BlobError, Cache, Descriptor, Entry, Manifest};
+use reference::ImageRef;
+use registry::{Opened, ProxySettings, classify, proxy_message};
+
+/// Methods that change state: only root (or `--allow-uid`) may call them.
+pub const PRIVILEGED: &[&str] = &["Fetch", "Cancel", "Prune"];
+
+/// The default number of layers fetched at once.
+pub const DEFAULT_CONCURRENCY: u64 = 4;
+const MAX_CONCURRENCY: u64 = 32;
+
+/// Command line of `dnfimage-fetcher`.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(version, about = "The dnfimage fetcher service (org.dnfimage.Fetcher)")]
+pub struct Args {
+    #[command(flatten)]
+    pub service: ServiceArgs,
+    /// State directory; the blob cache is its `cache/` subdirectory.
+    #[arg(long, env = "DNFIMAGE_STATE_DIR", default_value = "/var/lib/dnfimage")]
+    pub state_dir: PathBuf,
+    /// registries.conf handed to skopeo (e.g. to mark a plain-HTTP registry insecure).
+    #[arg(long, env = "DNFIMAGE_REGISTRIES_CONF")]
+    pub registries_conf: Option<PathBuf>,
+    /// Registry credentials (auth.json) handed to skopeo.
+    #[arg(long, env = "DNFIMAGE_AUTHFILE")]
+    pub authfile: Option<PathBuf>,
+}
+
+/// Runs the service until idle or stopped.
+pub async fn run(args: Args, activation: Option<Activation>) -> Result<()> {
+    let activity = Activity::new();
+    let jobs = JobSlot::new(activity.clone());
+    let fetcher = Fetcher::new(
+        Cache::open(&args.state_dir.join("cache"))?,
+        ProxySettings {
+            registries_conf: args.registries_conf.clone(),
+            authfile: args.authfile.clone(),
+        },
+        jobs.clone(),
+    );
+    let policy = Policy::new(IDL, PRIVILEGED)?;
+    dnfimage_runtime::serve(fetcher, policy, &args.service, activation, activity, &jobs).await
+}
+
+/// The service state.
+#[derive(Debug, Clone)]
+pub struct Fetcher {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    cache: Cache,
+    proxy: ProxySettings,
+    jobs: JobSlot,
+}
+
+/// What the source says about an image before any layer is fetched.
+struct Resolved {
+    opened: Opened,
+    digest: String,
+    manifest_bytes: Vec<u8>,
+    manifest: Manifest,
+    config_bytes: Vec<u8>,
+    config: ConfigSummary,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct ConfigSummary {
+    #[serde(default)]
+    architecture: String,
+    #[serde(default)]
+    os: String,
+    #[serde(default)]
+    created: Option<String>,
+    #[serde(default)]
+    config: Option<ConfigInner>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct ConfigInner {
+    #[serde(rename = "Labels", default)]
+    labels: Option<BTreeMap<String, String>>,
+}
+
+impl ConfigSummary {
+    fn labels(&self) -> BTreeMap<String, String> {
+        self.config
+            .as_ref()
+            .and_then(|c| c.labels.clone())
+            .unwrap_or_default()
+    }
+}
+
+fn version_of(labels: &BTreeMap<String, String>) -> Option<String> {
+    labels.get("org.opencontainers.image.version").cloned()
+}
+
+/// Whether the labels mark a bootable OS image.
+pub fn is_bootable(labels: &BTreeMap<String, String>) -> bool {
+    labels.get("containers.bootc").is_some_and(|v| v == "1")
+        || labels
+            .get("ostree.bootable")
+            .is_some_and(|v| v == "1" || v == "true")
+}
+
+fn failed(context: &str, e: impl std::fmt::Display) -> FetcherError {
+    FetcherError::Failed {
+        message: format!("{context}: {e:#}"),
+    }
+}
+
+fn parse_ref(image: &str) -> Result<ImageRef, FetcherError> {
+    ImageRef::parse(image).map_err(|message| FetcherError::InvalidImageReference {
+        image: image.to_string(),
+        message,
+    })
+}
+
+impl Fetcher {
+    /// A fetcher over `cache`, starting skopeo as `proxy` says, running jobs in `jobs`.
+    pub fn new(cache: Cache, proxy: ProxySettings, jobs: JobSlot) -> Self {
+        Self {
+            shared: Arc::new(Shared { cache, proxy, jobs }),
+        }
+    }
+
+    async fn resolve(&self, image: &ImageRef) -> Result<Resolved, FetcherError> {
+        let reference = image.to_string();
+        let opened = self.shared.proxy.open(image).await?;
+        let proxy_err = |e: containers_image_proxy::Error| classify(&reference, &proxy_message(&e));
+        let (digest, manifest_bytes) = opened
+            .proxy
+            .fetch_manifest_raw_oci(&opened.image)
+            .await
+            .map_err(proxy_err)?;
+        let manifest: Manifest = serde_json::from_slice(&manifest_bytes)
+            .map_err(|e| failed(&format!("Parsing the manifest of {reference}"), e))?;
+        // The configuration blob as stored: skopeo's GetFullConfig re-serializes it, which
+        // changes its digest.
+        let config_digest: containers_image_proxy::oci_spec::image::Digest = manifest
+            .config
+            .digest
+            .parse()
+            .map_err(|e| failed(&format!("Parsing the config digest of {reference}"), e))?;
+        let (mut reader, finish) = opened
+            .proxy
+            .get_blob(&opened.image, &config_digest, manifest.config.size)
+            .await
+            .map_err(proxy_err)?;
+        let mut config_bytes = Vec::new();
+        let (read, finished) = tokio::join!(
+            tokio::io::AsyncReadExt::read_to_end(&mut reader, &mut config_bytes),
+            finish
+        );
+        read.map_err(|e| failed(&format!("Reading the configuration of {reference}"), e))?;
+        finished.map_err(proxy_err)?;
+        let config: ConfigSummary = serde_json::from_slice(&config_bytes)
+            .map_err(|e| failed(&format!("Parsing the configuration of {reference}"), e))?;
+        Ok(Resolved {
+            opened,
+            digest,
+            manifest_bytes,
+            manifest,
+            config_bytes,
+            config,
+        })
+    }
+
+    fn layers(&self, manifest: &Manifest) -> Vec<Layer> {
+        manifest
+            .layers
+            .iter()
+            .map(|l| Layer {
+                digest: l.digest.clone(),
+                media_type: l.media_type.clone(),
+                size: l.size,
+                cached: self.shared.cache.has_blob(&l.digest, l.size),
+            })
+            .collect()
+    }
+}
+
+/// Fetches bootable container images from registries and OCI layouts into a local OCI blob
+/// cache, several layers at once, for the importer to read.
+#[zlink::service(
+    interface = "org.dnfimage.Fetcher",
+    types = [Layer, ImageInfo, FetchPhase, FetchProgress, FetchResult, CachedImage],
+    vendor = "dnfimage",
+    product = "dnfimage-fetcher",
+    version = env!("CARGO_PKG_VERSION"),
+    url = "https://example.invalid/dnfimage"
+)]
+impl Fetcher {
+    /// Reads an image's manifest and configuration (no layer is downloaded). `image` is
+    /// "docker://host/name:tag" (the default transport), "oci:/path[:tag]" or
+    /// "oci-archive:/path.tar[:tag]".
+    async fn inspect(&self, image: String) -> Result<InspectReply, FetcherError> {
+        let image_ref = parse_ref(&image)?;
+        let resolved = self.resolve(&image_ref).await?;
+        let labels = resolved.config.labels();
+        let layers = self.layers(&resolved.manifest);
+        Ok(InspectReply {
+            image: ImageInfo {
+                reference: image_ref.to_string(),
+                digest: resolved.digest,
+                version: version_of(&labels),
+                created: resolved.config.created.clone(),
+                architecture: resolved.config.architecture.clone(),
+                os: resolved.config.os.clone(),
+                bootable: is_bootable(&labels),
+                total_size: layers.iter().map(|l| l.size).sum(),
+                labels,
+                layers,
+            },
+        })
+    }
+
+    /// Tells whether `image` now points to another manifest than `currentDigest` (default: the
+    /// digest last fetched into the cache from this reference), and what fetching it would cost.
+    /// Reads only the manifest and configuration.
+    async fn check_update(
+        &self,
+        image: String,
+        #[zlink(rename = "currentDigest")] current_digest: Option<String>,
+    ) -> Result<CheckUpdateReply, FetcherError> {
+        let image_ref = parse_ref(&image)?;
+        let resolved = self.resolve(&image_ref).await?;
+        let current = match current_digest {
+            Some(d) => Some(d),
+            None => self
+                .shared
+                .cache
+                .lookup(&image_ref.to_string())
+                .map_err(|e| failed("Reading the cache index", e))?
+                .map(|e| e.digest),
+        };
+        let layers = self.layers(&resolved.manifest);
+        let missing: Vec<_> = layers.iter().filter(|l| !l.cached).collect();
+        Ok(CheckUpdateReply {
+            update_available: current.as_deref() != Some(resolved.digest.as_str()),
+            version: version_of(&resolved.config.labels()),
+            digest: resolved.digest,
+            layers_missing: missing.len() as u64,
+            bytes_missing: missing.iter().map(|l| l.size).sum(),
+            layers_total: layers.len() as u64,
+            bytes_total: layers.iter().map(|l| l.size).sum(),
+        })
+    }
+
+    /// Downloads the layers of `image` that are not in the cache, `concurrency` at once (default
+    /// 4, at most 32), verifying each digest, and records the image in the cache. Streams
+    /// progress records, then one record with the result. Refuses images that are not bootable
+    /// and fails before downloading when the cache filesystem lacks space.
+    #[zlink(more)]
+    async fn fetch(
+        &self,
+        more: bool,
+        image: String,
+        concurrency: Option<u64>,
+    ) -> impl Stream<Item = Result<Reply<FetchReply>, FetcherError>> + Unpin + use<> {
+        let (tx, rx) = mpsc::channel(64);
+        let started = parse_ref(&image).and_then(|image_ref| {
+            let job = self
+                .shared
+                .jobs
+                .try_start(&format!("Fetching {image_ref}"))
+                .map_err(|running| FetcherError::AlreadyInProgress { image: running })?;
+            Ok((image_ref, job))
+        });
+        match started {
+            Err(e) => {
+                // The receiver is still here, so this cannot fail.
+                let _ = tx.try_send(Err(e));
+            }
+            Ok((image_ref, job)) => {
+                let fetcher = self.clone();
+                let concurrency = concurrency
+                    .unwrap_or(DEFAULT_CONCURRENCY)
+                    .clamp(1, MAX_CONCURRENCY) as usize;
+                tokio::spawn(async move {
+                    let progress = Progress::new(tx.clone(), more);
+                    let result = tokio::select! {
+                        r = fetcher.run_fetch(&image_ref, concurrency, &job, &progress) => r,
+                        () = job.cancelled() => Err(FetcherError::Cancelled {
+                            image: image_ref.to_string(),
+                        }),
+                    };
+                    match &result {
+                        Ok(r) => tracing::info!(
+                            "Fetched {image_ref} ({}): {} layers, {} bytes downloaded",
+                            r.digest,
+                            r.layers_fetched,
+                            r.bytes_fetched
+                        ),
+                        Err(e) => tracing::warn!("Fetching {image_ref} failed: {e:?}"),
+                    }
+                    let last = result.map(|r| {
+                        Reply::new(Some(FetchReply {
+                            progress: None,
+                            result: Some(r),
+                        }))
+                        .set_continues(Some(false))
+                    });
+                    // Release the job before the final reply, so a client that sees the result
+                    // can start the next job at once.
+                    drop(job);
+                    if tx.send(last).await.is_err() {
+                        tracing::debug!("The client left before the fetch ended");
+                    }
+                });
+            }
+        }
+        Box::pin(futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|item| (item, rx))
+        }))
+    }
+
+    /// Cancels the running fetch or prune; the blobs completed so far stay in the cache.
+    async fn cancel(&self) -> CancelReply {
+        CancelReply {
+            cancelled: self.shared.jobs.cancel(),
+        }
+    }
+
+    /// Lists the images in the cache.
+    async fn list_cached(&self) -> Result<ListCachedReply, FetcherError> {
+        let entries = self
+            .shared
+            .cache
+            .entries()
+            .map_err(|e| failed("Reading the cache index", e))?;
+        Ok(ListCachedReply {
+            images: entries
+                .into_iter()
+                .map(|e| CachedImage {
+                    cache_reference: self.shared.cache.oci_reference(&e.tag),
+                    reference: e.reference,
+                    digest: e.digest,
+                    version: e.version,
+                    size: e.size,
+                    fetched: e.fetched,
+                })
+                .collect(),
+        })
+    }
+
+    /// Removes from the cache every image whose reference is not in `keep`, then every blob no
+    /// remaining image uses.
+    async fn prune(&self, keep: Vec<String>) -> Result<PruneReply, FetcherError> {
+        let _job = self
+            .shared
+            .jobs
+            .try_start("Pruning the cache")
+            .map_err(|running| FetcherError::AlreadyInProgress { image: running })?;
+        let keep: Vec<String> = keep
+            .iter()
+            .map(|k| parse_ref(k).map(|r| r.to_string()))
+            .collect::<Result<_, _>>()?;
+        let stats = self
+            .shared
+            .cache
+            .prune(&keep)
+            .map_err(|e| failed("Pruning the cache", e))?;
+        Ok(PruneReply {
+            removed_images: stats.removed_images,
+            removed_blobs: stats.removed_blobs,
+            freed_bytes: stats.freed_bytes,
+        })
+    }
+}
+
+/// Progress shared by the concurrent layer downloads of one fetch.
+struct Progress {
+    tx: mpsc::Sender<Result<Reply<FetchReply>, FetcherError>>,
+    more: bool,
+    state: Mutex<ProgressState>,
+}
+
+struct ProgressState {
+    record: FetchProgress,
+    per_layer: BTreeMap<String, u64>,
+    last_sent: Option<Instant>,
+}
+
+const PROGRESS_INTERVAL: Duration = Duration::from_millis(200);
+
+impl Progress {
+    fn new(tx: mpsc::Sender<Result<Reply<FetchReply>, FetcherError>>, more: bool) -> Self {
+        Self {
+            tx,
+            more,
+            state: Mutex::new(ProgressState {
+                record: FetchProgress {
+                    phase: FetchPhase::Resolving,
+                    layer: None,
+                    layer_bytes_done: None,
+                    layer_bytes_total: None,
+                    layers_done: 0,
+                    layers_total: 0,
+                    bytes_done: 0,
+                    bytes_total: 0,
+                    message: String::new(),
+                },
+                per_layer: BTreeMap::new(),
+                last_sent: None,
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ProgressState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sends the record after `update`; throttled unless `force`.
+    fn update(&self, force: bool, update: impl FnOnce(&mut ProgressState)) {
+        let mut state = self.lock();
+        update(&mut state);
+        let due = state
+            .last_sent
+            .is_none_or(|t| t.elapsed() >= PROGRESS_INTERVAL);
+        if !self.more || !(force || due) {
+            return;
+        }
+        state.last_sent = Some(Instant::now());
+        let reply = Reply::new(Some(FetchReply {
+            progress: Some(state.record.clone()),
+            result: None,
+        }))
+        .set_continues(Some(true));
+        // A slow client misses intermediate records rather than slowing the download.
+        let _ = self.tx.try_send(Ok(reply));
+    }
+
+    fn phase(&self, phase: FetchPhase, message: String) {
+        self.update(true, |s| {
+            s.record.phase = phase;
+            s.record.layer = None;
+            s.record.layer_bytes_done = None;
+            s.record.layer_bytes_total = None;
+            s.record.message = message;
+        });
+    }
+
+    fn layer_bytes(&self, layer: &Descriptor, done: u64, finished: bool) {
+        self.update(finished, |s| {
+            let before = s.per_layer.insert(layer.digest.clone(), done).unwrap_or(0);
+            s.record.bytes_done = s.record.bytes_done + done - before.min(done);
+            if finished {
+                s.record.layers_done += 1;
+            }
+            s.record.layer = Some(layer.digest.clone());
+            s.record.layer_bytes_done = Some(done);
+            s.record.layer_bytes_total = Some(layer.size);
+            s.record.message = if finished {
+                format!("Fetched layer {}", short(&layer.digest))
+            } else {
+                format!("Fetching layer {}", short(&layer.digest))
+            };
+        });
+    }
+}
+
+fn short(digest: &str) -> &str {
+    let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
+    &hex[..hex.len().min(12)]
+}
+
+/// Free bytes for an unprivileged writer on the filesystem holding `path`.
+fn available_bytes(path: &std::path::Path) -> std::io::Result<u64> {
+    let st = rustix::fs::statvfs(path)?;
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
+impl Fetcher {
+    async fn run_fetch(
+        &self,
+        image: &ImageRef,
+        concurrency: usize,
+        job: &Job,
+        progress: &Progress,
+    ) -> Result<FetchResult, FetcherError> {
+        let reference = image.to_string();
+        let cache = &self.shared.cache;
+        progress.phase(FetchPhase::Resolving, format!("Resolving {reference}"));
+        let resolved = self.resolve(image).await?;
+        let labels = resolved.config.labels();
+        if !is_bootable(&labels) {
+            return Err(FetcherError::NotBootable { image: reference });
+        }
+        let layers = &resolved.manifest.layers;
+        let missing: Vec<&Descriptor> = layers
+            .iter()
+            .filter(|l| !cache.has_blob(&l.digest, l.size))
+            .collect();
+        let bytes_missing: u64 = missing.iter().map(|l| l.size).sum();
+        let needed = bytes_missing
+            + resolved.manifest_bytes.len() as u64
+            + resolved.config_bytes.len() as u64;
+        let available =
+            available_bytes(cache.root()).map_err(|e| failed("Checking free space", e))?;
+        if needed > available {
+            return Err(FetcherError::InsufficientSpace {
+                path: cache.root().display().to_string(),
+                needed,
+                available,
+            });
+        }
+        progress.update(true, |s| {
+            s.record.phase = FetchPhase::Fetching;
+            s.record.layers_total = missing.len() as u64;
+            s.record.bytes_total = bytes_missing;
+            s.record.message = format!(
+                "Fetching {} of {} layers ({bytes_missing} bytes)",
+                missing.len(),
+                layers.len()
+            );
+        });
+        job.status(&format!(
+            "Fetching {reference}: {} layers, {bytes_missing} bytes",
+            missing.len()
+        ));
+
+        let opened = &resolved.opened;
+        // Built eagerly: a stream `map` closure over borrowed layers trips the compiler's
+        // higher-ranked lifetime check once the future is spawned.
+        let downloads: Vec<_> = missing
+            .iter()
+            .map(|layer| self.fetch_layer(opened, &reference, layer, progress))
+            .collect();
+        let downloads = futures_util::stream::iter(downloads).buffer_unordered(concurrency);
+        let fetched: Vec<u64> = downloads.try_collect().await?;
+
+        progress.phase(FetchPhase::Finishing, "Writing the manifest".into());
+        let config = &resolved.manifest.config;
+        cache
+            .write_bytes(&config.digest, &resolved.config_bytes)
+            .await
+            .map_err(|e| blob_error(&reference, e))?;
+        let manifest_digest = format!(
+            "sha256:{}",
+            hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
+                &resolved.manifest_bytes
+            ))
+        );
+        cache
+            .write_bytes(&manifest_digest, &resolved.manifest_bytes)
+            .await
+            .map_err(|e| blob_error(&reference, e))?;
+        let entry = Entry {
+            reference: reference.clone(),
+            tag: image.cache_tag(),
+            digest: resolved.digest.clone(),
+            manifest_digest,
+            manifest_size: resolved.manifest_bytes.len() as u64,
+            media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+            version: version_of(&labels),
+            fetched: cache::now_rfc3339(),
+            size: layers.iter().map(|l| l.size).sum(),
+        };
+        cache
+            .record(&entry)
+            .map_err(|e| failed("Recording the image in the cache", e))?;
+        if let Err(e) = resolved.opened.proxy.finalize().await {
+            tracing::debug!("Stopping skopeo, ignoring: {}", proxy_message(&e));
+        }
+        Ok(FetchResult {
+            digest: entry.digest,
+            version: entry.version,
+            cache_reference: cache.oci_reference(&entry.tag),
+            layers_fetched: fetched.len() as u64,
+            layers_cached: (layers.len() - missing.len()) as u64,
+            bytes_fetched: fetched.iter().sum(),
+        })
+    }
+
+    async fn fetch_layer(
+        &self,
+        opened: &Opened,
+        reference: &str,
+        layer: &Descriptor,
+        progress: &Progress,
+    ) -> Result<u64, FetcherError> {
+        let digest: containers_image_proxy::oci_spec::image::Digest = layer
+            .digest
+            .parse()
+            .map_err(|e| failed(&format!("Parsing layer digest {}", layer.digest), e))?;
+        let (reader, finish) = opened
+            .proxy
+            .get_blob(&opened.image, &digest, layer.size)
+            .await
+            .map_err(|e| classify(reference, &proxy_message(&e)))?;
+        let write = self
+            .shared
+            .cache
+            .write_blob(&layer.digest, layer.size, reader, |n| {
+                progress.layer_bytes(layer, n, false)
+            });
+        let (written, finished) = tokio::join!(write, finish);
+        let written = written.map_err(|e| blob_error(reference, e))?;
+        finished.map_err(|e| classify(reference, &proxy_message(&e)))?;
+        progress.layer_bytes(layer, written, true);
+        Ok(written)
+    }
+}
+
+fn blob_error(reference: &str, e: BlobError) -> FetcherError {
+    match e {
+        BlobError::Mismatch {
+            expected,
+            actual,
+            received,
+            size,
+        } => FetcherError::DigestMismatch {
+            message: format!(
+                "{reference}: blob {expected} arrived as {actual} ({received} of {size} bytes); \
+                 the registry's copy is damaged or was replaced, nothing was kept"
+            ),
+            expected,
+            actual: Some(actual),
+        },
+        BlobError::Io(e) => failed(&format!("Storing a blob of {reference}"), e),
+    }
+}

@@ -1,0 +1,207 @@
+//! Everything that talks to skopeo (through containers-image-proxy) lives here.
+
+use std::path::PathBuf;
+
+use containers_image_proxy::{ImageProxy, ImageProxyConfig, OpenedImage};
+use dnfimage_interfaces::fetcher::FetcherError;
+
+use crate::reference::ImageRef;
+
+/// How skopeo is started.
+#[derive(Debug, Clone, Default)]
+pub struct ProxySettings {
+    /// A registries.conf for skopeo (per-registry `insecure = true` for plain-HTTP registries).
+    pub registries_conf: Option<PathBuf>,
+    /// An auth file (`auth.json`).
+    pub authfile: Option<PathBuf>,
+}
+
+/// An opened image and the proxy that serves it.
+pub struct Opened {
+    /// The skopeo proxy.
+    pub proxy: ImageProxy,
+    /// The image handle.
+    pub image: OpenedImage,
+}
+
+impl std::fmt::Debug for Opened {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Opened").finish_non_exhaustive()
+    }
+}
+
+impl ProxySettings {
+    fn command(&self) -> std::process::Command {
+        let mut cmd = std::process::Command::new("skopeo");
+        if let Some(conf) = &self.registries_conf {
+            cmd.arg("--registries-conf").arg(conf);
+        }
+        die_with_parent(&mut cmd);
+        cmd
+    }
+
+    /// Starts skopeo and opens `image`.
+    pub async fn open(&self, image: &ImageRef) -> Result<Opened, FetcherError> {
+        let config = ImageProxyConfig {
+            authfile: self.authfile.clone(),
+            skopeo_cmd: Some(self.command()),
+            ..Default::default()
+        };
+        let proxy =
+            ImageProxy::new_with_config(config)
+                .await
+                .map_err(|e| FetcherError::Failed {
+                    message: format!(
+                        "Starting skopeo: {}; is skopeo installed?",
+                        proxy_message(&e)
+                    ),
+                })?;
+        let reference = image.to_string();
+        let opened = proxy
+            .open_image(&reference)
+            .await
+            .map_err(|e| classify(&reference, &proxy_message(&e)))?;
+        Ok(Opened {
+            proxy,
+            image: opened,
+        })
+    }
+}
+
+#[allow(unsafe_code)]
+fn die_with_parent(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the forked child before exec and only makes one
+    // async-signal-safe system call (prctl).
+    unsafe {
+        cmd.pre_exec(|| {
+            rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::Term))
+                .map_err(std::io::Error::from)
+        });
+    }
+}
+
+/// The text of a proxy error, including what skopeo said (its `Display` hides that).
+pub fn proxy_message(e: &containers_image_proxy::Error) -> String {
+    use containers_image_proxy::Error as E;
+    match e {
+        E::RequestReturned(msg) | E::Other(msg) | E::Configuration(msg) => msg.to_string(),
+        E::RequestInitiationFailure { method, error } => format!("{method}: {error}"),
+        E::SkopeoSpawnError(io) => format!("spawning skopeo: {io}"),
+        other => {
+            let mut s = other.to_string();
+            let mut source = std::error::Error::source(other);
+            while let Some(cause) = source {
+                s.push_str(": ");
+                s.push_str(&cause.to_string());
+                source = cause.source();
+            }
+            s
+        }
+    }
+}
+
+/// Maps what skopeo said about `image` to a typed error a person can act on.
+pub fn classify(image: &str, message: &str) -> FetcherError {
+    let m = message.to_ascii_lowercase();
+    let has = |needles: &[&str]| needles.iter().any(|n| m.contains(n));
+    let image = image.to_string();
+    let message = message.to_string();
+    if has(&[
+        "invalid reference format",
+        "invalid image name",
+        "invalid reference",
+    ]) {
+        FetcherError::InvalidImageReference { image, message }
+    } else if has(&["http response to https client"]) {
+        FetcherError::RegistryUnreachable {
+            image,
+            message: format!(
+                "{message} (the registry speaks plain HTTP: mark it insecure in the \
+                 registries.conf given to the fetcher)"
+            ),
+        }
+    } else if has(&[
+        "connection refused",
+        "no such host",
+        "network is unreachable",
+        "i/o timeout",
+        "no route to host",
+        "tls handshake",
+        "connection reset",
+        "certificate",
+    ]) {
+        FetcherError::RegistryUnreachable { image, message }
+    } else if has(&[
+        "unauthorized",
+        "authentication required",
+        "denied",
+        "invalid username/password",
+    ]) {
+        FetcherError::AuthenticationRequired { image, message }
+    } else if has(&[
+        "digest did not match",
+        "digest mismatch",
+        "does not match digest",
+    ]) {
+        FetcherError::DigestMismatch {
+            expected: String::new(),
+            actual: None,
+            message,
+        }
+    } else if has(&[
+        "manifest unknown",
+        "name unknown",
+        "not found",
+        "no such file or directory",
+        "no descriptor found",
+        "does not exist",
+    ]) {
+        FetcherError::ImageNotFound { image, message }
+    } else {
+        FetcherError::Failed {
+            message: format!("{image}: {message}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_skopeo_errors() {
+        let cases: &[(&str, &str)] = &[
+            (
+                "reading manifest v9 in 127.0.0.1:5000/x: manifest unknown: manifest unknown",
+                "ImageNotFound",
+            ),
+            (
+                "pinging container registry 127.0.0.1:1: Get \"https://127.0.0.1:1/v2/\": dial tcp 127.0.0.1:1: connect: connection refused",
+                "RegistryUnreachable",
+            ),
+            (
+                "Get \"https://127.0.0.1:5000/v2/\": http: server gave HTTP response to HTTPS client",
+                "RegistryUnreachable",
+            ),
+            (
+                "reading manifest latest in quay.io/x: unauthorized: access to the requested resource is not authorized",
+                "AuthenticationRequired",
+            ),
+            ("invalid reference format", "InvalidImageReference"),
+            (
+                "open /nonexistent/index.json: no such file or directory",
+                "ImageNotFound",
+            ),
+            (
+                "Digest did not match, expected sha256:aa, got sha256:bb",
+                "DigestMismatch",
+            ),
+            ("something odd", "Failed"),
+        ];
+        for (message, want) in cases {
+            let got = format!("{:?}", classify("docker://x", message));
+            assert!(got.starts_with(want), "{message} -> {got}");
+        }
+    }
+}
