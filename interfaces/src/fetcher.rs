@@ -10,6 +10,8 @@ use zlink::{ReplyError, introspect, proxy};
 pub const INTERFACE: &str = "org.dnfimage.Fetcher";
 /// The committed interface description, the contract the service must match.
 pub const IDL: &str = include_str!("../org.dnfimage.Fetcher.varlink");
+/// How many layers `Fetch` downloads at once when the caller does not say.
+pub const DEFAULT_CONCURRENCY: u64 = 4;
 
 /// One layer of an image.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, introspect::CustomType)]

@@ -2,8 +2,11 @@
 //! types that travel over them and the client proxies. Nothing else in the project knows the
 //! wire format; services convert their own types at the boundary.
 
+pub mod deployer;
 pub mod fetcher;
 pub mod idl;
+pub mod importer;
+pub mod layerer;
 
 use std::path::{Path, PathBuf};
 
@@ -24,4 +27,9 @@ pub async fn connect(runtime_dir: &Path, interface: &str) -> zlink::Result<Conne
 }
 
 /// Every committed interface description: (interface name, text).
-pub const DESCRIPTIONS: &[(&str, &str)] = &[(fetcher::INTERFACE, fetcher::IDL)];
+pub const DESCRIPTIONS: &[(&str, &str)] = &[
+    (fetcher::INTERFACE, fetcher::IDL),
+    (importer::INTERFACE, importer::IDL),
+    (deployer::INTERFACE, deployer::IDL),
+    (layerer::INTERFACE, layerer::IDL),
+];

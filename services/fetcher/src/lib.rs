@@ -29,8 +29,7 @@ use registry::{Opened, ProxySettings, classify, proxy_message};
 /// Methods that change state: only root (or `--allow-uid`) may call them.
 pub const PRIVILEGED: &[&str] = &["Fetch", "Cancel", "Prune"];
 
-/// The default number of layers fetched at once.
-pub const DEFAULT_CONCURRENCY: u64 = 4;
+pub use dnfimage_interfaces::fetcher::DEFAULT_CONCURRENCY;
 const MAX_CONCURRENCY: u64 = 32;
 
 /// Command line of `dnfimage-fetcher`.
@@ -160,25 +159,9 @@ impl Fetcher {
             .map_err(proxy_err)?;
         let manifest: Manifest = serde_json::from_slice(&manifest_bytes)
             .map_err(|e| failed(&format!("Parsing the manifest of {reference}"), e))?;
-        // The configuration blob as stored: skopeo's GetFullConfig re-serializes it, which
-        // changes its digest.
-        let config_digest: containers_image_proxy::oci_spec::image::Digest = manifest
-            .config
-            .digest
-            .parse()
-            .map_err(|e| failed(&format!("Parsing the config digest of {reference}"), e))?;
-        let (mut reader, finish) = opened
-            .proxy
-            .get_blob(&opened.image, &config_digest, manifest.config.size)
-            .await
-            .map_err(proxy_err)?;
-        let mut config_bytes = Vec::new();
-        let (read, finished) = tokio::join!(
-            tokio::io::AsyncReadExt::read_to_end(&mut reader, &mut config_bytes),
-            finish
-        );
-        read.map_err(|e| failed(&format!("Reading the configuration of {reference}"), e))?;
-        finished.map_err(proxy_err)?;
+        let config_bytes = self
+            .config_blob(&opened, &reference, &manifest.config)
+            .await?;
         let config: ConfigSummary = serde_json::from_slice(&config_bytes)
             .map_err(|e| failed(&format!("Parsing the configuration of {reference}"), e))?;
         Ok(Resolved {
@@ -189,6 +172,40 @@ impl Fetcher {
             config_bytes,
             config,
         })
+    }
+
+    /// The configuration blob as stored: from the cache when it is there, else from the source
+    /// (skopeo's GetFullConfig re-serializes it, which would change its digest).
+    async fn config_blob(
+        &self,
+        opened: &Opened,
+        reference: &str,
+        config: &Descriptor,
+    ) -> Result<Vec<u8>, FetcherError> {
+        let cache = &self.shared.cache;
+        if cache.has_blob(&config.digest, config.size) {
+            return cache
+                .read_blob(&config.digest)
+                .map_err(|e| failed("Reading a cached configuration", e));
+        }
+        let proxy_err = |e: containers_image_proxy::Error| classify(reference, &proxy_message(&e));
+        let digest: containers_image_proxy::oci_spec::image::Digest = config
+            .digest
+            .parse()
+            .map_err(|e| failed(&format!("Parsing the config digest of {reference}"), e))?;
+        let (mut reader, finish) = opened
+            .proxy
+            .get_blob(&opened.image, &digest, config.size)
+            .await
+            .map_err(proxy_err)?;
+        let mut bytes = Vec::new();
+        let (read, finished) = tokio::join!(
+            tokio::io::AsyncReadExt::read_to_end(&mut reader, &mut bytes),
+            finish
+        );
+        read.map_err(|e| failed(&format!("Reading the configuration of {reference}"), e))?;
+        finished.map_err(proxy_err)?;
+        Ok(bytes)
     }
 
     fn layers(&self, manifest: &Manifest) -> Vec<Layer> {

@@ -1,0 +1,31 @@
+# The commands the README shows. `make demo` and `make test` install what is missing first.
+.PHONY: setup build demo test test-unit test-integration bench idl lint clean
+
+CARGO ?= cargo
+
+setup:
+	./scripts/setup.sh
+
+build: setup
+	$(CARGO) build --workspace --all-targets
+
+# The main job on an embedded default: local registry + scratch services.
+demo: build
+	./scripts/demo.sh
+
+# The whole test suite (what .ci/run runs).
+test: build
+	$(CARGO) test --workspace --no-fail-fast
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+# Fetch benchmark against skopeo, release binaries.
+bench: setup
+	$(CARGO) build --release -p dnfimage-fetcher -p dnfimage-integration --bins
+	./target/release/bench-fetch
+
+clean:
+	$(CARGO) clean
+	rm -rf .scratch

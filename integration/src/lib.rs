@@ -1,0 +1,324 @@
+//! The end-to-end test harness: starts the real services (as built by cargo) in a scratch
+//! directory, next to a real registry and real skopeo, and talks to them as clients do.
+
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use serde_json::Value;
+
+pub mod proxy;
+
+/// The directory holding the workspace's built binaries (`target/debug`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test binary has a path");
+    // target/debug/deps/<test> → target/debug
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("test binaries live in target/<profile>/deps")
+        .to_path_buf()
+}
+
+/// A built binary of the workspace.
+pub fn bin(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(
+        path.exists(),
+        "{} is not built: run `cargo build --workspace` first",
+        path.display()
+    );
+    path
+}
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("integration/ has a parent")
+        .to_path_buf()
+}
+
+/// A scratch directory for one test: runtime dir (sockets), state dir, logs. World-readable so
+/// tests can also call the services as an unprivileged user.
+pub struct Scratch {
+    dir: tempfile::TempDir,
+}
+
+impl Scratch {
+    /// A new scratch directory.
+    pub fn new() -> Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("dnfimage-test-")
+            .tempdir_in(std::env::temp_dir())
+            .context("Creating a scratch directory")?;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
+        for sub in ["run", "state", "logs"] {
+            let p = dir.path().join(sub);
+            std::fs::create_dir_all(&p)?;
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755))?;
+        }
+        Ok(Self { dir })
+    }
+
+    /// The scratch root.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Where the sockets are.
+    pub fn runtime_dir(&self) -> PathBuf {
+        self.path().join("run")
+    }
+
+    /// The services' state directory.
+    pub fn state_dir(&self) -> PathBuf {
+        self.path().join("state")
+    }
+
+    /// A service's socket.
+    pub fn socket(&self, interface: &str) -> PathBuf {
+        self.runtime_dir().join(interface)
+    }
+
+    /// Writes a registries.conf marking `addr` insecure (plain HTTP), returns its path.
+    pub fn registries_conf(&self, addr: &str) -> Result<PathBuf> {
+        let path = self.path().join("registries.conf");
+        std::fs::write(
+            &path,
+            format!("[[registry]]\nlocation = \"{addr}\"\ninsecure = true\n"),
+        )?;
+        Ok(path)
+    }
+
+    /// Runs the CLI against this scratch's services.
+    pub fn cli(&self) -> Command {
+        let mut cmd = Command::new(bin("dnf-image"));
+        cmd.env("DNFIMAGE_RUNTIME_DIR", self.runtime_dir())
+            .stdin(Stdio::null());
+        cmd
+    }
+}
+
+/// A running service process; killed when dropped.
+pub struct ServiceProcess {
+    child: Option<Child>,
+    socket: PathBuf,
+    log: PathBuf,
+}
+
+/// How to start the fetcher.
+#[derive(Debug, Default, Clone)]
+pub struct FetcherOptions {
+    /// registries.conf for skopeo.
+    pub registries_conf: Option<PathBuf>,
+    /// Idle timeout in seconds (default: never).
+    pub idle_timeout: Option<u64>,
+    /// Socket mode (default 0600).
+    pub socket_mode: Option<&'static str>,
+    /// A state directory other than the scratch one.
+    pub state_dir: Option<PathBuf>,
+}
+
+impl ServiceProcess {
+    /// Starts `dnfimage-fetcher` bound to its socket in `scratch`, and waits until it answers.
+    pub fn fetcher(scratch: &Scratch, opts: &FetcherOptions) -> Result<Self> {
+        let mut cmd = Command::new(bin("dnfimage-fetcher"));
+        cmd.arg("--runtime-dir")
+            .arg(scratch.runtime_dir())
+            .arg("--state-dir")
+            .arg(
+                opts.state_dir
+                    .clone()
+                    .unwrap_or_else(|| scratch.state_dir()),
+            )
+            .arg("--idle-timeout")
+            .arg(opts.idle_timeout.unwrap_or(0).to_string())
+            .arg("--socket-mode")
+            .arg(opts.socket_mode.unwrap_or("600"));
+        if let Some(conf) = &opts.registries_conf {
+            cmd.arg("--registries-conf").arg(conf);
+        }
+        Self::spawn(
+            cmd,
+            scratch.socket(dnfimage_interfaces::fetcher::INTERFACE),
+            scratch.path().join("logs/fetcher.log"),
+        )
+    }
+
+    fn spawn(mut cmd: Command, socket: PathBuf, log: PathBuf) -> Result<Self> {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
+        cmd.stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .env("DNFIMAGE_LOG", "debug");
+        let child = cmd.spawn().context("Starting the service")?;
+        let mut service = Self {
+            child: Some(child),
+            socket,
+            log,
+        };
+        service.wait_ready(Duration::from_secs(20))?;
+        Ok(service)
+    }
+
+    fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+        let start = Instant::now();
+        loop {
+            if UnixStream::connect(&self.socket).is_ok() {
+                return Ok(());
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                anyhow::bail!(
+                    "The service exited with {status} before serving; log:\n{}",
+                    self.log_text()
+                );
+            }
+            anyhow::ensure!(
+                start.elapsed() < timeout,
+                "The service did not serve {} within {timeout:?}",
+                self.socket.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The service's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).unwrap_or(0)
+    }
+
+    /// Sends a signal to the service.
+    pub fn signal(&self, signal: i32) {
+        if let Some(child) = &self.child {
+            let _ = Command::new("kill")
+                .arg(format!("-{signal}"))
+                .arg(child.id().to_string())
+                .status();
+        }
+    }
+
+    /// Kills the service at once (SIGKILL) and reaps it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Waits for the service to exit by itself, up to `timeout`; returns its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                self.child = None;
+                return Some(status.code().unwrap_or(-1));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+}
+
+impl Drop for ServiceProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// One raw varlink exchange on a fresh connection: sends `call` (a JSON object) and returns the
+/// replies until one without `"continues": true`. For protocol tests that must see exactly
+/// what is on the wire.
+pub fn raw_call(socket: &Path, call: &Value) -> Result<Vec<Value>> {
+    let mut stream = UnixStream::connect(socket)
+        .with_context(|| format!("Connecting to {}", socket.display()))?;
+    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let mut bytes = serde_json::to_vec(call)?;
+    bytes.push(0);
+    stream.write_all(&bytes)?;
+    let mut replies = Vec::new();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 65536];
+    loop {
+        while let Some(end) = buf.iter().position(|b| *b == 0) {
+            let message: Vec<u8> = buf.drain(..=end).collect();
+            let reply: Value =
+                serde_json::from_slice(&message[..message.len() - 1]).context("Parsing a reply")?;
+            let more = reply.get("continues").and_then(Value::as_bool) == Some(true);
+            replies.push(reply);
+            if !more {
+                return Ok(replies);
+            }
+        }
+        let n = stream.read(&mut chunk).context("Reading replies")?;
+        anyhow::ensure!(
+            n > 0,
+            "The service closed the connection after {} replies (no error reply)",
+            replies.len()
+        );
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// The error name of a reply, if it is an error.
+pub fn error_name(reply: &Value) -> Option<&str> {
+    reply.get("error").and_then(Value::as_str)
+}
+
+/// Runs a command, returning its output; fails with its stderr when it cannot start.
+pub fn run(cmd: &mut Command) -> Result<Output> {
+    cmd.output()
+        .with_context(|| format!("Running {:?}", cmd.get_program()))
+}
+
+/// stdout of a successful command, or an error with its stderr.
+pub fn run_ok(cmd: &mut Command) -> Result<String> {
+    let out = run(cmd)?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{:?} failed with {}:\nstdout: {}\nstderr: {}",
+        cmd,
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Every blob file in an OCI layout hashes to its name (nothing half-written looks complete).
+pub fn assert_blobs_intact(layout: &Path) -> Result<usize> {
+    use sha2::Digest;
+    let dir = layout.join("blobs/sha256");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).with_context(|| format!("Listing {}", dir.display()))? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().to_string();
+        let bytes = std::fs::read(entry.path())?;
+        let actual = hex::encode(sha2::Sha256::digest(&bytes));
+        anyhow::ensure!(
+            actual == name,
+            "blob {name} holds content hashing to {actual}"
+        );
+        n += 1;
+    }
+    Ok(n)
+}

@@ -1,0 +1,882 @@
+//! The fetcher end to end: the real service binary, a real registry, real skopeo, driven through
+//! the CLI, the typed proxy, raw JSON, varlinkctl and the Python reference client.
+
+use std::collections::BTreeSet;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use dnfimage_integration::proxy::{Shaping, SlowProxy};
+use dnfimage_integration::{
+    FetcherOptions, Scratch, ServiceProcess, assert_blobs_intact, bin, error_name, raw_call, run,
+    run_ok,
+};
+use dnfimage_interfaces::fetcher::{self, FetchReply, FetcherError, FetcherProxy};
+use dnfimage_testimage::{BenchOptions, Fixtures, PushedRefs, Registry, tags};
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+
+const FETCHER: &str = fetcher::INTERFACE;
+
+/// A scratch directory, a registry holding the fixtures, and a fetcher that trusts it.
+struct Setup {
+    scratch: Scratch,
+    registry: Registry,
+    refs: PushedRefs,
+    _fetcher: ServiceProcess,
+}
+
+fn setup() -> Result<Setup> {
+    setup_with(FetcherOptions::default())
+}
+
+fn setup_with(mut opts: FetcherOptions) -> Result<Setup> {
+    let scratch = Scratch::new()?;
+    let registry = Registry::start(&scratch.path().join("registry"))?;
+    let refs = Fixtures::shared()?.push(&registry, "dnfimage/base")?;
+    opts.registries_conf = Some(scratch.registries_conf(&registry.addr())?);
+    let fetcher = ServiceProcess::fetcher(&scratch, &opts)?;
+    Ok(Setup {
+        scratch,
+        registry,
+        refs,
+        _fetcher: fetcher,
+    })
+}
+
+impl Setup {
+    fn cli_json(&self, args: &[&str]) -> Result<Value> {
+        let out = run_ok(self.scratch.cli().arg("--json").args(args))?;
+        serde_json::from_str(&out).with_context(|| format!("Parsing {out}"))
+    }
+
+    fn cache(&self) -> PathBuf {
+        self.scratch.state_dir().join("cache")
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.scratch.socket(FETCHER)
+    }
+}
+
+/// Runs the CLI expecting failure; returns its stderr.
+fn cli_fails(cmd: &mut Command) -> Result<String> {
+    let out = run(cmd)?;
+    anyhow::ensure!(
+        !out.status.success(),
+        "expected failure, got success: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    Ok(String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn call_error(socket: &Path, method: &str, params: Value) -> Result<(String, Value)> {
+    let replies = raw_call(
+        socket,
+        &json!({"method": format!("{FETCHER}.{method}"), "parameters": params}),
+    )?;
+    let last = replies.last().context("no reply")?.clone();
+    let name = error_name(&last)
+        .with_context(|| format!("{method} did not fail: {last}"))?
+        .to_string();
+    Ok((name, last["parameters"].clone()))
+}
+
+#[test]
+fn inspect_reports_digest_version_labels_and_layers() -> Result<()> {
+    let s = setup()?;
+    let image = Fixtures::shared()?.image(tags::BASE_V1)?;
+    let doc = s.cli_json(&["image", "inspect", &s.refs.base_v1])?;
+    assert_eq!(doc["apiVersion"], "dnfimage/v1");
+    assert_eq!(doc["digest"], image.digest.as_str());
+    assert_eq!(doc["version"], "1");
+    assert_eq!(doc["bootable"], true);
+    assert_eq!(doc["labels"]["containers.bootc"], "1");
+    let layers = doc["layers"].as_array().context("layers")?;
+    assert_eq!(
+        layers
+            .iter()
+            .map(|l| l["digest"].as_str().unwrap_or_default().to_string())
+            .collect::<Vec<_>>(),
+        image.layer_digests()
+    );
+    assert!(layers.iter().all(|l| l["cached"] == false));
+    assert_eq!(doc["totalSize"], image.layers_size());
+
+    // Not bootable: reported, not refused.
+    let doc = s.cli_json(&["image", "inspect", &s.refs.not_bootable])?;
+    assert_eq!(doc["bootable"], false);
+    Ok(())
+}
+
+#[test]
+fn check_counts_missing_layers_and_bytes() -> Result<()> {
+    let s = setup()?;
+    let f = Fixtures::shared()?;
+    let (v1, v2) = (f.image(tags::BASE_V1)?, f.image(tags::BASE_V2)?);
+    run_ok(s.scratch.cli().args(["image", "fetch", &s.refs.base_v1]))?;
+
+    let v1_layers: BTreeSet<_> = v1.layer_digests().into_iter().collect();
+    let new_layers: Vec<_> = v2
+        .manifest
+        .layers()
+        .iter()
+        .filter(|l| !v1_layers.contains(&l.digest().to_string()))
+        .collect();
+    let doc = s.cli_json(&[
+        "image",
+        "check",
+        &s.refs.base_v2,
+        "--current-digest",
+        &v1.digest,
+    ])?;
+    assert_eq!(doc["updateAvailable"], true);
+    assert_eq!(doc["digest"], v2.digest.as_str());
+    assert_eq!(doc["version"], "2");
+    assert_eq!(doc["layersMissing"], new_layers.len());
+    assert_eq!(
+        doc["bytesMissing"],
+        new_layers.iter().map(|l| l.size()).sum::<u64>()
+    );
+    assert_eq!(doc["bytesTotal"], v2.layers_size());
+
+    // v1 was just fetched: no update, and exit 77 when asked.
+    let out =
+        run(s
+            .scratch
+            .cli()
+            .args(["image", "check", &s.refs.base_v1, "--unchanged-exit-77"]))?;
+    assert_eq!(out.status.code(), Some(77), "{out:?}");
+    Ok(())
+}
+
+#[test]
+fn fetch_after_fetch_downloads_only_changed_layers() -> Result<()> {
+    let s = setup()?;
+    let f = Fixtures::shared()?;
+    let (v1, v2) = (f.image(tags::BASE_V1)?, f.image(tags::BASE_V2)?);
+
+    let pos = s.registry.log_position()?;
+    let r1 = s.cli_json(&["image", "fetch", &s.refs.base_v1])?;
+    assert_eq!(r1["layersFetched"], v1.layer_digests().len());
+    let fetched: BTreeSet<_> = s.registry.blob_requests_since(pos)?.into_iter().collect();
+    let mut want: BTreeSet<_> = v1.layer_digests().into_iter().collect();
+    want.insert(v1.manifest.config().digest().to_string());
+    assert_eq!(fetched, want, "v1 fetch requested other blobs");
+
+    let pos = s.registry.log_position()?;
+    let r2 = s.cli_json(&["image", "fetch", &s.refs.base_v2])?;
+    let requested = s.registry.blob_requests_since(pos)?;
+    let v1_layers: BTreeSet<_> = v1.layer_digests().into_iter().collect();
+    let mut want: BTreeSet<_> = v2
+        .layer_digests()
+        .into_iter()
+        .filter(|d| !v1_layers.contains(d))
+        .collect();
+    assert_eq!(r2["layersFetched"], want.len());
+    assert_eq!(r2["layersCached"], v2.layer_digests().len() - want.len());
+    want.insert(v2.manifest.config().digest().to_string());
+    assert_eq!(
+        requested.iter().cloned().collect::<BTreeSet<_>>(),
+        want,
+        "v2 fetch requested blobs it already had"
+    );
+    assert_eq!(requested.len(), want.len(), "a blob was requested twice");
+
+    // Everything cached: no blob requested at all.
+    let pos = s.registry.log_position()?;
+    let r3 = s.cli_json(&["image", "fetch", &s.refs.base_v2])?;
+    assert_eq!(r3["layersFetched"], 0);
+    assert_eq!(s.registry.blob_requests_since(pos)?, Vec::<String>::new());
+
+    // The cache is a valid OCI layout skopeo can read, under the reference the result names.
+    let cache_ref = r2["cacheReference"].as_str().context("cacheReference")?;
+    let inspected = run_ok(Command::new("skopeo").args(["inspect", cache_ref]))?;
+    let inspected: Value = serde_json::from_str(&inspected)?;
+    assert_eq!(
+        inspected["Layers"].as_array().map(Vec::len),
+        Some(v2.layer_digests().len())
+    );
+    assert_blobs_intact(&s.cache())?;
+
+    let list = s.cli_json(&["image", "list"])?;
+    let refs: BTreeSet<_> = list["images"]
+        .as_array()
+        .context("images")?
+        .iter()
+        .map(|i| i["reference"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(
+        refs,
+        BTreeSet::from([s.refs.base_v1.clone(), s.refs.base_v2.clone()])
+    );
+    Ok(())
+}
+
+#[test]
+fn prune_keeps_named_images_and_their_blobs() -> Result<()> {
+    let s = setup()?;
+    let f = Fixtures::shared()?;
+    let (v1, v2) = (f.image(tags::BASE_V1)?, f.image(tags::BASE_V2)?);
+    for r in [&s.refs.base_v1, &s.refs.base_v2] {
+        run_ok(s.scratch.cli().args(["image", "fetch", r]))?;
+    }
+    let pruned = s.cli_json(&["image", "prune", "--keep", &s.refs.base_v2])?;
+    assert_eq!(pruned["removedImages"], json!([s.refs.base_v1]));
+    let v2_layers: BTreeSet<_> = v2.layer_digests().into_iter().collect();
+    let only_v1 = v1
+        .layer_digests()
+        .into_iter()
+        .filter(|d| !v2_layers.contains(d))
+        .count();
+    // v1's own layers, its config and its manifest.
+    assert_eq!(pruned["removedBlobs"], only_v1 + 2);
+    let list = s.cli_json(&["image", "list"])?;
+    assert_eq!(list["images"].as_array().map(Vec::len), Some(1));
+    // v2 is complete: fetching it again downloads nothing.
+    let again = s.cli_json(&["image", "fetch", &s.refs.base_v2])?;
+    assert_eq!(again["layersFetched"], 0);
+    Ok(())
+}
+
+#[test]
+fn corrupted_blob_in_registry_gives_digest_mismatch_and_keeps_nothing() -> Result<()> {
+    let s = setup()?;
+    let v1 = Fixtures::shared()?.image(tags::BASE_V1)?;
+    // The largest layer, damaged in the registry's storage (same length, other bytes).
+    let layer = v1
+        .manifest
+        .layers()
+        .iter()
+        .max_by_key(|l| l.size())
+        .context("layers")?
+        .digest()
+        .to_string();
+    let path = s.registry.blob_data_path(&layer);
+    let mut bytes = std::fs::read(&path)?;
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&path, &bytes)?;
+
+    let (name, params) = call_error(&s.socket(), "Fetch", json!({"image": s.refs.base_v1}))?;
+    assert_eq!(name, format!("{FETCHER}.DigestMismatch"), "{params}");
+    assert!(
+        params["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains(&layer[7..19])
+            || params["expected"] == layer.as_str(),
+        "{params}"
+    );
+    let cache = s.cache();
+    assert_blobs_intact(&cache)?;
+    let hex = layer.trim_start_matches("sha256:");
+    assert!(!cache.join("blobs/sha256").join(hex).exists());
+    assert!(
+        std::fs::read_dir(cache.join("tmp"))?.next().is_none(),
+        "partial file left"
+    );
+    // Nothing recorded for the image.
+    assert_eq!(s.cli_json(&["image", "list"])?["images"], json!([]));
+
+    let stderr = cli_fails(s.scratch.cli().args(["image", "fetch", &s.refs.base_v1]))?;
+    assert!(stderr.contains("Digest mismatch"), "{stderr}");
+    Ok(())
+}
+
+#[test]
+fn stopped_registry_gives_registry_unreachable() -> Result<()> {
+    let mut s = setup()?;
+    s.registry.stop();
+    for method in ["Inspect", "Fetch"] {
+        let (name, params) = call_error(&s.socket(), method, json!({"image": s.refs.base_v1}))?;
+        assert_eq!(
+            name,
+            format!("{FETCHER}.RegistryUnreachable"),
+            "{method}: {params}"
+        );
+    }
+    let stderr = cli_fails(s.scratch.cli().args(["image", "check", &s.refs.base_v1]))?;
+    assert!(stderr.contains("Cannot reach the registry"), "{stderr}");
+    Ok(())
+}
+
+#[test]
+fn bad_references_and_missing_images_get_typed_errors() -> Result<()> {
+    let s = setup()?;
+    let missing = s.registry.docker_ref("dnfimage/base:no-such-tag");
+    let cases = [
+        ("docker://-v", "InvalidImageReference"),
+        ("containers-storage:localhost/os", "InvalidImageReference"),
+        ("oci:relative/dir", "InvalidImageReference"),
+        ("quay.io/os tag", "InvalidImageReference"),
+        (missing.as_str(), "ImageNotFound"),
+        ("oci:/nonexistent/layout:v1", "ImageNotFound"),
+    ];
+    for (image, want) in cases {
+        let (name, params) = call_error(&s.socket(), "Inspect", json!({ "image": image }))?;
+        assert_eq!(name, format!("{FETCHER}.{want}"), "{image}: {params}");
+    }
+    let (name, _) = call_error(&s.socket(), "Fetch", json!({"image": s.refs.not_bootable}))?;
+    assert_eq!(name, format!("{FETCHER}.NotBootable"));
+    assert!(
+        std::fs::read_dir(s.cache().join("blobs/sha256"))?
+            .next()
+            .is_none()
+    );
+    Ok(())
+}
+
+#[test]
+fn oci_layout_and_archive_transports() -> Result<()> {
+    let s = setup()?;
+    let f = Fixtures::shared()?;
+    let v1 = f.image(tags::BASE_V1)?;
+    let layout = f.oci_ref(tags::BASE_V1);
+    let r = s.cli_json(&["image", "fetch", &layout])?;
+    assert_eq!(r["digest"], v1.digest.as_str());
+    let archive = s.scratch.path().join("base.tar");
+    run_ok(Command::new("skopeo").args([
+        "copy",
+        &layout,
+        &format!("oci-archive:{}:{}", archive.display(), tags::BASE_V1),
+    ]))?;
+    let doc = s.cli_json(&[
+        "image",
+        "inspect",
+        &format!("oci-archive:{}", archive.display()),
+    ])?;
+    assert_eq!(doc["version"], "1");
+    assert!(
+        doc["layers"]
+            .as_array()
+            .context("layers")?
+            .iter()
+            .all(|l| l["cached"] == true)
+    );
+    Ok(())
+}
+
+#[test]
+fn insufficient_space_fails_before_downloading() -> Result<()> {
+    let scratch = Scratch::new()?;
+    let small = scratch.path().join("small");
+    std::fs::create_dir_all(&small)?;
+    run_ok(
+        Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=512k", "tmpfs"])
+            .arg(&small),
+    )?;
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(small.clone());
+    let registry = Registry::start(&scratch.path().join("registry"))?;
+    let refs = Fixtures::shared()?.push(&registry, "dnfimage/base")?;
+    let _fetcher = ServiceProcess::fetcher(
+        &scratch,
+        &FetcherOptions {
+            registries_conf: Some(scratch.registries_conf(&registry.addr())?),
+            state_dir: Some(small.clone()),
+            ..Default::default()
+        },
+    )?;
+    let (name, params) = call_error(
+        &scratch.socket(FETCHER),
+        "Fetch",
+        json!({"image": refs.base_v1}),
+    )?;
+    assert_eq!(name, format!("{FETCHER}.InsufficientSpace"), "{params}");
+    assert!(
+        params["needed"].as_u64() > params["available"].as_u64(),
+        "{params}"
+    );
+    assert!(
+        std::fs::read_dir(small.join("cache/blobs/sha256"))?
+            .next()
+            .is_none()
+    );
+    let stderr = cli_fails(scratch.cli().args(["image", "fetch", &refs.base_v1]))?;
+    assert!(stderr.contains("Not enough space"), "{stderr}");
+    Ok(())
+}
+
+/// A bootable image big enough to take seconds through the slow proxy.
+fn slow_image(registry: &Registry) -> Result<String> {
+    static LAYOUT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    let dir = LAYOUT.get_or_init(|| {
+        let dir = dnfimage_integration::bin_dir().join("dnfimage-fixtures/slow-24");
+        if !dir.join("index.json").exists() {
+            let tmp = dir.with_extension("tmp");
+            let _ = std::fs::remove_dir_all(&tmp);
+            dnfimage_testimage::build_bench(
+                &tmp,
+                "slow",
+                &BenchOptions {
+                    layers: 6,
+                    total_mib: 24,
+                },
+            )
+            .expect("building the slow image");
+            std::fs::rename(&tmp, &dir).expect("publishing the slow image");
+        }
+        dir
+    });
+    let dest = registry.docker_ref("dnfimage/slow:latest");
+    dnfimage_testimage::skopeo_copy(&dnfimage_testimage::oci_ref(dir, "slow"), &dest)?;
+    Ok(dest)
+}
+
+/// Starts a fetch through a 2 MB/s proxy and returns its stream once bytes are flowing.
+async fn start_slow_fetch(
+    conn: &mut dnfimage_interfaces::Connection,
+    image: &str,
+) -> Result<impl futures_util::Stream<Item = zlink::Result<Result<FetchReply, FetcherError>>>> {
+    let stream = conn.fetch(image, Some(1)).await?;
+    let mut stream = Box::pin(stream);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        anyhow::ensure!(Instant::now() < deadline, "no bytes within 30 s");
+        let item = stream.next().await.context("stream ended")??;
+        let reply = item.map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        if reply.progress.as_ref().is_some_and(|p| p.bytes_done > 0) {
+            return Ok(stream);
+        }
+    }
+}
+
+struct SlowSetup {
+    scratch: Scratch,
+    _registry: Registry,
+    proxy: SlowProxy,
+    image: String,
+    conf: PathBuf,
+}
+
+async fn slow_setup() -> Result<SlowSetup> {
+    let scratch = Scratch::new()?;
+    let registry = Registry::start(&scratch.path().join("registry"))?;
+    let direct = slow_image(&registry)?;
+    let proxy = SlowProxy::start(
+        &registry.addr(),
+        Shaping {
+            request_delay: Duration::from_millis(10),
+            bytes_per_second: 2_000_000,
+        },
+    )
+    .await?;
+    let image = direct.replace(&registry.addr(), &proxy.addr());
+    let conf = scratch.path().join("registries.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "[[registry]]\nlocation = \"{}\"\ninsecure = true\n",
+            proxy.addr()
+        ),
+    )?;
+    Ok(SlowSetup {
+        scratch,
+        _registry: registry,
+        proxy,
+        image,
+        conf,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fetch_killed_midway_completes_on_next_call() -> Result<()> {
+    let s = slow_setup().await?;
+    let opts = FetcherOptions {
+        registries_conf: Some(s.conf.clone()),
+        ..Default::default()
+    };
+    let mut fetcher = ServiceProcess::fetcher(&s.scratch, &opts)?;
+    let mut conn = dnfimage_interfaces::connect(&s.scratch.runtime_dir(), FETCHER).await?;
+    let stream = start_slow_fetch(&mut conn, &s.image).await?;
+    fetcher.kill();
+    drop(stream);
+    let cache = s.scratch.state_dir().join("cache");
+    let complete_before = assert_blobs_intact(&cache)?;
+    assert!(
+        complete_before < 6,
+        "the fetch was not midway: {complete_before} blobs"
+    );
+
+    let _fetcher = ServiceProcess::fetcher(&s.scratch, &opts)?;
+    let mut conn = dnfimage_interfaces::connect(&s.scratch.runtime_dir(), FETCHER).await?;
+    let stream = conn.fetch(&s.image, Some(6)).await?;
+    futures_util::pin_mut!(stream);
+    let mut result = None;
+    while let Some(item) = stream.next().await {
+        if let Some(r) = item?.map_err(|e| anyhow::anyhow!("{e:?}"))?.result {
+            result = Some(r);
+        }
+    }
+    let result = result.context("no result")?;
+    assert_eq!(result.layers_fetched + result.layers_cached, 6);
+    assert_eq!(result.layers_cached as usize, complete_before);
+    assert_eq!(
+        assert_blobs_intact(&cache)?,
+        6 + 2,
+        "6 layers, config, manifest"
+    );
+    let _ = &s.proxy;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn second_fetch_is_refused_and_cancel_stops_the_first() -> Result<()> {
+    let s = slow_setup().await?;
+    let _fetcher = ServiceProcess::fetcher(
+        &s.scratch,
+        &FetcherOptions {
+            registries_conf: Some(s.conf.clone()),
+            ..Default::default()
+        },
+    )?;
+    let dir = s.scratch.runtime_dir();
+    let mut conn = dnfimage_interfaces::connect(&dir, FETCHER).await?;
+    let mut stream = start_slow_fetch(&mut conn, &s.image).await?;
+
+    {
+        let mut second_conn = dnfimage_interfaces::connect(&dir, FETCHER).await?;
+        let second = second_conn.fetch(&s.image, None).await?;
+        futures_util::pin_mut!(second);
+        let refused = second.next().await.context("no reply")??;
+        assert!(
+            matches!(refused, Err(FetcherError::AlreadyInProgress { ref image }) if image.contains("slow")),
+            "{refused:?}"
+        );
+    }
+    let mut other = dnfimage_interfaces::connect(&dir, FETCHER).await?;
+    // Reads still work while the fetch runs.
+    assert!(other.list_cached().await?.is_ok());
+
+    let cancelled = other
+        .cancel()
+        .await?
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    assert!(cancelled.cancelled.is_some_and(|c| c.contains("slow")));
+    let started = Instant::now();
+    let mut end = None;
+    while let Some(item) = stream.next().await {
+        if let Err(e) = item? {
+            end = Some(e);
+        }
+    }
+    assert!(
+        matches!(end, Some(FetcherError::Cancelled { .. })),
+        "{end:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "cancel took {:?}",
+        started.elapsed()
+    );
+    assert_blobs_intact(&s.scratch.state_dir().join("cache"))?;
+    // Nothing runs now: the next fetch is accepted.
+    let mut conn = dnfimage_interfaces::connect(&dir, FETCHER).await?;
+    let next = conn.fetch("docker://-bad", None).await?;
+    futures_util::pin_mut!(next);
+    let reply = next.next().await.context("no reply")??;
+    assert!(
+        matches!(reply, Err(FetcherError::InvalidImageReference { .. })),
+        "{reply:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_during_fetch_cancels_it_and_exits_cleanly() -> Result<()> {
+    let s = slow_setup().await?;
+    let mut fetcher = ServiceProcess::fetcher(
+        &s.scratch,
+        &FetcherOptions {
+            registries_conf: Some(s.conf.clone()),
+            ..Default::default()
+        },
+    )?;
+    let mut conn = dnfimage_interfaces::connect(&s.scratch.runtime_dir(), FETCHER).await?;
+    let _stream = start_slow_fetch(&mut conn, &s.image).await?;
+    fetcher.signal(libc::SIGTERM);
+    let code = fetcher.wait_exit(Duration::from_secs(20));
+    assert_eq!(code, Some(0), "log:\n{}", fetcher.log_text());
+    assert!(
+        fetcher.log_text().contains("cancelling"),
+        "{}",
+        fetcher.log_text()
+    );
+    assert_blobs_intact(&s.scratch.state_dir().join("cache"))?;
+    assert!(!s.scratch.socket(FETCHER).exists(), "socket left behind");
+    Ok(())
+}
+
+#[test]
+fn unprivileged_caller_may_inspect_but_not_fetch() -> Result<()> {
+    let s = setup_with(FetcherOptions {
+        socket_mode: Some("666"),
+        ..Default::default()
+    })?;
+    let as_nobody = |args: &[&str]| {
+        let mut cmd = s.scratch.cli();
+        cmd.args(args).uid(65534).gid(65534);
+        cmd
+    };
+    let out = run_ok(&mut as_nobody(&["image", "inspect", &s.refs.base_v1]))?;
+    assert!(out.contains("Bootable:     yes"), "{out}");
+    for args in [
+        vec!["image", "fetch", s.refs.base_v1.as_str()],
+        vec!["image", "prune"],
+    ] {
+        let stderr = cli_fails(&mut as_nobody(&args))?;
+        assert!(stderr.contains("Permission denied"), "{args:?}: {stderr}");
+    }
+    assert!(
+        std::fs::read_dir(s.cache().join("blobs/sha256"))?
+            .next()
+            .is_none()
+    );
+    // Root may.
+    run_ok(s.scratch.cli().args(["image", "fetch", &s.refs.base_v1]))?;
+    Ok(())
+}
+
+#[test]
+fn protocol_errors_are_replies_not_dropped_connections() -> Result<()> {
+    use std::io::{Read, Write};
+    let s = setup()?;
+    let socket = s.socket();
+    let cases = [
+        (
+            json!({"method": "org.dnfimage.Fetcher.Nope", "parameters": {}}),
+            "org.varlink.service.MethodNotFound",
+            "method",
+        ),
+        (
+            json!({"method": "org.other.Iface.Get"}),
+            "org.varlink.service.MethodNotFound",
+            "method",
+        ),
+        (
+            json!({"method": "org.varlink.service.Nope", "parameters": {}}),
+            "org.varlink.service.MethodNotFound",
+            "method",
+        ),
+        (
+            json!({"method": "org.dnfimage.Fetcher.Inspect", "parameters": {}}),
+            "org.varlink.service.InvalidParameter",
+            "parameter",
+        ),
+        (
+            json!({"method": "org.dnfimage.Fetcher.Inspect", "parameters": {"image": 5}}),
+            "org.varlink.service.InvalidParameter",
+            "parameter",
+        ),
+        (
+            json!({"method": "org.dnfimage.Fetcher.Inspect", "parameters": {"image": "x", "extra": 1}}),
+            "org.varlink.service.InvalidParameter",
+            "parameter",
+        ),
+        (
+            json!({"method": "org.dnfimage.Fetcher.Fetch", "parameters": {"image": "x", "concurrency": "four"}}),
+            "org.varlink.service.InvalidParameter",
+            "parameter",
+        ),
+    ];
+    // All on one connection: each error is a reply, and the connection stays usable.
+    let mut stream = std::os::unix::net::UnixStream::connect(&socket)?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let read_reply = |stream: &mut std::os::unix::net::UnixStream| -> Result<Value> {
+        let mut buf = Vec::new();
+        let mut byte = [0u8; 1];
+        loop {
+            anyhow::ensure!(stream.read(&mut byte)? == 1, "connection closed");
+            if byte[0] == 0 {
+                return Ok(serde_json::from_slice(&buf)?);
+            }
+            buf.push(byte[0]);
+        }
+    };
+    for (call, want, field) in &cases {
+        let mut bytes = serde_json::to_vec(call)?;
+        bytes.push(0);
+        stream.write_all(&bytes)?;
+        let reply = read_reply(&mut stream)?;
+        assert_eq!(error_name(&reply), Some(*want), "{call} -> {reply}");
+        assert!(reply["parameters"][field].is_string(), "{call} -> {reply}");
+    }
+    stream.write_all(b"{\"method\":\"org.varlink.service.GetInfo\"}\0")?;
+    let info = read_reply(&mut stream)?;
+    assert_eq!(info["parameters"]["product"], "dnfimage-fetcher");
+    Ok(())
+}
+
+#[test]
+fn served_interface_matches_the_committed_idl() -> Result<()> {
+    let s = setup()?;
+    let replies = raw_call(
+        &s.socket(),
+        &json!({"method": "org.varlink.service.GetInterfaceDescription", "parameters": {"interface": FETCHER}}),
+    )?;
+    let served = replies[0]["parameters"]["description"]
+        .as_str()
+        .context("description")?;
+    let served = dnfimage_interfaces::idl::canonical(served).map_err(anyhow::Error::msg)?;
+    let committed = std::fs::read_to_string(
+        dnfimage_integration::repo_root().join("interfaces/org.dnfimage.Fetcher.varlink"),
+    )?;
+    assert_eq!(
+        served, committed,
+        "the service's interface drifted from interfaces/org.dnfimage.Fetcher.varlink"
+    );
+    Ok(())
+}
+
+#[test]
+fn socket_activated_service_exits_when_idle_and_is_activated_again() -> Result<()> {
+    let scratch = Scratch::new()?;
+    let socket = scratch.socket(FETCHER);
+    let log = scratch.path().join("logs/activate.log");
+    // Two activations in a row, as systemd would do for a socket unit.
+    let script = format!(
+        "for i in 1 2; do systemd-socket-activate -l {sock} --fdname=varlink \
+         -E DNFIMAGE_STATE_DIR={state} -E DNFIMAGE_IDLE_TIMEOUT=1 -E DNFIMAGE_LOG=debug {bin}; \
+         echo exited=$?; done",
+        sock = socket.display(),
+        state = scratch.state_dir().display(),
+        bin = bin("dnfimage-fetcher").display(),
+    );
+    let out = std::fs::File::create(&log)?;
+    let mut child = Command::new("sh")
+        .args(["-c", &script])
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .spawn()?;
+    let get_info = || -> Result<Value> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match raw_call(&socket, &json!({"method": "org.varlink.service.GetInfo"})) {
+                Ok(r) => return Ok(r[0].clone()),
+                Err(e) if Instant::now() > deadline => return Err(e),
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    };
+    let wait_exits = |n: usize| -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::fs::read_to_string(&log)?.matches("exited=0").count() < n {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "no idle exit; log:\n{}",
+                std::fs::read_to_string(&log)?
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(())
+    };
+    assert_eq!(get_info()?["parameters"]["product"], "dnfimage-fetcher");
+    wait_exits(1)?;
+    // A new client: the socket is listened on again and the service started again.
+    assert_eq!(get_info()?["parameters"]["product"], "dnfimage-fetcher");
+    wait_exits(2)?;
+    let status = child.wait()?;
+    assert!(status.success());
+    let text = std::fs::read_to_string(&log)?;
+    assert_eq!(text.matches("Idle, exiting").count(), 2, "{text}");
+    assert!(
+        !text.contains("dnfimage_runtime: Listening on"),
+        "bound its own socket instead of the passed one: {text}"
+    );
+    Ok(())
+}
+
+fn varlinkctl() -> PathBuf {
+    dnfimage_integration::repo_root().join("../shared/tools/varlinkctl")
+}
+
+#[test]
+fn varlinkctl_introspects_calls_with_more_and_execs_the_service() -> Result<()> {
+    let s = setup()?;
+    let socket = s.socket();
+    let socket = socket.to_str().context("socket path")?;
+    let idl = run_ok(Command::new(varlinkctl()).args(["introspect", socket, FETCHER]))?;
+    assert!(idl.contains("method Fetch("), "{idl}");
+    assert!(idl.contains("error DigestMismatch"), "{idl}");
+
+    let params = json!({"image": s.refs.base_v1}).to_string();
+    let out = run_ok(Command::new(varlinkctl()).args([
+        "call",
+        "--more",
+        "-j",
+        socket,
+        &format!("{FETCHER}.Fetch"),
+        &params,
+    ]))?;
+    // `-j` prints JSON-SEQ: each record starts with an RS character.
+    let out = out.replace('\u{1e}', "");
+    let records: Vec<Value> = serde_json::Deserializer::from_str(&out)
+        .into_iter()
+        .collect::<Result<_, _>>()?;
+    assert!(records.len() >= 3, "{out}");
+    assert!(
+        records[..records.len() - 1]
+            .iter()
+            .all(|r| r["progress"].is_object())
+    );
+    assert_eq!(
+        records.last().context("records")?["result"]["digest"],
+        Fixtures::shared()?.image(tags::BASE_V1)?.digest.as_str()
+    );
+
+    // An error, as varlinkctl shows it.
+    let out = run(Command::new(varlinkctl()).args([
+        "call",
+        socket,
+        &format!("{FETCHER}.Inspect"),
+        "{\"image\":\"docker://-x\"}",
+    ]))?;
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("InvalidImageReference"),
+        "{out:?}"
+    );
+
+    // exec: hands the service a connected socket (the Accept=yes path).
+    let out = run_ok(
+        Command::new(varlinkctl())
+            .args([
+                "call",
+                &format!("exec:{}", bin("dnfimage-fetcher").display()),
+                "org.varlink.service.GetInfo",
+                "{}",
+            ])
+            .env("DNFIMAGE_STATE_DIR", s.scratch.state_dir()),
+    )?;
+    assert!(out.contains("dnfimage-fetcher"), "{out}");
+    Ok(())
+}
+
+#[test]
+fn python_reference_client_calls_inspect() -> Result<()> {
+    let s = setup()?;
+    let script = r#"
+import sys, varlink
+with varlink.Client(address="unix:" + sys.argv[1]) as client:
+    with client.open("org.dnfimage.Fetcher") as fetcher:
+        reply = fetcher.Inspect(sys.argv[2])
+        print(reply["image"]["digest"])
+"#;
+    let out = run_ok(
+        Command::new("python3")
+            .args(["-c", script])
+            .arg(s.socket())
+            .arg(&s.refs.base_v1),
+    )?;
+    assert_eq!(out.trim(), Fixtures::shared()?.image(tags::BASE_V1)?.digest);
+    Ok(())
+}

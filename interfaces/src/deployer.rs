@@ -1,0 +1,578 @@
+//! `org.dnfimage.Deployer`: the deployments of the ostree sysroot, the only writer of them.
+
+use futures_util::Stream;
+use serde::{Deserialize, Serialize};
+use zlink::{ReplyError, introspect, proxy};
+
+pub use crate::layerer::{LayeringRequest, Package};
+
+/// The interface name.
+pub const INTERFACE: &str = "org.dnfimage.Deployer";
+/// The committed interface description, the contract the service must match.
+pub const IDL: &str = include_str!("../org.dnfimage.Deployer.varlink");
+
+/// A deployment: a bootable checkout of a commit, with its kernel arguments and origin.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, introspect::CustomType)]
+#[serde(rename_all = "camelCase")]
+#[zlink(rename_all = "camelCase")]
+pub struct Deployment {
+    /// Its place in the boot order, 0 first; what `Pin` and `SetKernelArguments` take.
+    pub index: u64,
+    /// The stateroot it belongs to.
+    pub stateroot: String,
+    /// The ostree commit it checks out.
+    pub commit: String,
+    /// Its serial among the deployments of the same commit (its directory is "COMMIT.SERIAL").
+    pub serial: u64,
+    /// The image commit under the layered packages; null when nothing is layered.
+    pub base_commit: Option<String>,
+    /// The image reference its origin records, "docker://…"; null when it is not from an image.
+    pub image: Option<String>,
+    /// The manifest digest of that image, "sha256:…", what `upgrade --check` compares.
+    pub image_digest: Option<String>,
+    /// The image's version label, or else the commit's "version" metadata; null when neither.
+    pub version: Option<String>,
+    /// When the commit was made (RFC 3339).
+    pub timestamp: String,
+    /// The kernel version, its directory name under "/usr/lib/modules".
+    pub kernel_version: String,
+    /// Its kernel arguments in order, without the "ostree=" argument ostree manages.
+    pub kernel_arguments: Vec<String>,
+    /// Whether the running system was booted from it.
+    pub booted: bool,
+    /// Whether it is staged: written, and made bootable when the system shuts down.
+    pub staged: bool,
+    /// Whether the next boot starts it; it is pending when it is not also the booted one.
+    pub default: bool,
+    /// Whether it is the rollback: the one after the booted one (after the default one when
+    /// the sysroot is not booted).
+    pub rollback: bool,
+    /// Whether it is pinned: no deploy or cleanup removes it.
+    pub pinned: bool,
+    /// Whether it is staged with `lockFinalization` and waits for `UnlockStaged`.
+    pub finalization_locked: bool,
+    /// What is layered on the image, from its origin; empty lists when nothing is.
+    pub layering: LayeringRequest,
+}
+
+/// Reply of `Status`.
+#[derive(Debug, Clone, Serialize, Deserialize, introspect::Type)]
+#[serde(rename_all = "camelCase")]
+#[zlink(rename_all = "camelCase")]
+pub struct StatusReply {
+    /// The sysroot the service manages, "/" on a host.
+    pub sysroot: String,
+    /// Whether the running system was booted from this sysroot.
+    pub booted: bool,
+    /// Every deployment, in boot order.
+    pub deployments: Vec<Deployment>,
+    /// The change to the deployments running now, e.g. "Deploying docker://…"; null when none.
+    pub operation: Option<String>,
+}
+
+/// What deploying a commit needs on one filesystem, and what it has.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, introspect::CustomType)]
+#[serde(rename_all = "camelCase")]
+#[zlink(rename_all = "camelCase")]
+pub struct FilesystemSpace {
+    /// The directory checked, e.g. "/boot".
+    pub path: String,
+    /// Bytes needed.
+    pub needed: u64,
+    /// Bytes available.
+    pub available: u64,
+}
+
+/// Reply of `CheckSpace`.
+#[derive(Debug, Clone, Serialize, Deserialize, introspect::Type)]
+pub struct CheckSpaceReply {
+    /// Whether every filesystem has the space needed.
+    pub fits: bool,
+    /// Each filesystem the deployment writes to: "/boot" and the sysroot's.
+    pub filesystems: Vec<FilesystemSpace>,
+}
+
+/// The phase a deploy is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, introspect::CustomType)]
+#[serde(rename_all = "snake_case")]
+#[zlink(rename_all = "snake_case")]
+pub enum DeployPhase {
+    /// Checking the commit and the free space on "/boot" and the sysroot.
+    Checking,
+    /// Checking the commit out, merging "/etc" and writing the origin.
+    Deploying,
+    /// Handing the deployment to ostree-finalize-staged.service (booted system).
+    Staging,
+    /// Writing the boot entries and removing the deployments no longer kept (unbooted sysroot).
+    UpdatingBootEntries,
+}
+
+/// A progress record streamed by `Deploy` and `SetKernelArguments`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, introspect::CustomType)]
+#[serde(rename_all = "camelCase")]
+#[zlink(rename_all = "camelCase")]
+pub struct DeployProgress {
+    /// The phase the deploy is in.
+    pub phase: DeployPhase,
+    /// What is happening, for people.
+    pub message: String,
+}
+
+/// The outcome of a completed `Deploy` or `SetKernelArguments`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, introspect::CustomType)]
+#[serde(rename_all = "camelCase")]
+#[zlink(rename_all = "camelCase")]
+pub struct DeployResult {
+    /// Whether a deployment was written; false only when `SetKernelArguments` had nothing to do.
+    pub changed: bool,
+    /// The new deployment as `Status` shows it (the unchanged one when nothing was written).
+    pub deployment: Deployment,
+}
+
+/// Reply of `Deploy` and `SetKernelArguments`: progress records, then one with the result.
+#[derive(Debug, Clone, Serialize, Deserialize, introspect::Type)]
+pub struct DeployReply {
+    /// Set on every record but the last.
+    pub progress: Option<DeployProgress>,
+    /// Set on the last record only.
+    pub result: Option<DeployResult>,
+}
+
+/// Reply of `UnlockStaged`, `Rollback` and `Pin`.
+#[derive(Debug, Clone, Serialize, Deserialize, introspect::Type)]
+pub struct DeploymentReply {
+    /// The deployment changed, as `Status` now shows it.
+    pub deployment: Deployment,
+}
+
+/// The phase a cleanup is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, introspect::CustomType)]
+#[serde(rename_all = "snake_case")]
+#[zlink(rename_all = "snake_case")]
+pub enum CleanupPhase {
+    /// Writing the boot entries without the removed deployments.
+    UpdatingBootEntries,
+    /// Deleting the files of deployments that are no longer listed.
+    RemovingFiles,
+}
+
+/// A progress record streamed by `Cleanup`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, introspect::CustomType)]
+#[serde(rename_all = "camelCase")]
+#[zlink(rename_all = "camelCase")]
+pub struct CleanupProgress {
+    /// The phase the cleanup is in.
+    pub phase: CleanupPhase,
+    /// What is happening, for people.
+    pub message: String,
+}
+
+/// The outcome of a completed `Cleanup`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, introspect::CustomType)]
+#[serde(rename_all = "camelCase")]
+#[zlink(rename_all = "camelCase")]
+pub struct CleanupResult {
+    /// The deployments removed, as `Status` showed them before.
+    pub removed_deployments: Vec<Deployment>,
+}
+
+/// Reply of `Cleanup`: progress records, then one record with the result.
+#[derive(Debug, Clone, Serialize, Deserialize, introspect::Type)]
+pub struct CleanupReply {
+    /// Set on every record but the last.
+    pub progress: Option<CleanupProgress>,
+    /// Set on the last record only.
+    pub result: Option<CleanupResult>,
+}
+
+/// Reply of `Cancel`.
+#[derive(Debug, Clone, Serialize, Deserialize, introspect::Type)]
+pub struct CancelReply {
+    /// What was running and is now being cancelled; null when nothing was running.
+    pub cancelled: Option<String>,
+}
+
+/// Errors of `org.dnfimage.Deployer`.
+#[derive(Debug, Clone, PartialEq, Eq, ReplyError, introspect::ReplyError)]
+#[zlink(interface = "org.dnfimage.Deployer")]
+pub enum DeployerError {
+    /// The image reference to record cannot be parsed.
+    InvalidImageReference {
+        /// The reference as given.
+        image: String,
+        /// Why it was refused.
+        message: String,
+    },
+    /// The repository has no such commit; import or build it first.
+    CommitNotFound {
+        /// The commit as given.
+        commit: String,
+    },
+    /// The commit cannot boot: no kernel and initramfs under "/usr/lib/modules", or both
+    /// "/etc" and "/usr/etc".
+    NotBootable {
+        /// The commit as given.
+        commit: String,
+        /// What is missing or wrong.
+        message: String,
+    },
+    /// There is no such deployment: the index is out of range, or nothing is staged.
+    NoSuchDeployment {
+        /// The index as given; null when the method looked for the staged deployment.
+        index: Option<u64>,
+        /// What was looked for.
+        message: String,
+    },
+    /// There is no other deployment to roll back to.
+    NoRollback,
+    /// The deployment is pinned, so it is not removed; unpin it first.
+    DeploymentPinned {
+        /// Its index.
+        index: u64,
+    },
+    /// A kernel argument cannot be parsed, or one to delete or replace is not there.
+    InvalidKernelArgument {
+        /// The argument as given.
+        argument: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// A filesystem the deployment writes to lacks space; nothing was written.
+    InsufficientSpace {
+        /// The directory that lacks space, e.g. "/boot".
+        path: String,
+        /// Bytes needed.
+        needed: u64,
+        /// Bytes available.
+        available: u64,
+    },
+    /// Another change to the deployments is running; wait for it or cancel it.
+    AlreadyInProgress {
+        /// What is running, e.g. "Deploying docker://…".
+        operation: String,
+    },
+    /// The operation was cancelled before it changed the boot entries; nothing changed.
+    Cancelled {
+        /// What was cancelled.
+        operation: String,
+    },
+    /// Only root may call this method.
+    PermissionDenied {
+        /// The method refused.
+        method: String,
+    },
+    /// Anything else; the message says what went wrong. The deployments are as they were.
+    Failed {
+        /// What went wrong, with its causes.
+        message: String,
+    },
+}
+
+/// Client side of `org.dnfimage.Deployer`.
+#[proxy(
+    interface = "org.dnfimage.Deployer",
+    rename_all_arguments = "camelCase"
+)]
+pub trait DeployerProxy {
+    /// Lists the deployments.
+    async fn status(&mut self) -> zlink::Result<Result<StatusReply, DeployerError>>;
+    /// Tells whether deploying a commit fits on the filesystems.
+    async fn check_space(
+        &mut self,
+        commit: &str,
+    ) -> zlink::Result<Result<CheckSpaceReply, DeployerError>>;
+    /// Writes a new deployment of a commit.
+    #[zlink(more)]
+    async fn deploy(
+        &mut self,
+        commit: &str,
+        image: &str,
+        stateroot: Option<&str>,
+        kernel_arguments: Option<&[String]>,
+        lock_finalization: Option<bool>,
+    ) -> zlink::Result<impl Stream<Item = zlink::Result<Result<DeployReply, DeployerError>>>>;
+    /// Writes a new deployment with changed kernel arguments.
+    #[zlink(more)]
+    async fn set_kernel_arguments(
+        &mut self,
+        index: Option<u64>,
+        append: Option<&[String]>,
+        delete: Option<&[String]>,
+        replace: Option<&[String]>,
+    ) -> zlink::Result<impl Stream<Item = zlink::Result<Result<DeployReply, DeployerError>>>>;
+    /// Lets the staged deployment be finished at the next shutdown.
+    async fn unlock_staged(&mut self) -> zlink::Result<Result<DeploymentReply, DeployerError>>;
+    /// Makes the next boot start the previous deployment.
+    async fn rollback(&mut self) -> zlink::Result<Result<DeploymentReply, DeployerError>>;
+    /// Pins or unpins a deployment.
+    async fn pin(
+        &mut self,
+        index: u64,
+        pinned: bool,
+    ) -> zlink::Result<Result<DeploymentReply, DeployerError>>;
+    /// Removes the pending and/or the rollback deployment.
+    #[zlink(more)]
+    async fn cleanup(
+        &mut self,
+        pending: Option<bool>,
+        rollback: Option<bool>,
+    ) -> zlink::Result<impl Stream<Item = zlink::Result<Result<CleanupReply, DeployerError>>>>;
+    /// Cancels the running deploy, kernel argument change or cleanup.
+    async fn cancel(&mut self) -> zlink::Result<Result<CancelReply, DeployerError>>;
+}
+
+#[cfg(test)]
+mod tests {
+    use futures_util::stream;
+    use zlink::Reply;
+
+    use super::*;
+    use crate::idl::canonical;
+    use crate::importer::testing::{assert_wire_names, check_proxy_call, description};
+
+    /// Stands in for the deployer in the description test. It implements no method: each one
+    /// fails. It exists so that the macro that will generate the real service's description
+    /// generates one here from the same types, for comparison with the committed file.
+    struct Described;
+
+    fn unimplemented() -> DeployerError {
+        DeployerError::Failed {
+            message: "This stand-in implements no method".to_string(),
+        }
+    }
+
+    /// Owns the ostree sysroot: lists its deployments and writes, orders, pins and removes
+    /// them. It is the only writer of deployments; a second change while one runs is refused,
+    /// and a failed one leaves the deployments as they were.
+    #[zlink::service(
+        interface = "org.dnfimage.Deployer",
+        types = [
+            Package, LayeringRequest, Deployment, FilesystemSpace, DeployPhase, DeployProgress,
+            DeployResult, CleanupPhase, CleanupProgress, CleanupResult,
+        ]
+    )]
+    impl Described {
+        /// Lists every deployment of the sysroot with its image, commit, kernel, kernel
+        /// arguments, flags and layering request. The booted deployment is the one the
+        /// "ostree=" kernel argument names when "/run/ostree-booted" exists; on a sysroot that
+        /// is not booted (e.g. a test sysroot) none is booted and every method still works.
+        async fn status(&self) -> Result<StatusReply, DeployerError> {
+            Err(unimplemented())
+        }
+
+        /// Tells whether deploying `commit` fits: what it needs on "/boot" (its kernel and
+        /// initramfs, unless a deployment already has the same ones) and on the sysroot, against
+        /// what is free. `Deploy` makes the same check before writing anything.
+        async fn check_space(&self, commit: String) -> Result<CheckSpaceReply, DeployerError> {
+            let _ = commit;
+            Err(unimplemented())
+        }
+
+        /// Deploys `commit` (an Import or Build result) into `stateroot` (default: the
+        /// stateroot of the deployment that boots next, or "default" on an empty sysroot; it is
+        /// created when missing), with an origin that records `image` (the image reference
+        /// upgrades follow, "docker://…") and the layering request Build recorded in the commit,
+        /// if any. The new deployment boots next, with `kernelArguments` (default: those of the
+        /// deployment that boots next now, none on an empty sysroot). On a booted system it is
+        /// staged and made bootable at shutdown, after `UnlockStaged` when `lockFinalization` is
+        /// true (default false); on a sysroot that is not booted it is written at once and
+        /// `lockFinalization` is ignored. The booted (or default) deployment stays as the
+        /// rollback, pinned ones stay too, and older ones are removed. Checks free space first
+        /// and writes nothing when it lacks. Streams progress records, then one record with the
+        /// result.
+        #[zlink(more)]
+        async fn deploy(
+            &self,
+            more: bool,
+            commit: String,
+            image: String,
+            stateroot: Option<String>,
+            #[zlink(rename = "kernelArguments")] kernel_arguments: Option<Vec<String>>,
+            #[zlink(rename = "lockFinalization")] lock_finalization: Option<bool>,
+        ) -> impl Stream<Item = Result<Reply<DeployReply>, DeployerError>> + Unpin + use<> {
+            let _ = (
+                more,
+                commit,
+                image,
+                stateroot,
+                kernel_arguments,
+                lock_finalization,
+            );
+            stream::iter([Err(unimplemented())])
+        }
+
+        /// Deploys the commit of deployment `index` (default: the one that boots next, so a
+        /// pending update is kept) again, with the same origin and changed kernel arguments:
+        /// `delete` removes arguments ("K" every K, "K=V" that one), `replace` changes them
+        /// ("K=V" sets every K to V, "K=OLD=NEW" changes one value), then `append` adds
+        /// arguments ("K" or "K=V"); each defaults to none. Like `Deploy` it checks out a
+        /// deployment and writes boot entries, seconds of work, so it streams the same progress
+        /// records and result; the result's `changed` is false, and nothing is written, when
+        /// the arguments already are as asked.
+        #[zlink(more)]
+        async fn set_kernel_arguments(
+            &self,
+            more: bool,
+            index: Option<u64>,
+            append: Option<Vec<String>>,
+            delete: Option<Vec<String>>,
+            replace: Option<Vec<String>>,
+        ) -> impl Stream<Item = Result<Reply<DeployReply>, DeployerError>> + Unpin + use<> {
+            let _ = (more, index, append, delete, replace);
+            stream::iter([Err(unimplemented())])
+        }
+
+        /// Lets the staged deployment that `Deploy` locked with `lockFinalization` be made
+        /// bootable at the next shutdown.
+        async fn unlock_staged(&self) -> Result<DeploymentReply, DeployerError> {
+            Err(unimplemented())
+        }
+
+        /// Makes the next boot start the previous deployment again: the booted one when a
+        /// pending deployment would boot next (a staged one is dropped), else the rollback one.
+        /// It only reorders the deployments and rewrites the boot entries, which takes well
+        /// under a second, so it is not a 'more' method.
+        async fn rollback(&self) -> Result<DeploymentReply, DeployerError> {
+            Err(unimplemented())
+        }
+
+        /// Pins deployment `index` so that no deploy or cleanup removes it (`pinned` true), or
+        /// unpins it (false). A staged deployment cannot be pinned.
+        async fn pin(&self, index: u64, pinned: bool) -> Result<DeploymentReply, DeployerError> {
+            let _ = (index, pinned);
+            Err(unimplemented())
+        }
+
+        /// Removes the pending deployment (`pending`, default false: the staged one, or the one
+        /// that boots next when it is not the booted one) and the rollback deployment
+        /// (`rollback`, default false), rewrites the boot entries, then deletes the files of
+        /// every deployment no longer listed. When one of them is pinned nothing is removed;
+        /// when one does not exist that is not an error. Deleting a deployment takes seconds,
+        /// hence progress records, then one record with the result. The repository objects
+        /// left unused are freed by org.dnfimage.Importer.Prune.
+        #[zlink(more)]
+        async fn cleanup(
+            &self,
+            more: bool,
+            pending: Option<bool>,
+            rollback: Option<bool>,
+        ) -> impl Stream<Item = Result<Reply<CleanupReply>, DeployerError>> + Unpin + use<>
+        {
+            let _ = (more, pending, rollback);
+            stream::iter([Err(unimplemented())])
+        }
+
+        /// Cancels the running deploy, kernel argument change or cleanup if it has not started
+        /// writing the boot entries yet; after that it runs to its end.
+        async fn cancel(&self) -> Result<CancelReply, DeployerError> {
+            Err(unimplemented())
+        }
+    }
+
+    #[test]
+    fn generated_description_is_the_committed_one() {
+        let generated = description(Described, INTERFACE);
+        let generated = canonical(&generated).expect("the generated description parses");
+        assert!(
+            generated == IDL,
+            "{INTERFACE}.varlink is not what the types generate, which is:\n{generated}"
+        );
+    }
+
+    fn deployment() -> Deployment {
+        Deployment {
+            index: 0,
+            stateroot: "default".into(),
+            commit: "3a5c".into(),
+            serial: 0,
+            base_commit: None,
+            image: Some("docker://127.0.0.1:5000/base:v1".into()),
+            image_digest: Some("sha256:0".into()),
+            version: Some("1".into()),
+            timestamp: "2025-01-01T00:00:00Z".into(),
+            kernel_version: "6.1.0".into(),
+            kernel_arguments: vec!["root=/dev/vda2".into()],
+            booted: true,
+            staged: false,
+            default: true,
+            rollback: false,
+            pinned: false,
+            finalization_locked: false,
+            layering: LayeringRequest::default(),
+        }
+    }
+
+    #[test]
+    fn serde_names_are_the_idl_names() {
+        assert_wire_names(&deployment());
+        assert_wire_names(&FilesystemSpace {
+            path: "/boot".into(),
+            needed: 1,
+            available: 2,
+        });
+        for phase in [
+            DeployPhase::Checking,
+            DeployPhase::Deploying,
+            DeployPhase::Staging,
+            DeployPhase::UpdatingBootEntries,
+        ] {
+            assert_wire_names(&phase);
+        }
+        assert_wire_names(&DeployProgress {
+            phase: DeployPhase::Checking,
+            message: String::new(),
+        });
+        assert_wire_names(&DeployResult {
+            changed: true,
+            deployment: deployment(),
+        });
+        for phase in [
+            CleanupPhase::UpdatingBootEntries,
+            CleanupPhase::RemovingFiles,
+        ] {
+            assert_wire_names(&phase);
+        }
+        assert_wire_names(&CleanupProgress {
+            phase: CleanupPhase::RemovingFiles,
+            message: String::new(),
+        });
+        assert_wire_names(&CleanupResult {
+            removed_deployments: vec![deployment()],
+        });
+    }
+
+    #[test]
+    fn proxy_calls_fit_the_description() {
+        let arguments = vec!["quiet".to_string()];
+        check_proxy_call!(IDL, DeployerError, |c| c.status());
+        check_proxy_call!(IDL, DeployerError, |c| c.check_space("3a5c"));
+        check_proxy_call!(more IDL, DeployerError, |c| c.deploy(
+            "3a5c",
+            "docker://r/i:1",
+            None,
+            None,
+            None
+        ));
+        check_proxy_call!(more IDL, DeployerError, |c| c.deploy(
+            "3a5c",
+            "docker://r/i:1",
+            Some("default"),
+            Some(&arguments),
+            Some(true)
+        ));
+        check_proxy_call!(more IDL, DeployerError, |c| c.set_kernel_arguments(
+            Some(1),
+            Some(&arguments),
+            Some(&arguments),
+            Some(&arguments)
+        ));
+        check_proxy_call!(more IDL, DeployerError, |c| c
+            .set_kernel_arguments(None, None, None, None));
+        check_proxy_call!(IDL, DeployerError, |c| c.unlock_staged());
+        check_proxy_call!(IDL, DeployerError, |c| c.rollback());
+        check_proxy_call!(IDL, DeployerError, |c| c.pin(2, true));
+        check_proxy_call!(more IDL, DeployerError, |c| c.cleanup(Some(true), Some(false)));
+        check_proxy_call!(more IDL, DeployerError, |c| c.cleanup(None, None));
+        check_proxy_call!(IDL, DeployerError, |c| c.cancel());
+    }
+}

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Installs everything dnfimage needs to build, test and run its demo on Debian bookworm (as
+# root). Idempotent and quick when all is there already: `make` targets call it first.
+set -euo pipefail
+
+APT_PACKAGES=(
+  # Building: libostree for the ostree/ostree-ext crates, and their C dependencies.
+  build-essential pkg-config libostree-dev libglib2.0-dev libssl-dev libzstd-dev
+  # Real parts the services drive and the tests start.
+  ostree skopeo docker-registry
+  rpm dnf createrepo-c bubblewrap
+  systemd util-linux e2fsprogs
+  # The test image factory copies a static busybox into its images.
+  busybox-static
+  python3 python3-pip
+)
+PIP_PACKAGES=(varlink)
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "setup: these packages are missing and installing them needs root: ${missing[*]}" >&2
+    exit 1
+  fi
+  echo "setup: installing ${missing[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+for p in "${PIP_PACKAGES[@]}"; do
+  python3 -c "import $p" 2>/dev/null && continue
+  echo "setup: pip install $p" >&2
+  python3 -m pip install -q --root-user-action=ignore "$p" 2>/dev/null \
+    || python3 -m pip install -q --break-system-packages "$p"
+done
+
+command -v cargo >/dev/null || { echo "setup: cargo (the Rust toolchain) is required" >&2; exit 1; }
