@@ -12,6 +12,7 @@ use anyhow::{Context, Result};
 use serde_json::Value;
 
 pub mod proxy;
+pub mod sysroot;
 
 /// The directory holding the workspace's built binaries (`target/debug`).
 pub fn bin_dir() -> PathBuf {
@@ -146,6 +147,27 @@ impl ServiceProcess {
             cmd,
             scratch.socket(dnfimage_interfaces::fetcher::INTERFACE),
             scratch.path().join("logs/fetcher.log"),
+        )
+    }
+
+    /// Starts the service binary `dnfimage-<name>` serving `interface`, bound to its socket in
+    /// `scratch`, with `--runtime-dir`, `--idle-timeout 0` and `args`, and waits until it
+    /// answers. Its log goes to `logs/<name>.log`.
+    pub fn start(
+        scratch: &Scratch,
+        name: &str,
+        interface: &str,
+        args: &[&std::ffi::OsStr],
+    ) -> Result<Self> {
+        let mut cmd = Command::new(bin(&format!("dnfimage-{name}")));
+        cmd.arg("--runtime-dir")
+            .arg(scratch.runtime_dir())
+            .args(["--idle-timeout", "0"])
+            .args(args);
+        Self::spawn(
+            cmd,
+            scratch.socket(interface),
+            scratch.path().join(format!("logs/{name}.log")),
         )
     }
 
