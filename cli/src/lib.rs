@@ -1,14 +1,16 @@
 //! `dnf-image`: the command line. A pure varlink client: it never touches the sysroot, the cache
 //! or a registry itself; it asks the services and shows what they say.
 
-mod output;
+pub mod errors;
+mod host;
+mod image;
+pub mod output;
+mod progress;
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use dnfimage_interfaces::fetcher::{self, FetchReply, FetcherError, FetcherProxy};
-use futures_util::StreamExt;
 
 pub use output::Output;
 
@@ -22,6 +24,9 @@ pub struct Cli {
     /// Directory holding the service sockets.
     #[arg(long, global = true, env = "DNFIMAGE_RUNTIME_DIR", default_value = dnfimage_interfaces::DEFAULT_RUNTIME_DIR)]
     pub runtime_dir: PathBuf,
+    /// The sysroot to operate on; the deployer must be the one managing it.
+    #[arg(long, global = true, env = "DNFIMAGE_SYSROOT")]
+    pub sysroot: Option<PathBuf>,
     /// Print machine-readable JSON instead of text.
     #[arg(long, global = true)]
     pub json: bool,
@@ -32,56 +37,85 @@ pub struct Cli {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Work with images in registries and in the local cache.
-    #[command(subcommand)]
-    Image(ImageCommand),
-}
-
-/// `dnf-image image …`.
-#[derive(Debug, Subcommand)]
-pub enum ImageCommand {
-    /// Show an image's digest, version, labels and layers without downloading it.
-    Inspect {
-        /// The image: docker://host/name:tag (default transport), oci:/dir[:tag] or oci-archive:/file[:tag].
-        image: String,
-    },
-    /// Tell whether an image moved and how much fetching it would download.
-    Check {
-        /// The image reference.
-        image: String,
-        /// Compare with this manifest digest instead of the one last fetched.
+    /// Show the deployments: which is booted, which boots next, which is the rollback.
+    Status {
+        /// Only the booted deployment (the default one on a sysroot that is not booted).
         #[arg(long)]
-        current_digest: Option<String>,
-        /// Exit with 77 when there is no update.
-        #[arg(long)]
-        unchanged_exit_77: bool,
+        booted: bool,
     },
-    /// Download an image's missing layers into the local cache.
-    Fetch {
-        /// The image reference.
+    /// Switch the host to another image (also the first deployment on a fresh sysroot).
+    Rebase {
+        /// The image: docker://host/name:tag (default transport), oci:/dir[:tag], oci-archive:/file.
         image: String,
-        /// How many layers to download at once (default 4).
+        /// The stateroot for a first deployment (default: the booted or default one, else "default").
+        #[arg(long)]
+        stateroot: Option<String>,
+        /// Layers fetched at once.
         #[arg(long)]
         concurrency: Option<u64>,
     },
-    /// List the images in the local cache.
-    List,
-    /// Remove cached images, keeping the ones named.
-    Prune {
-        /// Keep this image (repeatable).
+    /// Fetch, import and stage the newest version of the image the host follows.
+    Upgrade {
+        /// Only tell whether an update exists: version, digest, layers and bytes to download.
+        #[arg(long, conflicts_with_all = ["download_only", "from_downloaded"])]
+        check: bool,
+        /// Fetch and import the update but do not deploy it.
+        #[arg(long, conflicts_with = "from_downloaded")]
+        download_only: bool,
+        /// Deploy what `--download-only` fetched, without the network.
         #[arg(long)]
-        keep: Vec<String>,
+        from_downloaded: bool,
+        /// Exit with 77 when there is no update.
+        #[arg(long)]
+        unchanged_exit_77: bool,
+        /// Layers fetched at once.
+        #[arg(long)]
+        concurrency: Option<u64>,
     },
+    /// Make the previous deployment the one that boots next.
+    Rollback,
+    /// Keep a deployment through upgrades and cleanups (`--unpin` to release it).
+    Pin {
+        /// The deployment's index in `status`.
+        index: u64,
+        /// Release the pin instead.
+        #[arg(long)]
+        unpin: bool,
+    },
+    /// Remove the pending and/or rollback deployment (default: both).
+    Cleanup {
+        /// Remove the staged or pending deployment.
+        #[arg(long)]
+        pending: bool,
+        /// Remove the rollback deployment.
+        #[arg(long)]
+        rollback: bool,
+    },
+    /// Show or change the kernel arguments of the deployment that boots next.
+    Kargs {
+        /// Add an argument, e.g. `quiet` or `console=ttyS0` (repeatable).
+        #[arg(long)]
+        append: Vec<String>,
+        /// Remove an argument by key or `key=value` (repeatable).
+        #[arg(long)]
+        delete: Vec<String>,
+        /// Replace `key=old=new` (or `key=new` for a key set once) (repeatable).
+        #[arg(long)]
+        replace: Vec<String>,
+    },
+    /// Work with images in registries and in the local cache.
+    #[command(subcommand)]
+    Image(image::ImageCommand),
 }
 
 /// Connects to a service, saying what to do when it is not there.
-async fn connect(cli: &Cli, interface: &str) -> Result<dnfimage_interfaces::Connection> {
+pub(crate) async fn connect(cli: &Cli, interface: &str) -> Result<dnfimage_interfaces::Connection> {
     let path = dnfimage_interfaces::socket_path(&cli.runtime_dir, interface);
     dnfimage_interfaces::connect(&cli.runtime_dir, interface)
         .await
         .with_context(|| {
             format!(
-                "Connecting to {interface} at {} (is its socket unit active? \
+                "Connecting to {interface} at {} (is its socket active? \
                  `systemctl start dnfimage-{}.socket`)",
                 path.display(),
                 interface
@@ -93,154 +127,44 @@ async fn connect(cli: &Cli, interface: &str) -> Result<dnfimage_interfaces::Conn
         })
 }
 
-/// A fetcher error as a sentence.
-pub fn describe(e: &FetcherError) -> String {
-    use FetcherError as E;
-    match e {
-        E::InvalidImageReference { image, message } => {
-            format!("Invalid image reference {image:?}: {message}")
-        }
-        E::ImageNotFound { image, message } => format!("Image {image} not found: {message}"),
-        E::RegistryUnreachable { image, message } => {
-            format!("Cannot reach the registry of {image}: {message}")
-        }
-        E::AuthenticationRequired { image, message } => format!(
-            "The registry wants credentials for {image}: {message} (give the fetcher an auth file)"
-        ),
-        E::DigestMismatch { message, .. } => format!("Digest mismatch: {message}"),
-        E::NotBootable { image } => format!(
-            "{image} is not a bootable OS image (no containers.bootc=1 or ostree.bootable label)"
-        ),
-        E::InsufficientSpace {
-            path,
-            needed,
-            available,
-        } => format!(
-            "Not enough space in {path}: {} needed, {} available; free some space or prune the cache",
-            output::bytes(*needed),
-            output::bytes(*available)
-        ),
-        E::AlreadyInProgress { image } => {
-            format!("Busy: {image}; wait for it or cancel it")
-        }
-        E::Cancelled { image } => format!("Cancelled fetching {image}"),
-        E::PermissionDenied { method } => format!("Permission denied: {method} needs root"),
-        E::Failed { message } => message.clone(),
-    }
-}
-
-fn fetcher_err(e: FetcherError) -> anyhow::Error {
-    anyhow::anyhow!(describe(&e))
-}
-
 /// Runs the command; returns the process exit code.
 pub async fn run(cli: Cli) -> Result<u8> {
     let out = Output::new(cli.json);
     match &cli.command {
-        Command::Image(cmd) => image(&cli, &out, cmd).await,
-    }
-}
-
-async fn image(cli: &Cli, out: &Output, cmd: &ImageCommand) -> Result<u8> {
-    let mut conn = connect(cli, fetcher::INTERFACE).await?;
-    match cmd {
-        ImageCommand::Inspect { image } => {
-            let reply = conn
-                .inspect(image)
-                .await
-                .context("Calling Inspect")?
-                .map_err(fetcher_err)?;
-            out.image_info(&reply.image)?;
-            Ok(0)
-        }
-        ImageCommand::Check {
+        Command::Image(cmd) => image::run(&cli, &out, cmd).await,
+        Command::Status { booted } => host::status(&cli, &out, *booted).await,
+        Command::Rebase {
             image,
-            current_digest,
+            stateroot,
+            concurrency,
+        } => host::rebase(&cli, &out, image, stateroot.as_deref(), *concurrency).await,
+        Command::Upgrade {
+            check,
+            download_only,
+            from_downloaded,
             unchanged_exit_77,
+            concurrency,
         } => {
-            let reply = conn
-                .check_update(image, current_digest.as_deref())
-                .await
-                .context("Calling CheckUpdate")?
-                .map_err(fetcher_err)?;
-            out.check(image, &reply)?;
-            Ok(if *unchanged_exit_77 && !reply.update_available {
-                EXIT_UNCHANGED
-            } else {
-                0
-            })
+            let opts = host::UpgradeOptions {
+                check: *check,
+                download_only: *download_only,
+                from_downloaded: *from_downloaded,
+                unchanged_exit_77: *unchanged_exit_77,
+                concurrency: *concurrency,
+            };
+            host::upgrade(&cli, &out, &opts).await
         }
-        ImageCommand::Fetch { image, concurrency } => {
-            let result = fetch(cli, &mut conn, out, image, *concurrency).await?;
-            out.fetched(&result)?;
-            Ok(0)
+        Command::Rollback => host::rollback(&cli, &out).await,
+        Command::Pin { index, unpin } => host::pin(&cli, &out, *index, !unpin).await,
+        Command::Cleanup { pending, rollback } => {
+            // Neither flag: both.
+            let both = !pending && !rollback;
+            host::cleanup(&cli, &out, *pending || both, *rollback || both).await
         }
-        ImageCommand::List => {
-            let reply = conn
-                .list_cached()
-                .await
-                .context("Calling ListCached")?
-                .map_err(fetcher_err)?;
-            out.cached(&reply.images)?;
-            Ok(0)
-        }
-        ImageCommand::Prune { keep } => {
-            let reply = conn
-                .prune(keep.clone())
-                .await
-                .context("Calling Prune")?
-                .map_err(fetcher_err)?;
-            out.pruned(&reply)?;
-            Ok(0)
-        }
-    }
-}
-
-/// Fetches with progress; Ctrl-C cancels the fetch in the service.
-pub async fn fetch(
-    cli: &Cli,
-    conn: &mut dnfimage_interfaces::Connection,
-    out: &Output,
-    image: &str,
-    concurrency: Option<u64>,
-) -> Result<fetcher::FetchResult> {
-    let stream = conn
-        .fetch(image, concurrency)
-        .await
-        .context("Calling Fetch")?;
-    futures_util::pin_mut!(stream);
-    let mut bar = out.progress("Fetching");
-    let mut cancelled = false;
-    loop {
-        let item = tokio::select! {
-            item = stream.next() => item,
-            _ = tokio::signal::ctrl_c(), if !cancelled => {
-                cancelled = true;
-                bar.note("Cancelling…");
-                let mut other = connect(cli, fetcher::INTERFACE).await?;
-                other.cancel().await.context("Calling Cancel")?.map_err(fetcher_err)?;
-                continue;
-            }
-        };
-        let Some(item) = item else {
-            anyhow::bail!("The fetcher closed the connection before the fetch ended");
-        };
-        match item.context("Reading fetch progress")? {
-            Err(e) => {
-                bar.finish();
-                return Err(fetcher_err(e));
-            }
-            Ok(FetchReply {
-                result: Some(result),
-                ..
-            }) => {
-                bar.finish();
-                return Ok(result);
-            }
-            Ok(FetchReply {
-                progress: Some(p), ..
-            }) => bar.update(&p),
-            Ok(_) => {}
-        }
+        Command::Kargs {
+            append,
+            delete,
+            replace,
+        } => host::kargs(&cli, &out, append, delete, replace).await,
     }
 }

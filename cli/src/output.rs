@@ -5,9 +5,11 @@ use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
+use dnfimage_interfaces::deployer::{CleanupResult, DeployResult, Deployment, StatusReply};
 use dnfimage_interfaces::fetcher::{
-    CachedImage, CheckUpdateReply, FetchProgress, FetchResult, ImageInfo, PruneReply,
+    CachedImage, CheckUpdateReply, FetchResult, ImageInfo, PruneReply,
 };
+use dnfimage_interfaces::importer::ImportResult;
 use serde::Serialize;
 
 /// The `apiVersion` of every JSON document the CLI prints.
@@ -41,6 +43,55 @@ pub fn bytes(n: u64) -> String {
         format!("{n} B")
     } else {
         format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+fn deployment(d: &Deployment) {
+    let mut flags = Vec::new();
+    for (on, name) in [
+        (d.booted, "booted"),
+        (d.staged, "staged"),
+        (d.default, "default"),
+        (d.rollback, "rollback"),
+        (d.pinned, "pinned"),
+        (d.finalization_locked, "finalization locked"),
+    ] {
+        if on {
+            flags.push(name);
+        }
+    }
+    let marker = if d.booted { '●' } else { ' ' };
+    println!(
+        "{marker} {} {}  {}{}",
+        d.index,
+        d.stateroot,
+        d.image.as_deref().unwrap_or("(no image)"),
+        if flags.is_empty() {
+            String::new()
+        } else {
+            format!("  ({})", flags.join(", "))
+        }
+    );
+    println!("      Version: {}", d.version.as_deref().unwrap_or("-"));
+    if let Some(digest) = &d.image_digest {
+        println!("       Digest: {digest}");
+    }
+    println!("       Commit: {}", d.commit);
+    println!("    Timestamp: {}", d.timestamp);
+    println!("       Kernel: {}", d.kernel_version);
+    println!("   Kernel args: {}", d.kernel_arguments.join(" "));
+    let l = &d.layering;
+    if !l.packages.is_empty() {
+        println!("     Packages: {}", l.packages.join(" "));
+    }
+    if !l.inactive.is_empty() {
+        println!("     Inactive: {} (now in the image)", l.inactive.join(" "));
+    }
+    if !l.override_remove.is_empty() {
+        println!("      Removed: {}", l.override_remove.join(" "));
+    }
+    for p in &l.override_replace {
+        println!("     Replaced: {} {}", p.name, p.version);
     }
 }
 
@@ -174,62 +225,220 @@ impl Output {
         Ok(())
     }
 
+    /// A line for people about a step that finished (stderr, so JSON stays clean).
+    pub fn note(&self, text: &str) {
+        eprintln!("{text}");
+    }
+
+    /// A warning for people (stderr).
+    pub fn warn(&self, text: &str) {
+        eprintln!("warning: {text}");
+    }
+
+    /// `status`.
+    pub fn status(&self, status: &StatusReply) -> Result<()> {
+        if self.json {
+            return self.document("Status", status);
+        }
+        println!(
+            "Sysroot: {}{}",
+            status.sysroot,
+            if status.booted { "" } else { " (not booted)" }
+        );
+        if let Some(op) = &status.operation {
+            println!("Running: {op}");
+        }
+        if status.deployments.is_empty() {
+            println!("No deployments. Use `dnf-image rebase IMAGE` to deploy one.");
+        }
+        for d in &status.deployments {
+            deployment(d);
+        }
+        Ok(())
+    }
+
+    /// The end of rebase, upgrade and kargs: what boots next.
+    pub fn deployed(&self, before: &StatusReply, result: &DeployResult) -> Result<()> {
+        if self.json {
+            return self.document("DeployResult", result);
+        }
+        let d = &result.deployment;
+        if !result.changed {
+            println!("No change: deployment {} already has that.", d.index);
+            return Ok(());
+        }
+        println!(
+            "{} {} {}",
+            if d.staged { "Staged" } else { "Deployed" },
+            d.image.as_deref().unwrap_or(&d.commit),
+            d.version
+                .as_deref()
+                .map(|v| format!("version {v}"))
+                .unwrap_or_default()
+        );
+        if d.staged {
+            println!(
+                "It will be finalized at shutdown and boot next: `systemctl reboot` to use it."
+            );
+        } else if before.booted {
+            println!(
+                "Deployment {} boots next: `systemctl reboot` to use it.",
+                d.index
+            );
+        } else {
+            println!(
+                "Deployment {} is now the default of {} (not booted: nothing to reboot).",
+                d.index, before.sysroot
+            );
+        }
+        Ok(())
+    }
+
+    /// The end of `upgrade --download-only`.
+    pub fn downloaded(&self, result: &ImportResult) -> Result<()> {
+        if self.json {
+            return self.document("ImportResult", result);
+        }
+        println!(
+            "Downloaded {} {} (commit {}); `dnf-image upgrade --from-downloaded` deploys it.",
+            result.reference,
+            result.version.as_deref().unwrap_or(&result.digest),
+            short(&result.commit)
+        );
+        Ok(())
+    }
+
+    /// After `rollback`.
+    pub fn next_boot(&self, what: &str, d: &Deployment) -> Result<()> {
+        if self.json {
+            return self.document("Deployment", d);
+        }
+        println!(
+            "{what}: deployment {} ({} {}) boots next.",
+            d.index,
+            d.image.as_deref().unwrap_or(&d.commit),
+            d.version.as_deref().unwrap_or("")
+        );
+        Ok(())
+    }
+
+    /// After `pin`.
+    pub fn pinned(&self, d: &Deployment) -> Result<()> {
+        if self.json {
+            return self.document("Deployment", d);
+        }
+        println!(
+            "Deployment {} is {}pinned.",
+            d.index,
+            if d.pinned { "" } else { "no longer " }
+        );
+        Ok(())
+    }
+
+    /// After `cleanup`.
+    pub fn cleaned(&self, result: &CleanupResult) -> Result<()> {
+        if self.json {
+            return self.document("CleanupResult", result);
+        }
+        if result.removed_deployments.is_empty() {
+            println!("Nothing to clean up.");
+        }
+        for d in &result.removed_deployments {
+            println!(
+                "Removed deployment {} ({} {})",
+                d.index,
+                d.image.as_deref().unwrap_or(&d.commit),
+                d.version.as_deref().unwrap_or("")
+            );
+        }
+        Ok(())
+    }
+
+    /// `kargs` without changes.
+    pub fn kargs(&self, d: &Deployment) -> Result<()> {
+        if self.json {
+            #[derive(Serialize)]
+            #[serde(rename_all = "camelCase")]
+            struct Kargs<'a> {
+                index: u64,
+                kernel_arguments: &'a [String],
+            }
+            return self.document(
+                "KernelArguments",
+                &Kargs {
+                    index: d.index,
+                    kernel_arguments: &d.kernel_arguments,
+                },
+            );
+        }
+        println!("{}", d.kernel_arguments.join(" "));
+        Ok(())
+    }
+
     /// A progress display for a long operation.
     pub fn progress(&self, what: &str) -> ProgressView {
         let bar = std::io::stderr().is_terminal().then(|| {
             let bar = indicatif::ProgressBar::new(0);
             bar.set_style(
                 indicatif::ProgressStyle::with_template(
-                    "{prefix} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {msg}",
+                    "{prefix:>10} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {msg}",
                 )
                 .expect("the template is valid")
                 .progress_chars("=> "),
             );
             bar.set_prefix(what.to_string());
+            bar.enable_steady_tick(Duration::from_millis(200));
             bar
         });
         ProgressView {
+            what: what.to_string(),
             bar,
             last_line: None,
         }
     }
 }
 
-/// A bar on a terminal, else a line per change (at most one a second for bytes).
+/// A bar on a terminal, else a line per change (at most one a second while only bytes move).
 pub struct ProgressView {
+    what: String,
     bar: Option<indicatif::ProgressBar>,
     last_line: Option<(Instant, String)>,
 }
 
 impl ProgressView {
-    /// Shows a fetch progress record.
-    pub fn update(&mut self, p: &FetchProgress) {
+    /// Shows progress: `bytes` is (done, total) when the work is counted in bytes.
+    pub fn set(&mut self, bytes_progress: Option<(u64, u64)>, message: &str) {
         if let Some(bar) = &self.bar {
-            bar.set_length(p.bytes_total);
-            bar.set_position(p.bytes_done);
-            bar.set_message(format!(
-                "{}/{} layers  {}",
-                p.layers_done, p.layers_total, p.message
-            ));
+            if let Some((done, total)) = bytes_progress {
+                bar.set_length(total);
+                bar.set_position(done);
+            }
+            bar.set_message(message.to_string());
             return;
         }
-        let line = format!(
-            "[{:?}] {}/{} layers, {}/{}: {}",
-            p.phase,
-            p.layers_done,
-            p.layers_total,
-            bytes(p.bytes_done),
-            bytes(p.bytes_total),
-            p.message
-        );
+        let line = match bytes_progress {
+            Some((done, total)) => format!(
+                "{}: {} ({}/{})",
+                self.what,
+                message,
+                bytes(done),
+                bytes(total)
+            ),
+            None => format!("{}: {message}", self.what),
+        };
         let due = match &self.last_line {
             None => true,
             Some((at, prev)) => {
-                let milestone = !p.message.starts_with("Fetching layer");
-                (milestone && *prev != line) || at.elapsed() >= Duration::from_secs(1)
+                let same_message = prev.starts_with(&format!("{}: {message}", self.what));
+                (!same_message) || at.elapsed() >= Duration::from_secs(1)
             }
         };
-        if due {
+        if due
+            && self
+                .last_line
+                .as_ref()
+                .is_none_or(|(_, prev)| *prev != line)
+        {
             eprintln!("{line}");
             self.last_line = Some((Instant::now(), line));
         }

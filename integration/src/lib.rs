@@ -11,17 +11,21 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use serde_json::Value;
 
+pub mod deploy_support;
 pub mod proxy;
 pub mod sysroot;
+pub mod systemd;
 
 /// The directory holding the workspace's built binaries (`target/debug`).
 pub fn bin_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("the test binary has a path");
-    // target/debug/deps/<test> → target/debug
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("test binaries live in target/<profile>/deps")
-        .to_path_buf()
+    let exe = std::env::current_exe().expect("the running binary has a path");
+    // target/debug/deps/<test> → target/debug; target/release/<bin> → target/release
+    let dir = exe.parent().expect("binaries live in target/<profile>");
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.parent().expect("deps/ has a parent").to_path_buf()
+    } else {
+        dir.to_path_buf()
+    }
 }
 
 /// A built binary of the workspace.

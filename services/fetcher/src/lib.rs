@@ -17,7 +17,7 @@ use dnfimage_interfaces::fetcher::{
     FetcherError, IDL, ImageInfo, InspectReply, Layer, ListCachedReply, PruneReply,
 };
 use dnfimage_runtime::{Activation, Activity, Job, JobSlot, Policy, ServiceArgs};
-use futures_util::{Stream, StreamExt, TryStreamExt};
+use futures_util::Stream;
 use serde::Deserialize;
 use tokio::sync::mpsc;
 use zlink::Reply;
@@ -320,7 +320,7 @@ impl Fetcher {
                     .unwrap_or(DEFAULT_CONCURRENCY)
                     .clamp(1, MAX_CONCURRENCY) as usize;
                 tokio::spawn(async move {
-                    let progress = Progress::new(tx.clone(), more);
+                    let progress = Arc::new(Progress::new(tx.clone(), more));
                     let result = tokio::select! {
                         r = fetcher.run_fetch(&image_ref, concurrency, &job, &progress) => r,
                         () = job.cancelled() => Err(FetcherError::Cancelled {
@@ -519,7 +519,7 @@ impl Fetcher {
         image: &ImageRef,
         concurrency: usize,
         job: &Job,
-        progress: &Progress,
+        progress: &Arc<Progress>,
     ) -> Result<FetchResult, FetcherError> {
         let reference = image.to_string();
         let cache = &self.shared.cache;
@@ -562,15 +562,27 @@ impl Fetcher {
             missing.len()
         ));
 
-        let opened = &resolved.opened;
-        // Built eagerly: a stream `map` closure over borrowed layers trips the compiler's
-        // higher-ranked lifetime check once the future is spawned.
-        let downloads: Vec<_> = missing
-            .iter()
-            .map(|layer| self.fetch_layer(opened, &reference, layer, progress))
-            .collect();
-        let downloads = futures_util::stream::iter(downloads).buffer_unordered(concurrency);
-        let fetched: Vec<u64> = downloads.try_collect().await?;
+        // One task a layer, so hashing and writing spread over the cores; at most
+        // `concurrency` downloads at once. Dropping the set (error, cancel) aborts the rest, and
+        // their partial files go with them.
+        let opened = Arc::new(resolved.opened);
+        let permits = Arc::new(tokio::sync::Semaphore::new(concurrency));
+        let mut tasks = tokio::task::JoinSet::new();
+        for layer in missing.iter().map(|l| (*l).clone()) {
+            let (opened, permits, progress) = (opened.clone(), permits.clone(), progress.clone());
+            let (cache, reference) = (cache.clone(), reference.clone());
+            tasks.spawn(async move {
+                let _permit = permits
+                    .acquire_owned()
+                    .await
+                    .map_err(|e| failed("Waiting for a download slot", e))?;
+                fetch_layer(&cache, &opened, &reference, &layer, &progress).await
+            });
+        }
+        let mut fetched = Vec::with_capacity(missing.len());
+        while let Some(joined) = tasks.join_next().await {
+            fetched.push(joined.map_err(|e| failed("Joining a layer download", e))??);
+        }
 
         progress.phase(FetchPhase::Finishing, "Writing the manifest".into());
         let config = &resolved.manifest.config;
@@ -602,8 +614,13 @@ impl Fetcher {
         cache
             .record(&entry)
             .map_err(|e| failed("Recording the image in the cache", e))?;
-        if let Err(e) = resolved.opened.proxy.finalize().await {
-            tracing::debug!("Stopping skopeo, ignoring: {}", proxy_message(&e));
+        match Arc::try_unwrap(opened) {
+            Ok(opened) => {
+                if let Err(e) = opened.proxy.finalize().await {
+                    tracing::debug!("Stopping skopeo, ignoring: {}", proxy_message(&e));
+                }
+            }
+            Err(_) => tracing::debug!("A layer task still holds skopeo; it stops when dropped"),
         }
         Ok(FetchResult {
             digest: entry.digest,
@@ -614,35 +631,32 @@ impl Fetcher {
             bytes_fetched: fetched.iter().sum(),
         })
     }
+}
 
-    async fn fetch_layer(
-        &self,
-        opened: &Opened,
-        reference: &str,
-        layer: &Descriptor,
-        progress: &Progress,
-    ) -> Result<u64, FetcherError> {
-        let digest: containers_image_proxy::oci_spec::image::Digest = layer
-            .digest
-            .parse()
-            .map_err(|e| failed(&format!("Parsing layer digest {}", layer.digest), e))?;
-        let (reader, finish) = opened
-            .proxy
-            .get_blob(&opened.image, &digest, layer.size)
-            .await
-            .map_err(|e| classify(reference, &proxy_message(&e)))?;
-        let write = self
-            .shared
-            .cache
-            .write_blob(&layer.digest, layer.size, reader, |n| {
-                progress.layer_bytes(layer, n, false)
-            });
-        let (written, finished) = tokio::join!(write, finish);
-        let written = written.map_err(|e| blob_error(reference, e))?;
-        finished.map_err(|e| classify(reference, &proxy_message(&e)))?;
-        progress.layer_bytes(layer, written, true);
-        Ok(written)
-    }
+async fn fetch_layer(
+    cache: &Cache,
+    opened: &Opened,
+    reference: &str,
+    layer: &Descriptor,
+    progress: &Progress,
+) -> Result<u64, FetcherError> {
+    let digest: containers_image_proxy::oci_spec::image::Digest = layer
+        .digest
+        .parse()
+        .map_err(|e| failed(&format!("Parsing layer digest {}", layer.digest), e))?;
+    let (reader, finish) = opened
+        .proxy
+        .get_blob(&opened.image, &digest, layer.size)
+        .await
+        .map_err(|e| classify(reference, &proxy_message(&e)))?;
+    let write = cache.write_blob(&layer.digest, layer.size, reader, |n| {
+        progress.layer_bytes(layer, n, false)
+    });
+    let (written, finished) = tokio::join!(write, finish);
+    let written = written.map_err(|e| blob_error(reference, e))?;
+    finished.map_err(|e| classify(reference, &proxy_message(&e)))?;
+    progress.layer_bytes(layer, written, true);
+    Ok(written)
 }
 
 fn blob_error(reference: &str, e: BlobError) -> FetcherError {

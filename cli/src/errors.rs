@@ -1,0 +1,165 @@
+//! Service errors as sentences a person can act on.
+//!
+//! Every service error serializes as `{"error": "org.dnfimage.X.Name", "parameters": {…}}`; one
+//! formatter covers all of them, with hints for the conditions people meet most.
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::output::bytes;
+
+/// A typed service error, carried through `anyhow` with its wire name kept for tests and JSON.
+#[derive(Debug)]
+pub struct ServiceError {
+    /// The unqualified error name, e.g. "ImageNotFound".
+    pub name: String,
+    /// The text shown to people.
+    pub text: String,
+}
+
+impl std::fmt::Display for ServiceError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+impl std::error::Error for ServiceError {}
+
+/// Turns any service error into an `anyhow::Error` with a readable message.
+pub fn service_error<E: Serialize + std::fmt::Debug>(e: E) -> anyhow::Error {
+    let value = serde_json::to_value(&e).unwrap_or(Value::Null);
+    let name = value
+        .get("error")
+        .and_then(Value::as_str)
+        .map(|n| n.rsplit('.').next().unwrap_or(n).to_string())
+        .unwrap_or_else(|| format!("{e:?}"));
+    let params = value.get("parameters").cloned().unwrap_or(Value::Null);
+    let text = describe(&name, &params);
+    ServiceError { name, text }.into()
+}
+
+fn field<'a>(params: &'a Value, key: &str) -> Option<&'a str> {
+    params.get(key).and_then(Value::as_str)
+}
+
+/// Renders error `name` with `params`.
+pub fn describe(name: &str, params: &Value) -> String {
+    let get = |k: &str| field(params, k).unwrap_or_default().to_string();
+    let num = |k: &str| params.get(k).and_then(Value::as_u64).unwrap_or(0);
+    match name {
+        "PermissionDenied" => format!(
+            "Permission denied: {} changes the system and needs root (run with sudo)",
+            field(params, "method").unwrap_or("this operation")
+        ),
+        "InsufficientSpace" => format!(
+            "Not enough space in {}: {} needed, {} available; free some space (`dnf-image cleanup`, \
+             `dnf-image image prune`) and try again",
+            get("path"),
+            bytes(num("needed")),
+            bytes(num("available"))
+        ),
+        "AlreadyInProgress" => {
+            let what = field(params, "operation")
+                .or_else(|| field(params, "image"))
+                .unwrap_or("another operation");
+            format!("Busy: {what} is running; wait for it or cancel it with Ctrl-C in its terminal")
+        }
+        "RegistryUnreachable" => format!(
+            "Cannot reach the registry of {}: {}",
+            get("image"),
+            get("message")
+        ),
+        "ImageNotFound" => format!("Image {} not found: {}", get("image"), get("message")),
+        "NotBootable" => format!(
+            "{} is not a bootable OS image (it has no containers.bootc=1 or ostree.bootable label)",
+            get("image")
+        ),
+        "DigestMismatch" => format!("Digest mismatch: {}", get("message")),
+        _ => generic(name, params),
+    }
+}
+
+/// "Name: message (key: value, …)".
+fn generic(name: &str, params: &Value) -> String {
+    let sentence = split_camel(name);
+    let mut out = sentence;
+    let Some(map) = params.as_object() else {
+        return out;
+    };
+    if let Some(message) = map.get("message").and_then(Value::as_str) {
+        out.push_str(": ");
+        out.push_str(message);
+    }
+    let rest: Vec<String> = map
+        .iter()
+        .filter(|(k, v)| *k != "message" && !v.is_null())
+        .map(|(k, v)| match v {
+            Value::String(s) => format!("{k}: {s}"),
+            other => format!("{k}: {other}"),
+        })
+        .collect();
+    if !rest.is_empty() {
+        out.push_str(&format!(" ({})", rest.join(", ")));
+    }
+    out
+}
+
+/// "NoSuchDeployment" → "No such deployment".
+fn split_camel(name: &str) -> String {
+    let mut out = String::new();
+    for (i, c) in name.chars().enumerate() {
+        if c.is_uppercase() && i > 0 {
+            out.push(' ');
+            out.extend(c.to_lowercase());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn describes_errors() {
+        let cases = [
+            ("NoRollback", json!({}), "No rollback"),
+            (
+                "NoSuchDeployment",
+                json!({"index": 4}),
+                "No such deployment (index: 4)",
+            ),
+            (
+                "CorruptLayer",
+                json!({"image": "x", "layer": "sha256:1", "message": "bad gzip"}),
+                "Corrupt layer: bad gzip (image: x, layer: sha256:1)",
+            ),
+            (
+                "PermissionDenied",
+                json!({"method": "Deploy"}),
+                "Permission denied: Deploy changes the system and needs root (run with sudo)",
+            ),
+            (
+                "InsufficientSpace",
+                json!({"path": "/boot", "needed": 2048, "available": 1024}),
+                "Not enough space in /boot: 2.0 KiB needed, 1.0 KiB available; free some space \
+                 (`dnf-image cleanup`, `dnf-image image prune`) and try again",
+            ),
+        ];
+        for (name, params, want) in cases {
+            assert_eq!(describe(name, &params), want);
+        }
+    }
+
+    #[test]
+    fn keeps_the_wire_name() {
+        let e = dnfimage_interfaces::fetcher::FetcherError::NotBootable { image: "x".into() };
+        let err = service_error(e);
+        let se = err.downcast_ref::<ServiceError>().expect("a ServiceError");
+        assert_eq!(se.name, "NotBootable");
+        assert!(se.text.contains("not a bootable OS image"));
+    }
+}

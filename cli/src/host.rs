@@ -1,0 +1,319 @@
+//! Commands on the host: status, rebase, upgrade, rollback, pin, cleanup, kargs. They orchestrate
+//! the services: the fetcher downloads, the importer commits, the deployer deploys.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use dnfimage_interfaces::deployer::{self, DeployerProxy, Deployment, StatusReply};
+use dnfimage_interfaces::fetcher::{self, FetcherProxy};
+use dnfimage_interfaces::importer::{self, ImportResult, ImporterProxy};
+
+use crate::errors::service_error;
+use crate::{Cli, EXIT_UNCHANGED, Output, connect, image, progress};
+
+/// Flags of `upgrade`.
+#[derive(Debug, Clone, Copy)]
+pub struct UpgradeOptions {
+    pub check: bool,
+    pub download_only: bool,
+    pub from_downloaded: bool,
+    pub unchanged_exit_77: bool,
+    pub concurrency: Option<u64>,
+}
+
+/// A reference as the services record it: a bare `host/name:tag` is a registry reference.
+fn normalize(image: &str) -> String {
+    const TRANSPORTS: [&str; 3] = ["docker://", "oci:", "oci-archive:"];
+    if TRANSPORTS.iter().any(|t| image.starts_with(t)) {
+        image.to_string()
+    } else {
+        format!("docker://{image}")
+    }
+}
+
+/// The deployer's status, checked against `--sysroot`.
+async fn status_of(cli: &Cli) -> Result<(dnfimage_interfaces::Connection, StatusReply)> {
+    let mut conn = connect(cli, deployer::INTERFACE).await?;
+    let status = conn
+        .status()
+        .await
+        .context("Calling Status")?
+        .map_err(service_error)?;
+    if let Some(wanted) = &cli.sysroot {
+        let same = |a: &Path, b: &Path| {
+            a == b || matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if x == y)
+        };
+        anyhow::ensure!(
+            same(wanted, Path::new(&status.sysroot)),
+            "The deployer at {} manages {}, not {}; start it with --sysroot {} or use its socket directory",
+            cli.runtime_dir.display(),
+            status.sysroot,
+            wanted.display(),
+            wanted.display()
+        );
+    }
+    Ok((conn, status))
+}
+
+/// The deployment an upgrade starts from: the booted one, else the one that boots next.
+fn current(status: &StatusReply) -> Option<&Deployment> {
+    status
+        .deployments
+        .iter()
+        .find(|d| d.booted)
+        .or_else(|| status.deployments.iter().find(|d| d.default))
+        .or_else(|| status.deployments.first())
+}
+
+pub(crate) async fn status(cli: &Cli, out: &Output, booted_only: bool) -> Result<u8> {
+    let (_, mut status) = status_of(cli).await?;
+    if booted_only {
+        let keep = current(&status).map(|d| d.index);
+        status.deployments.retain(|d| Some(d.index) == keep);
+    }
+    out.status(&status)?;
+    Ok(0)
+}
+
+async fn import(cli: &Cli, out: &Output, source: &str, image: &str) -> Result<ImportResult> {
+    let mut conn = connect(cli, importer::INTERFACE).await?;
+    let stream = conn.import(source, image).await.context("Calling Import")?;
+    let result = progress::drive(stream, out.progress("Importing"), || {
+        progress::cancel(cli, importer::INTERFACE)
+    })
+    .await?;
+    for w in &result.warnings {
+        out.warn(&w.message);
+    }
+    Ok(result)
+}
+
+async fn deploy(
+    cli: &Cli,
+    out: &Output,
+    commit: &str,
+    image: &str,
+    stateroot: Option<&str>,
+) -> Result<deployer::DeployResult> {
+    let mut conn = connect(cli, deployer::INTERFACE).await?;
+    let stream = conn
+        .deploy(commit, image, stateroot, None, None)
+        .await
+        .context("Calling Deploy")?;
+    progress::drive(stream, out.progress("Deploying"), || {
+        progress::cancel(cli, deployer::INTERFACE)
+    })
+    .await
+}
+
+/// Fetch → import → deploy.
+async fn fetch_import_deploy(
+    cli: &Cli,
+    out: &Output,
+    image: &str,
+    stateroot: Option<&str>,
+    concurrency: Option<u64>,
+    deploy_it: bool,
+) -> Result<(ImportResult, Option<deployer::DeployResult>)> {
+    let mut fetcher = connect(cli, fetcher::INTERFACE).await?;
+    let fetched = image::fetch(cli, &mut fetcher, out, image, concurrency).await?;
+    out.note(&format!(
+        "Fetched {} ({} layers downloaded, {} cached)",
+        fetched.version.as_deref().unwrap_or(&fetched.digest),
+        fetched.layers_fetched,
+        fetched.layers_cached
+    ));
+    let imported = import(cli, out, &fetched.cache_reference, image).await?;
+    out.note(&format!(
+        "Imported {} as commit {}",
+        imported.version.as_deref().unwrap_or(&imported.digest),
+        short(&imported.commit)
+    ));
+    if !deploy_it {
+        return Ok((imported, None));
+    }
+    let deployed = deploy(cli, out, &imported.commit, image, stateroot).await?;
+    Ok((imported, Some(deployed)))
+}
+
+fn short(id: &str) -> &str {
+    let id = id.strip_prefix("sha256:").unwrap_or(id);
+    &id[..id.len().min(12)]
+}
+
+pub(crate) async fn rebase(
+    cli: &Cli,
+    out: &Output,
+    image: &str,
+    stateroot: Option<&str>,
+    concurrency: Option<u64>,
+) -> Result<u8> {
+    let image = normalize(image);
+    let (_, status) = status_of(cli).await?;
+    let (_, deployed) = fetch_import_deploy(cli, out, &image, stateroot, concurrency, true).await?;
+    let deployed = deployed.context("The deploy step gave no result")?;
+    out.deployed(&status, &deployed)?;
+    Ok(0)
+}
+
+pub(crate) async fn upgrade(cli: &Cli, out: &Output, opts: &UpgradeOptions) -> Result<u8> {
+    let (_, status) = status_of(cli).await?;
+    let Some(from) = current(&status) else {
+        anyhow::bail!("Nothing is deployed yet: use `dnf-image rebase IMAGE` first");
+    };
+    let Some(image) = from.image.clone() else {
+        anyhow::bail!(
+            "Deployment {} does not follow a container image: use `dnf-image rebase IMAGE`",
+            from.index
+        );
+    };
+    let unchanged = if opts.unchanged_exit_77 {
+        EXIT_UNCHANGED
+    } else {
+        0
+    };
+
+    if opts.from_downloaded {
+        let mut importer = connect(cli, importer::INTERFACE).await?;
+        let images = importer
+            .list_images()
+            .await
+            .context("Calling ListImages")?
+            .map_err(service_error)?;
+        let Some(downloaded) = images.images.iter().find(|i| i.reference == image) else {
+            anyhow::bail!(
+                "Nothing was downloaded for {image}: run `dnf-image upgrade --download-only` first"
+            );
+        };
+        if from.image_digest.as_deref() == Some(downloaded.digest.as_str()) {
+            out.note(&format!(
+                "No downloaded update: {image} is deployed at {}",
+                downloaded.digest
+            ));
+            return Ok(unchanged);
+        }
+        let deployed = deploy(cli, out, &downloaded.commit, &image, None).await?;
+        out.deployed(&status, &deployed)?;
+        return Ok(0);
+    }
+
+    let mut fetcher = connect(cli, fetcher::INTERFACE).await?;
+    let check = fetcher
+        .check_update(&image, from.image_digest.as_deref())
+        .await
+        .context("Calling CheckUpdate")?
+        .map_err(service_error)?;
+    if opts.check {
+        out.check(&image, &check)?;
+        return Ok(if check.update_available { 0 } else { unchanged });
+    }
+    if !check.update_available {
+        out.note(&format!("No update: {image} is still {}", check.digest));
+        return Ok(unchanged);
+    }
+    let (imported, deployed) = fetch_import_deploy(
+        cli,
+        out,
+        &image,
+        None,
+        opts.concurrency,
+        !opts.download_only,
+    )
+    .await?;
+    match deployed {
+        Some(deployed) => out.deployed(&status, &deployed)?,
+        None => out.downloaded(&imported)?,
+    }
+    Ok(0)
+}
+
+pub(crate) async fn rollback(cli: &Cli, out: &Output) -> Result<u8> {
+    let (mut conn, _) = status_of(cli).await?;
+    let reply = conn
+        .rollback()
+        .await
+        .context("Calling Rollback")?
+        .map_err(service_error)?;
+    out.next_boot("Rolled back", &reply.deployment)?;
+    Ok(0)
+}
+
+pub(crate) async fn pin(cli: &Cli, out: &Output, index: u64, pinned: bool) -> Result<u8> {
+    let (mut conn, _) = status_of(cli).await?;
+    let reply = conn
+        .pin(index, pinned)
+        .await
+        .context("Calling Pin")?
+        .map_err(service_error)?;
+    out.pinned(&reply.deployment)?;
+    Ok(0)
+}
+
+pub(crate) async fn cleanup(cli: &Cli, out: &Output, pending: bool, rollback: bool) -> Result<u8> {
+    let (mut conn, _) = status_of(cli).await?;
+    let stream = conn
+        .cleanup(Some(pending), Some(rollback))
+        .await
+        .context("Calling Cleanup")?;
+    let result = progress::drive(stream, out.progress("Cleaning"), || {
+        progress::cancel(cli, deployer::INTERFACE)
+    })
+    .await?;
+    out.cleaned(&result)?;
+    Ok(0)
+}
+
+pub(crate) async fn kargs(
+    cli: &Cli,
+    out: &Output,
+    append: &[String],
+    delete: &[String],
+    replace: &[String],
+) -> Result<u8> {
+    let (mut conn, status) = status_of(cli).await?;
+    if append.is_empty() && delete.is_empty() && replace.is_empty() {
+        let next = status
+            .deployments
+            .iter()
+            .find(|d| d.default)
+            .or_else(|| status.deployments.first())
+            .context("Nothing is deployed yet")?;
+        out.kargs(next)?;
+        return Ok(0);
+    }
+    let opt = |v: &[String]| (!v.is_empty()).then(|| v.to_vec());
+    let (append, delete, replace) = (opt(append), opt(delete), opt(replace));
+    let stream = conn
+        .set_kernel_arguments(
+            None,
+            append.as_deref(),
+            delete.as_deref(),
+            replace.as_deref(),
+        )
+        .await
+        .context("Calling SetKernelArguments")?;
+    let result = progress::drive(stream, out.progress("Deploying"), || {
+        progress::cancel(cli, deployer::INTERFACE)
+    })
+    .await?;
+    out.deployed(&status, &result)?;
+    Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalizes_references() {
+        let cases = [
+            ("quay.io/os:1", "docker://quay.io/os:1"),
+            ("docker://quay.io/os:1", "docker://quay.io/os:1"),
+            ("oci:/x:1", "oci:/x:1"),
+            ("oci-archive:/x.tar", "oci-archive:/x.tar"),
+        ];
+        for (input, want) in cases {
+            assert_eq!(normalize(input), want);
+        }
+    }
+}
