@@ -1,5 +1,5 @@
 # The commands the README shows. `make demo` and `make test` install what is missing first.
-.PHONY: setup build demo test test-unit test-integration bench idl lint clean
+.PHONY: setup build demo test test-unit test-integration bench idl lint clean install
 
 CARGO ?= cargo
 
@@ -29,3 +29,7 @@ bench: setup
 clean:
 	$(CARGO) clean
 	rm -rf .scratch
+
+# Installs what is built (PROFILE=release|debug) into DESTDIR (default /) under PREFIX (/usr).
+install:
+	DESTDIR="$(DESTDIR)" PREFIX="$(PREFIX)" SYSCONFDIR="$(SYSCONFDIR)" PROFILE="$(PROFILE)" ./scripts/install.sh

@@ -10,11 +10,13 @@ APT_PACKAGES=(
   ostree skopeo docker-registry
   rpm dnf createrepo-c bubblewrap
   systemd util-linux e2fsprogs
+  # systemd-nspawn: the units under systemd as PID 1 (integration/tests/units.rs).
+  systemd-container
   # The test image factory copies a static busybox into its images.
   busybox-static
   python3 python3-pip
 )
-PIP_PACKAGES=(varlink)
+PIP_PACKAGES=(varlink jsonschema)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
