@@ -1,5 +1,5 @@
 # The commands the README shows. `make demo` and `make test` install what is missing first.
-.PHONY: setup build demo test test-unit test-integration bench idl lint clean install
+.PHONY: setup build demo test bench lint clean install
 
 CARGO ?= cargo
 
@@ -23,8 +23,9 @@ lint:
 
 # Fetch benchmark against skopeo, release binaries.
 bench: setup
-	$(CARGO) build --release -p dnfimage-fetcher -p dnfimage-integration --bins
+	$(CARGO) build --release --workspace --bins
 	./target/release/bench-fetch
+	./target/release/bench-upgrade
 
 clean:
 	$(CARGO) clean

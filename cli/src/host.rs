@@ -21,6 +21,58 @@ pub struct UpgradeOptions {
     pub concurrency: Option<u64>,
 }
 
+/// What `upgrade --auto` does, from `[upgrade] policy` in the configuration file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Policy {
+    /// Nothing.
+    None,
+    /// Check and record the available update.
+    Check,
+    /// Download, import and stage it.
+    Stage,
+}
+
+/// Where the configuration lives (`DNFIMAGE_CONFIG` overrides it).
+pub const CONFIG_PATH: &str = "/etc/dnfimage/dnfimage.conf";
+
+impl Policy {
+    /// Reads the policy; a missing file or key means `check`.
+    pub fn load() -> Result<Self> {
+        let path = std::env::var("DNFIMAGE_CONFIG").unwrap_or_else(|_| CONFIG_PATH.to_string());
+        match std::fs::read_to_string(&path) {
+            Ok(text) => Self::parse(&text).with_context(|| format!("Reading {path}")),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::Check),
+            Err(e) => Err(e).with_context(|| format!("Reading {path}")),
+        }
+    }
+
+    /// Finds `policy = "…"` in the `[upgrade]` table of a TOML text.
+    fn parse(text: &str) -> Result<Self> {
+        let mut table = String::new();
+        for line in text.lines() {
+            let line = line.split('#').next().unwrap_or_default().trim();
+            if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+                table = name.trim().to_string();
+                continue;
+            }
+            let Some((key, value)) = line.split_once('=') else {
+                continue;
+            };
+            if table == "upgrade" && key.trim() == "policy" {
+                return match value.trim().trim_matches('"') {
+                    "none" => Ok(Self::None),
+                    "check" => Ok(Self::Check),
+                    "stage" => Ok(Self::Stage),
+                    other => anyhow::bail!(
+                        "[upgrade] policy is {other:?}; it must be \"none\", \"check\" or \"stage\""
+                    ),
+                };
+            }
+        }
+        Ok(Self::Check)
+    }
+}
+
 /// A reference as the services record it: a bare `host/name:tag` is a registry reference.
 fn normalize(image: &str) -> String {
     const TRANSPORTS: [&str; 3] = ["docker://", "oci:", "oci-archive:"];
@@ -67,12 +119,27 @@ fn current(status: &StatusReply) -> Option<&Deployment> {
 
 pub(crate) async fn status(cli: &Cli, out: &Output, booted_only: bool) -> Result<u8> {
     let (_, mut status) = status_of(cli).await?;
+    let update = available_update(cli, &status).await;
     if booted_only {
         let keep = current(&status).map(|d| d.index);
         status.deployments.retain(|d| Some(d.index) == keep);
     }
-    out.status(&status)?;
+    out.status(&status, update.as_ref())?;
     Ok(0)
+}
+
+/// The update the last check found for the image the host follows, if it is not deployed yet.
+/// Asks the fetcher's record, never the network; silent when the fetcher is not there.
+async fn available_update(cli: &Cli, status: &StatusReply) -> Option<fetcher::UpdateCheck> {
+    let from = current(status)?;
+    let image = from.image.as_deref()?;
+    let mut conn = connect(cli, fetcher::INTERFACE).await.ok()?;
+    let check = conn.last_check(image).await.ok()?.ok()?.check?;
+    let deployed = status
+        .deployments
+        .iter()
+        .any(|d| d.image_digest.as_deref() == Some(check.digest.as_str()));
+    (check.update_available && !deployed).then_some(check)
 }
 
 async fn import(cli: &Cli, out: &Output, source: &str, image: &str) -> Result<ImportResult> {
@@ -303,6 +370,23 @@ pub(crate) async fn kargs(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parses_the_policy() {
+        let cases = [
+            ("", Some(Policy::Check)),
+            ("[upgrade]\npolicy = \"stage\"\n", Some(Policy::Stage)),
+            (
+                "[upgrade]\n# policy = \"stage\"\npolicy=\"none\" # off\n",
+                Some(Policy::None),
+            ),
+            ("[other]\npolicy = \"stage\"\n", Some(Policy::Check)),
+            ("[upgrade]\npolicy = \"sometimes\"\n", None),
+        ];
+        for (text, want) in cases {
+            assert_eq!(Policy::parse(text).ok(), want, "{text:?}");
+        }
+    }
 
     #[test]
     fn normalizes_references() {

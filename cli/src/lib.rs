@@ -71,6 +71,11 @@ pub enum Command {
         /// Layers fetched at once.
         #[arg(long)]
         concurrency: Option<u64>,
+        /// Do what the `[upgrade] policy` of /etc/dnfimage/dnfimage.conf says: none, check
+        /// (record the update, which `status` then shows) or stage (also download and stage it).
+        /// For dnfimage-upgrade.timer.
+        #[arg(long, conflicts_with_all = ["check", "download_only", "from_downloaded"])]
+        auto: bool,
     },
     /// Make the previous deployment the one that boots next.
     Rollback,
@@ -144,14 +149,25 @@ pub async fn run(cli: Cli) -> Result<u8> {
             from_downloaded,
             unchanged_exit_77,
             concurrency,
+            auto,
         } => {
-            let opts = host::UpgradeOptions {
+            let mut opts = host::UpgradeOptions {
                 check: *check,
                 download_only: *download_only,
                 from_downloaded: *from_downloaded,
                 unchanged_exit_77: *unchanged_exit_77,
                 concurrency: *concurrency,
             };
+            if *auto {
+                match host::Policy::load()? {
+                    host::Policy::None => {
+                        out.note("Automatic upgrades are off ([upgrade] policy = \"none\").");
+                        return Ok(0);
+                    }
+                    host::Policy::Check => opts.check = true,
+                    host::Policy::Stage => {}
+                }
+            }
             host::upgrade(&cli, &out, &opts).await
         }
         Command::Rollback => host::rollback(&cli, &out).await,

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use dnfimage_interfaces::deployer::{CleanupResult, DeployResult, Deployment, StatusReply};
 use dnfimage_interfaces::fetcher::{
-    CachedImage, CheckUpdateReply, FetchResult, ImageInfo, PruneReply,
+    CachedImage, CheckUpdateReply, FetchResult, ImageInfo, PruneReply, UpdateCheck,
 };
 use dnfimage_interfaces::importer::ImportResult;
 use serde::Serialize;
@@ -236,9 +236,31 @@ impl Output {
     }
 
     /// `status`.
-    pub fn status(&self, status: &StatusReply) -> Result<()> {
+    pub fn status(&self, status: &StatusReply, update: Option<&UpdateCheck>) -> Result<()> {
         if self.json {
-            return self.document("Status", status);
+            #[derive(Serialize)]
+            #[serde(rename_all = "camelCase")]
+            struct Status<'a> {
+                #[serde(flatten)]
+                status: &'a StatusReply,
+                available_update: Option<&'a UpdateCheck>,
+            }
+            return self.document(
+                "Status",
+                &Status {
+                    status,
+                    available_update: update,
+                },
+            );
+        }
+        if let Some(u) = update {
+            println!(
+                "Update available: {} {} ({} to download; checked {})",
+                u.reference,
+                u.version.as_deref().unwrap_or(&u.digest),
+                bytes(u.bytes_missing),
+                u.checked
+            );
         }
         println!(
             "Sysroot: {}{}",

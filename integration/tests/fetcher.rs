@@ -142,6 +142,21 @@ fn check_counts_missing_layers_and_bytes() -> Result<()> {
     );
     assert_eq!(doc["bytesTotal"], v2.layers_size());
 
+    // The answer is recorded; LastCheck gives it back without the network.
+    let replies = raw_call(
+        &s.socket(),
+        &json!({"method": format!("{FETCHER}.LastCheck"), "parameters": {"image": s.refs.base_v2}}),
+    )?;
+    let check = &replies[0]["parameters"]["check"];
+    assert_eq!(check["digest"], v2.digest.as_str(), "{check}");
+    assert_eq!(check["currentDigest"], v1.digest.as_str());
+    assert_eq!(check["updateAvailable"], true);
+    let never = raw_call(
+        &s.socket(),
+        &json!({"method": format!("{FETCHER}.LastCheck"), "parameters": {"image": s.refs.derived}}),
+    )?;
+    assert!(never[0]["parameters"]["check"].is_null(), "{never:?}");
+
     // v1 was just fetched: no update, and exit 77 when asked.
     let out =
         run(s
@@ -602,8 +617,21 @@ async fn sigterm_during_fetch_cancels_it_and_exits_cleanly() -> Result<()> {
         },
     )?;
     let mut conn = dnfimage_interfaces::connect(&s.scratch.runtime_dir(), FETCHER).await?;
-    let _stream = start_slow_fetch(&mut conn, &s.image).await?;
+    let mut stream = start_slow_fetch(&mut conn, &s.image).await?;
     fetcher.signal(libc::SIGTERM);
+    // The client still hears how its fetch ended.
+    let mut end = None;
+    while let Some(item) = stream.next().await {
+        match item {
+            Ok(Err(e)) => end = Some(e),
+            Ok(Ok(_)) => {}
+            Err(e) => anyhow::bail!("the stream broke instead of ending with Cancelled: {e}"),
+        }
+    }
+    assert!(
+        matches!(end, Some(FetcherError::Cancelled { .. })),
+        "{end:?}"
+    );
     let code = fetcher.wait_exit(Duration::from_secs(20));
     assert_eq!(code, Some(0), "log:\n{}", fetcher.log_text());
     assert!(

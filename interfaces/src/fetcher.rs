@@ -83,6 +83,36 @@ pub struct CheckUpdateReply {
     pub bytes_total: u64,
 }
 
+/// The last `CheckUpdate` answer for an image, kept by the fetcher.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, introspect::CustomType)]
+#[serde(rename_all = "camelCase")]
+#[zlink(rename_all = "camelCase")]
+pub struct UpdateCheck {
+    /// The image reference checked.
+    pub reference: String,
+    /// When it was checked (RFC 3339).
+    pub checked: String,
+    /// The digest it was compared with, if any.
+    pub current_digest: Option<String>,
+    /// The digest the reference pointed to then.
+    pub digest: String,
+    /// That image's version label, if any.
+    pub version: Option<String>,
+    /// Whether the digest differed from the current one.
+    pub update_available: bool,
+    /// Layers that were missing from the cache.
+    pub layers_missing: u64,
+    /// Bytes that were missing from the cache.
+    pub bytes_missing: u64,
+}
+
+/// Reply of `LastCheck`.
+#[derive(Debug, Clone, Serialize, Deserialize, introspect::Type)]
+pub struct LastCheckReply {
+    /// The last check of the image; null when it was never checked.
+    pub check: Option<UpdateCheck>,
+}
+
 /// The phase a fetch is in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, introspect::CustomType)]
 #[serde(rename_all = "snake_case")]
@@ -283,6 +313,11 @@ pub trait FetcherProxy {
         image: &str,
         current_digest: Option<&str>,
     ) -> zlink::Result<Result<CheckUpdateReply, FetcherError>>;
+    /// The last `CheckUpdate` answer for an image.
+    async fn last_check(
+        &mut self,
+        image: &str,
+    ) -> zlink::Result<Result<LastCheckReply, FetcherError>>;
     /// Downloads the missing layers of an image into the cache.
     #[zlink(more)]
     async fn fetch(

@@ -319,6 +319,29 @@ impl Cache {
         self.write_index(&index)
     }
 
+    fn checks_path(&self) -> PathBuf {
+        self.root.join("dnfimage-checks.json")
+    }
+
+    /// The recorded update checks, by reference.
+    pub fn checks(&self) -> Result<BTreeMap<String, Value>> {
+        let path = self.checks_path();
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .with_context(|| format!("Parsing {}", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
+            Err(e) => Err(e).with_context(|| format!("Reading {}", path.display())),
+        }
+    }
+
+    /// Records the check of `reference`, replacing the previous one.
+    pub fn record_check(&self, reference: &str, check: Value) -> Result<()> {
+        let mut checks = self.checks()?;
+        checks.insert(reference.to_string(), check);
+        let bytes = serde_json::to_vec_pretty(&checks).context("Serializing update checks")?;
+        write_atomic(&self.checks_path(), &bytes, &self.tmp_dir())
+    }
+
     /// Drops every image whose reference is not in `keep`, then deletes unreferenced blobs.
     pub fn prune(&self, keep: &[String]) -> Result<PruneStats> {
         let mut index = self.read_index()?;

@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use dnfimage_interfaces::fetcher::{
     CachedImage, CancelReply, CheckUpdateReply, FetchPhase, FetchProgress, FetchReply, FetchResult,
-    FetcherError, IDL, ImageInfo, InspectReply, Layer, ListCachedReply, PruneReply,
+    FetcherError, IDL, ImageInfo, InspectReply, LastCheckReply, Layer, ListCachedReply, PruneReply,
+    UpdateCheck,
 };
 use dnfimage_runtime::{Activation, Activity, Job, JobSlot, Policy, ServiceArgs};
 use futures_util::Stream;
@@ -226,7 +227,7 @@ impl Fetcher {
 /// cache, several layers at once, for the importer to read.
 #[zlink::service(
     interface = "org.dnfimage.Fetcher",
-    types = [Layer, ImageInfo, FetchPhase, FetchProgress, FetchResult, CachedImage],
+    types = [Layer, ImageInfo, UpdateCheck, FetchPhase, FetchProgress, FetchResult, CachedImage],
     vendor = "dnfimage",
     product = "dnfimage-fetcher",
     version = env!("CARGO_PKG_VERSION"),
@@ -278,7 +279,7 @@ impl Fetcher {
         };
         let layers = self.layers(&resolved.manifest);
         let missing: Vec<_> = layers.iter().filter(|l| !l.cached).collect();
-        Ok(CheckUpdateReply {
+        let reply = CheckUpdateReply {
             update_available: current.as_deref() != Some(resolved.digest.as_str()),
             version: version_of(&resolved.config.labels()),
             digest: resolved.digest,
@@ -286,7 +287,39 @@ impl Fetcher {
             bytes_missing: missing.iter().map(|l| l.size).sum(),
             layers_total: layers.len() as u64,
             bytes_total: layers.iter().map(|l| l.size).sum(),
-        })
+        };
+        let check = UpdateCheck {
+            reference: image_ref.to_string(),
+            checked: cache::now_rfc3339(),
+            current_digest: current,
+            digest: reply.digest.clone(),
+            version: reply.version.clone(),
+            update_available: reply.update_available,
+            layers_missing: reply.layers_missing,
+            bytes_missing: reply.bytes_missing,
+        };
+        let recorded = serde_json::to_value(&check)
+            .map_err(anyhow::Error::from)
+            .and_then(|v| self.shared.cache.record_check(&check.reference, v));
+        if let Err(e) = recorded {
+            tracing::warn!("Recording the update check of {image_ref}: {e:#}");
+        }
+        Ok(reply)
+    }
+
+    /// The last `CheckUpdate` answer for `image` (what `dnf-image status` shows as an available
+    /// update); null when the image was never checked. No network access.
+    async fn last_check(&self, image: String) -> Result<LastCheckReply, FetcherError> {
+        let image_ref = parse_ref(&image)?;
+        let checks = self
+            .shared
+            .cache
+            .checks()
+            .map_err(|e| failed("Reading the update checks", e))?;
+        let check = checks
+            .get(&image_ref.to_string())
+            .and_then(|v| serde_json::from_value(v.clone()).ok());
+        Ok(LastCheckReply { check })
     }
 
     /// Downloads the layers of `image` that are not in the cache, `concurrency` at once (default

@@ -133,6 +133,16 @@ pub fn classify(image: &str, message: &str) -> FetcherError {
     ]) {
         FetcherError::RegistryUnreachable { image, message }
     } else if has(&[
+        "permission denied",
+        "operation not permitted",
+        "read-only file system",
+    ]) {
+        // The service itself cannot read or write something (its sandbox, its files): not a
+        // registry's refusal.
+        FetcherError::Failed {
+            message: format!("{image}: {message}"),
+        }
+    } else if has(&[
         "unauthorized",
         "authentication required",
         "denied",
@@ -198,6 +208,14 @@ mod tests {
                 "DigestMismatch",
             ),
             ("something odd", "Failed"),
+            (
+                "lstat /root/.config/containers/registries.conf.d: permission denied",
+                "Failed",
+            ),
+            (
+                "requested access to the resource is denied",
+                "AuthenticationRequired",
+            ),
         ];
         for (message, want) in cases {
             let got = format!("{:?}", classify("docker://x", message));

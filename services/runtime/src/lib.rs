@@ -57,8 +57,9 @@ impl ServiceArgs {
 /// The filter comes from `DNFIMAGE_LOG` (default `info`).
 pub fn init_logging() {
     use tracing_subscriber::prelude::*;
+    // zlink logs every client that disconnects; that is not news.
     let filter = tracing_subscriber::EnvFilter::try_from_env("DNFIMAGE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,zlink_core=warn"));
     let journald = std::env::var_os("JOURNAL_STREAM").and_then(|_| tracing_journald::layer().ok());
     let registry = tracing_subscriber::registry().with(filter);
     match journald {
@@ -155,14 +156,28 @@ where
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("Installing the SIGTERM handler")?;
-    let result = tokio::select! {
-        r = server.run() => r.context("Serving clients"),
-        _ = sigterm.recv() => { stop(jobs, &activity, "SIGTERM").await; Ok(()) }
-        _ = tokio::signal::ctrl_c() => { stop(jobs, &activity, "SIGINT").await; Ok(()) }
+    let run = server.run();
+    futures_util::pin_mut!(run);
+    let signal = tokio::select! {
+        r = &mut run => {
+            notify::stopping();
+            drop(bound);
+            return r.context("Serving clients");
+        }
+        _ = sigterm.recv() => "SIGTERM",
+        _ = tokio::signal::ctrl_c() => "SIGINT",
     };
+    // Keep serving while the job winds down, so its client gets the final (Cancelled) reply.
+    tokio::select! {
+        r = &mut run => r.context("Serving clients")?,
+        () = stop(jobs, &activity, signal) => {
+            // Give the server a moment to send what the job's end queued.
+            let _ = tokio::time::timeout(Duration::from_millis(200), &mut run).await;
+        }
+    }
     notify::stopping();
     drop(bound);
-    result
+    Ok(())
 }
 
 async fn stop(jobs: &JobSlot, activity: &Activity, signal: &str) {

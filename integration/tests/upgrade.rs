@@ -1,0 +1,397 @@
+//! A user's whole day through `dnf-image`, on a real sysroot made with `ostree admin`, with the
+//! real fetcher, importer and deployer and a real registry.
+
+use std::ffi::OsStr;
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{Context, Result};
+use dnfimage_integration::sysroot::TestSysroot;
+use dnfimage_integration::{FetcherOptions, Scratch, ServiceProcess, run, run_ok};
+use dnfimage_interfaces::{deployer, importer};
+use dnfimage_testimage::{Fixtures, Registry, tags};
+use serde_json::Value;
+
+/// A scratch host: a sysroot, a registry following `dnfimage/os:latest`, the three services.
+struct Host {
+    scratch: Scratch,
+    sysroot: TestSysroot,
+    registry: Registry,
+    services: Vec<ServiceProcess>,
+    latest: String,
+}
+
+impl Host {
+    fn new() -> Result<Self> {
+        let scratch = Scratch::new()?;
+        let sysroot = TestSysroot::create(&scratch.path().join("sysroot"))?;
+        let registry = Registry::start(&scratch.path().join("registry"))?;
+        let latest = Fixtures::shared()?.push_as(&registry, tags::BASE_V1, "dnfimage/os:latest")?;
+        let mut host = Self {
+            scratch,
+            sysroot,
+            registry,
+            services: Vec::new(),
+            latest,
+        };
+        host.start_services()?;
+        Ok(host)
+    }
+
+    fn start_services(&mut self) -> Result<()> {
+        let conf = self.scratch.registries_conf(&self.registry.addr())?;
+        self.services.clear();
+        self.services.push(ServiceProcess::fetcher(
+            &self.scratch,
+            &FetcherOptions {
+                registries_conf: Some(conf),
+                ..Default::default()
+            },
+        )?);
+        let sysroot = self.sysroot.path().as_os_str().to_owned();
+        for (name, interface) in [
+            ("importer", importer::INTERFACE),
+            ("deployer", deployer::INTERFACE),
+        ] {
+            self.services.push(ServiceProcess::start(
+                &self.scratch,
+                name,
+                interface,
+                &[OsStr::new("--sysroot"), &sysroot],
+            )?);
+        }
+        Ok(())
+    }
+
+    /// Moves `dnfimage/os:latest` to a fixture tag.
+    fn publish(&self, tag: &str) -> Result<()> {
+        Fixtures::shared()?.push_as(&self.registry, tag, "dnfimage/os:latest")?;
+        Ok(())
+    }
+
+    fn cli(&self) -> Command {
+        let mut cmd = self.scratch.cli();
+        cmd.arg("--sysroot").arg(self.sysroot.path());
+        cmd
+    }
+
+    fn ok(&self, args: &[&str]) -> Result<String> {
+        run_ok(self.cli().args(args))
+    }
+
+    fn status(&self) -> Result<Value> {
+        let out = self.ok(&["status", "--json"])?;
+        let doc: Value = serde_json::from_str(&out)?;
+        check_schema(&out)?;
+        Ok(doc)
+    }
+
+    fn deployments(&self) -> Result<Vec<Value>> {
+        Ok(self.status()?["deployments"]
+            .as_array()
+            .context("deployments")?
+            .clone())
+    }
+
+    /// The text of the file at `path` inside deployment `index`'s root.
+    fn deployed_file(&self, index: usize, path: &str) -> Result<String> {
+        let d = &self.deployments()?[index];
+        let root = self.sysroot.path().join(format!(
+            "ostree/deploy/{}/deploy/{}.{}",
+            d["stateroot"].as_str().context("stateroot")?,
+            d["commit"].as_str().context("commit")?,
+            d["serial"]
+        ));
+        std::fs::read_to_string(root.join(path.trim_start_matches('/')))
+            .with_context(|| format!("Reading {path} in {}", root.display()))
+    }
+}
+
+/// Validates `status --json` output against the committed JSON Schema (Python's jsonschema).
+fn check_schema(doc: &str) -> Result<()> {
+    let schema = dnfimage_integration::repo_root().join("cli/schema/status.schema.json");
+    let script = "import json,sys,jsonschema\n\
+                  jsonschema.validate(json.loads(sys.stdin.read()), json.load(open(sys.argv[1])))";
+    let mut child = Command::new("python3")
+        .args(["-c", script])
+        .arg(&schema)
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    std::io::Write::write_all(child.stdin.as_mut().context("stdin")?, doc.as_bytes())?;
+    let out = child.wait_with_output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "status --json does not match cli/schema/status.schema.json:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+fn flags(d: &Value) -> Vec<&str> {
+    ["booted", "staged", "default", "rollback", "pinned"]
+        .into_iter()
+        .filter(|f| d[*f] == true)
+        .collect()
+}
+
+fn origin_of(sysroot: &Path, d: &Value) -> Result<String> {
+    let path = sysroot.join(format!(
+        "ostree/deploy/{}/deploy/{}.{}.origin",
+        d["stateroot"].as_str().context("stateroot")?,
+        d["commit"].as_str().context("commit")?,
+        d["serial"]
+    ));
+    std::fs::read_to_string(&path).with_context(|| format!("Reading {}", path.display()))
+}
+
+#[test]
+fn rebase_upgrade_rollback_pin_cleanup_kargs() -> Result<()> {
+    let host = Host::new()?;
+    let f = Fixtures::shared()?;
+    let (v1, v2) = (f.image(tags::BASE_V1)?, f.image(tags::BASE_V2)?);
+
+    // Rebase onto v1: one deployment, its BLS entry boots v1's kernel, the origin records the
+    // registry reference.
+    let out = host.ok(&["rebase", &host.latest])?;
+    assert!(out.contains("Deployed"), "{out}");
+    let deps = host.deployments()?;
+    assert_eq!(deps.len(), 1);
+    assert_eq!(deps[0]["image"], host.latest.as_str());
+    assert_eq!(deps[0]["imageDigest"], v1.digest.as_str());
+    assert_eq!(deps[0]["version"], "1");
+    let entries = host.sysroot.boot_entries()?;
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    assert!(
+        entries[0].1.contains(dnfimage_testimage::KERNEL_VERSION),
+        "{}",
+        entries[0].1
+    );
+    let origin = origin_of(host.sysroot.path(), &deps[0])?;
+    assert!(
+        origin.contains(host.latest.trim_start_matches("docker://")),
+        "{origin}"
+    );
+    assert!(
+        host.deployed_file(0, "/usr/lib/os-release")?
+            .contains("VERSION_ID=1")
+    );
+
+    // v2 is published: --check tells what it would download.
+    host.publish(tags::BASE_V2)?;
+    let check: Value = serde_json::from_str(&host.ok(&["--json", "upgrade", "--check"])?)?;
+    assert_eq!(check["updateAvailable"], true);
+    assert_eq!(check["digest"], v2.digest.as_str());
+    let v1_layers: std::collections::BTreeSet<_> = v1.layer_digests().into_iter().collect();
+    let missing: u64 = v2
+        .manifest
+        .layers()
+        .iter()
+        .filter(|l| !v1_layers.contains(&l.digest().to_string()))
+        .map(|l| l.size())
+        .sum();
+    assert_eq!(check["bytesMissing"], missing);
+
+    // Upgrade: v2 first, v1 the rollback.
+    host.ok(&["upgrade"])?;
+    let deps = host.deployments()?;
+    assert_eq!(deps.len(), 2);
+    assert_eq!(deps[0]["version"], "2");
+    assert_eq!(deps[1]["version"], "1");
+    assert!(
+        flags(&deps[0]).contains(&"default"),
+        "{:?}",
+        flags(&deps[0])
+    );
+    assert!(
+        flags(&deps[1]).contains(&"rollback"),
+        "{:?}",
+        flags(&deps[1])
+    );
+    assert!(
+        host.deployed_file(0, "/usr/lib/os-release")?
+            .contains("VERSION_ID=2")
+    );
+
+    // Nothing new: exit 77 when asked.
+    let again = run(host.cli().args(["upgrade", "--unchanged-exit-77"]))?;
+    assert_eq!(again.status.code(), Some(77), "{again:?}");
+    assert_eq!(host.deployments()?.len(), 2);
+
+    // Rollback swaps them.
+    host.ok(&["rollback"])?;
+    let deps = host.deployments()?;
+    assert_eq!(deps[0]["version"], "1");
+    assert_eq!(deps[1]["version"], "2");
+
+    // Pin v1 (now index 0), roll forward to v2 and upgrade twice more: the pinned one stays.
+    host.ok(&["pin", "0"])?;
+    host.ok(&["rollback"])?;
+    host.publish(tags::DERIVED)?;
+    host.ok(&["upgrade"])?;
+    let deps = host.deployments()?;
+    let pinned: Vec<_> = deps.iter().filter(|d| d["pinned"] == true).collect();
+    assert_eq!(pinned.len(), 1);
+    assert_eq!(pinned[0]["version"], "1");
+    assert!(deps.len() >= 3, "{deps:?}");
+    assert!(
+        host.deployed_file(0, "/usr/share/dnfimage-derived/hello.txt")?
+            .contains(dnfimage_testimage::DERIVED_CONTENT.trim())
+    );
+    host.ok(&["cleanup"])?;
+    let deps = host.deployments()?;
+    assert!(
+        deps.iter()
+            .any(|d| d["pinned"] == true && d["version"] == "1"),
+        "{deps:?}"
+    );
+
+    // Kernel arguments: a new deployment whose BLS entry has the argument.
+    host.ok(&["kargs", "--append", "dnfimage.test=1"])?;
+    let deps = host.deployments()?;
+    let args = deps[0]["kernelArguments"].as_array().context("kargs")?;
+    assert!(args.iter().any(|a| a == "dnfimage.test=1"), "{args:?}");
+    let entries = host.sysroot.boot_entries()?;
+    assert!(
+        entries
+            .iter()
+            .any(|(_, text)| text.contains("dnfimage.test=1")),
+        "{entries:?}"
+    );
+    host.sysroot.fsck()?;
+    Ok(())
+}
+
+#[test]
+fn download_only_then_deploy_without_the_registry() -> Result<()> {
+    let mut host = Host::new()?;
+    host.ok(&["rebase", &host.latest])?;
+    host.publish(tags::BASE_V2)?;
+    let out = host.ok(&["upgrade", "--download-only"])?;
+    assert!(out.contains("from-downloaded"), "{out}");
+    assert_eq!(host.deployments()?.len(), 1, "download-only deployed");
+    host.registry.stop();
+    host.ok(&["upgrade", "--from-downloaded"])?;
+    let deps = host.deployments()?;
+    assert_eq!(deps.len(), 2);
+    assert_eq!(deps[0]["version"], "2");
+    // And once deployed, nothing more is downloaded.
+    let again = run(host
+        .cli()
+        .args(["upgrade", "--from-downloaded", "--unchanged-exit-77"]))?;
+    assert_eq!(again.status.code(), Some(77), "{again:?}");
+    host.start_services()?;
+    Ok(())
+}
+
+#[test]
+fn derived_image_rebases_with_its_extra_file() -> Result<()> {
+    let host = Host::new()?;
+    let derived =
+        Fixtures::shared()?.push_as(&host.registry, tags::DERIVED, "dnfimage/derived:1")?;
+    host.ok(&["rebase", &derived])?;
+    let text = host.deployed_file(0, "/usr/share/dnfimage-derived/hello.txt")?;
+    assert_eq!(text.trim(), dnfimage_testimage::DERIVED_CONTENT.trim());
+    assert_eq!(host.deployments()?[0]["image"], derived.as_str());
+    Ok(())
+}
+
+#[test]
+fn failed_deploy_leaves_status_and_repo_unchanged() -> Result<()> {
+    let host = Host::new()?;
+    host.ok(&["rebase", &host.latest])?;
+    let before = host.ok(&["status", "--json"])?;
+    let entries_before = host.sysroot.boot_entries()?;
+
+    // /boot becomes a tiny filesystem: the next deploy cannot fit its kernel there.
+    let boot = host.sysroot.path().join("boot");
+    let saved = host.scratch.path().join("boot-saved");
+    run_ok(Command::new("cp").arg("-a").arg(&boot).arg(&saved))?;
+    run_ok(
+        Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
+            .arg(&boot),
+    )?;
+    struct Restore<'a>(&'a Path, &'a Path);
+    impl Drop for Restore<'_> {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(self.0).status();
+        }
+    }
+    let _restore = Restore(&boot, &saved);
+    run_ok(Command::new("sh").arg("-c").arg(format!(
+        "cp -a {}/. {}/",
+        saved.display(),
+        boot.display()
+    )))?;
+
+    host.publish(tags::BASE_V2)?;
+    let out = run(host.cli().arg("upgrade"))?;
+    assert!(
+        !out.status.success(),
+        "the upgrade succeeded on a full /boot"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("Not enough space"), "{stderr}");
+    assert_eq!(host.ok(&["status", "--json"])?, before);
+    assert_eq!(host.sysroot.boot_entries()?, entries_before);
+    host.sysroot.fsck()?;
+    Ok(())
+}
+
+#[test]
+fn killed_import_leaves_status_and_repo_unchanged() -> Result<()> {
+    let mut host = Host::new()?;
+    host.ok(&["rebase", &host.latest])?;
+    let before = host.ok(&["status", "--json"])?;
+    let refs_before = run_ok(
+        Command::new("ostree")
+            .arg("refs")
+            .arg(format!("--repo={}", host.sysroot.repo().display())),
+    )?;
+
+    host.publish(tags::BASE_V2)?;
+    // Start the upgrade and kill the importer as soon as it is importing.
+    let mut child = host
+        .cli()
+        .arg("upgrade")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let importer_log = host.scratch.path().join("logs/importer.log");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !std::fs::read_to_string(&importer_log)
+        .unwrap_or_default()
+        .contains("Importing")
+    {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the import never started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    host.services[1].kill();
+    let out = child.wait_with_output()?;
+    assert!(
+        !out.status.success(),
+        "the upgrade succeeded without its importer"
+    );
+
+    assert_eq!(host.ok(&["status", "--json"])?, before);
+    host.sysroot.fsck()?;
+    let refs_after = run_ok(
+        Command::new("ostree")
+            .arg("refs")
+            .arg(format!("--repo={}", host.sysroot.repo().display())),
+    )?;
+    assert_eq!(
+        refs_after, refs_before,
+        "a ref points at a half-imported image"
+    );
+
+    // The next upgrade completes.
+    host.start_services()?;
+    host.ok(&["upgrade"])?;
+    assert_eq!(host.deployments()?[0]["version"], "2");
+    Ok(())
+}
