@@ -10,7 +10,7 @@ demo=$PWD/.scratch/demo
 rm -rf "$demo"
 mkdir -p "$demo/run" "$demo/state"
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; pkill -TERM -P "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
 
 say() { if [ -t 1 ]; then printf '\n\033[1m== %s\033[0m\n' "$*"; else printf '\n== %s\n' "$*"; fi; }
@@ -26,14 +26,31 @@ addr=$(sed -n 's/^ADDR=//p' "$demo/registry.out")
 "$BIN/dnfimage-testimage" push --oci "$demo/images" --registry "$addr" --repo dnfimage/os
 printf '[[registry]]\nlocation = "%s"\ninsecure = true\n' "$addr" > "$demo/registries.conf"
 
-say "Listening on the fetcher's socket; the service starts on the first call"
+say "A scratch sysroot (ostree admin init-fs + os-init), like a freshly installed disk"
+mkdir -p "$demo/sysroot"
+ostree admin init-fs --modern "$demo/sysroot" >/dev/null
+ostree admin os-init default --sysroot="$demo/sysroot" >/dev/null
+chattr_clean() { chattr -R -i "$demo/sysroot/ostree/deploy" 2>/dev/null || true; }
+trap 'cleanup; chattr_clean' EXIT
+
+say "Listening on the services' sockets; each service starts on its first call and exits when idle"
 export DNFIMAGE_RUNTIME_DIR=$demo/run
-systemd-socket-activate -l "$demo/run/org.dnfimage.Fetcher" --fdname=varlink \
-  -E DNFIMAGE_STATE_DIR="$demo/state" -E DNFIMAGE_REGISTRIES_CONF="$demo/registries.conf" \
-  -E DNFIMAGE_IDLE_TIMEOUT=10 \
-  "$BIN/dnfimage-fetcher" 2> "$demo/fetcher.log" &
-pids+=($!)
-for _ in $(seq 50); do [ -S "$demo/run/org.dnfimage.Fetcher" ] && break; sleep 0.1; done
+activate() { # service, extra env...
+  local name=$1; shift
+  local iface=org.dnfimage.${name^}
+  # Like a .socket unit: listen again after the service exits on idle.
+  ( while :; do
+      systemd-socket-activate -l "$demo/run/$iface" --fdname=varlink -E DNFIMAGE_IDLE_TIMEOUT=10 "$@" \
+        "$BIN/dnfimage-$name" 2>> "$demo/$name.log" || sleep 0.2
+    done ) &
+  pids+=($!)
+}
+activate fetcher -E DNFIMAGE_STATE_DIR="$demo/state" -E DNFIMAGE_REGISTRIES_CONF="$demo/registries.conf"
+activate importer -E DNFIMAGE_SYSROOT="$demo/sysroot"
+activate deployer -E DNFIMAGE_SYSROOT="$demo/sysroot"
+for s in Fetcher Importer Deployer; do
+  for _ in $(seq 50); do [ -S "$demo/run/org.dnfimage.$s" ] && break; sleep 0.1; done
+done
 
 v1=docker://$addr/dnfimage/os:base-v1
 v2=docker://$addr/dnfimage/os:base-v2
@@ -49,5 +66,24 @@ say "Fetching v2: only the changed layers are downloaded"
 cli image fetch "$v2"
 say "The cache"
 cli image list
+
+"$BIN/dnfimage-testimage" push --oci "$demo/images" --registry "$addr" --repo dnfimage/os --tag base-v1 >/dev/null
+skopeo copy -q --dest-tls-verify=false "oci:$demo/images:base-v1" "docker://$addr/dnfimage/os:latest"
+latest=docker://$addr/dnfimage/os:latest
+say "Rebase the scratch host onto dnfimage/os:latest (v1): fetch → import → deploy"
+cli --sysroot "$demo/sysroot" rebase "$latest"
+cli --sysroot "$demo/sysroot" status
+
+say "v2 is published as latest: what would an upgrade download?"
+skopeo copy -q --dest-tls-verify=false "oci:$demo/images:base-v2" "docker://$addr/dnfimage/os:latest"
+cli --sysroot "$demo/sysroot" upgrade --check
+say "Upgrade"
+cli --sysroot "$demo/sysroot" upgrade
+cli --sysroot "$demo/sysroot" status
+say "Upgrade again: nothing to do (exit 77 with --unchanged-exit-77)"
+cli --sysroot "$demo/sysroot" upgrade --unchanged-exit-77 || echo "exit code $?"
+say "Rollback: v1 boots next again"
+cli --sysroot "$demo/sysroot" rollback
+cli --sysroot "$demo/sysroot" status --booted
 echo
-echo "Demo done. Logs: $demo/fetcher.log"
+echo "Demo done. Logs: $demo/*.log"

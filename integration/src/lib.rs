@@ -12,6 +12,7 @@ use anyhow::{Context, Result};
 use serde_json::Value;
 
 pub mod deploy_support;
+pub mod importer_support;
 pub mod proxy;
 pub mod sysroot;
 pub mod systemd;

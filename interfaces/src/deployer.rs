@@ -11,6 +11,11 @@ pub const INTERFACE: &str = "org.dnfimage.Deployer";
 /// The committed interface description, the contract the service must match.
 pub const IDL: &str = include_str!("../org.dnfimage.Deployer.varlink");
 
+/// The commit metadata key (a string: the [`LayeringRequest`] as JSON, in its wire form) under
+/// which `org.dnfimage.Layerer.Build` records the request in the commits it makes.
+/// `org.dnfimage.Deployer.Deploy` copies it into the origin of the deployment.
+pub const LAYERING_METADATA_KEY: &str = "dnfimage.layering";
+
 /// A deployment: a bootable checkout of a commit, with its kernel arguments and origin.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, introspect::CustomType)]
 #[serde(rename_all = "camelCase")]

@@ -1,0 +1,441 @@
+//! The origin file of a deployment: the image reference upgrades follow, in the form ostree-ext
+//! and bootc write (`[origin] container-image-reference=ostree-unverified-registry:…`), and the
+//! layering request, in a group of our own so that rpm-ostree never mistakes it for its own.
+//!
+//! ```ini
+//! [origin]
+//! container-image-reference=ostree-unverified-registry:quay.io/example/os:42
+//!
+//! [dnfimage-layering]
+//! packages=htop;vim-enhanced;
+//! inactive=
+//! override-remove=nano;
+//! override-replace=kernel-6.2.1-1.fc41.x86_64;
+//! ```
+
+use dnfimage_interfaces::deployer::{LayeringRequest, Package};
+use ostree_ext::container::{ImageReference, OstreeImageReference, SignatureSource, Transport};
+use ostree_ext::glib;
+use ostree_ext::keyfileext::{KeyFileExt, map_keyfile_optional};
+
+/// The origin group ostree-ext and bootc use.
+pub const ORIGIN_GROUP: &str = "origin";
+/// The key holding the image reference (`ostree_ext::container::deploy::ORIGIN_CONTAINER`).
+pub const CONTAINER_KEY: &str = ostree_ext::container::deploy::ORIGIN_CONTAINER;
+/// Our group for the layering request.
+pub const LAYERING_GROUP: &str = "dnfimage-layering";
+
+const PACKAGES: &str = "packages";
+const INACTIVE: &str = "inactive";
+const OVERRIDE_REMOVE: &str = "override-remove";
+const OVERRIDE_REPLACE: &str = "override-replace";
+
+/// Transports of containers-image (and the deployer's own origin forms) that are not image
+/// references the deployer records.
+const OTHER_TRANSPORTS: &[&str] = &[
+    "containers-storage",
+    "docker-archive",
+    "docker-daemon",
+    "docker",
+    "dir",
+    "registry",
+];
+
+/// An image reference as the deployer takes it: `docker://NAME` (also a bare `NAME`),
+/// `oci:/PATH[:TAG]` or `oci-archive:/PATH[:TAG]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageRef(ImageReference);
+
+impl ImageRef {
+    /// Parses and checks a reference; the error says why it was refused.
+    pub fn parse(image: &str) -> Result<Self, String> {
+        let (transport, name) = if let Some(name) = image.strip_prefix("docker://") {
+            (Transport::Registry, name)
+        } else if let Some(name) = image.strip_prefix("oci-archive:") {
+            (Transport::OciArchive, name)
+        } else if let Some(name) = image.strip_prefix("oci:") {
+            (Transport::OciDir, name)
+        } else if image.contains("://")
+            || image.split_once(':').is_some_and(|(prefix, _)| {
+                OTHER_TRANSPORTS.contains(&prefix) || prefix.starts_with("ostree-")
+            })
+        {
+            return Err("Unsupported transport: use docker://, oci: or oci-archive:".into());
+        } else {
+            (Transport::Registry, image)
+        };
+        if name.is_empty() {
+            return Err("The image name is empty".into());
+        }
+        if name.chars().any(|c| c.is_control() || c.is_whitespace()) {
+            return Err("Whitespace and control characters are not allowed".into());
+        }
+        match transport {
+            Transport::Registry => {
+                let ok = |c: char| c.is_ascii_alphanumeric() || "._-/:@+".contains(c);
+                if let Some(c) = name.chars().find(|c| !ok(*c)) {
+                    return Err(format!(
+                        "Character {c:?} is not allowed in a registry reference"
+                    ));
+                }
+                if name.starts_with(['/', '-', '.', ':', '@']) || name.ends_with([':', '/', '@']) {
+                    return Err(
+                        "Not a registry reference (expected HOST/NAME[:TAG|@DIGEST])".into(),
+                    );
+                }
+            }
+            _ => {
+                if !name.starts_with('/') {
+                    return Err(
+                        "The path of an oci: or oci-archive: reference must be absolute".into(),
+                    );
+                }
+            }
+        }
+        Ok(Self(ImageReference {
+            transport,
+            name: name.to_string(),
+        }))
+    }
+
+    /// The value of `container-image-reference`, e.g. `ostree-unverified-registry:quay.io/os:1`.
+    pub fn to_origin(&self) -> String {
+        OstreeImageReference {
+            sigverify: SignatureSource::ContainerPolicyAllowInsecure,
+            imgref: self.0.clone(),
+        }
+        .to_string()
+    }
+
+    /// Reads the value of `container-image-reference` (any form ostree-ext writes).
+    pub fn from_origin(value: &str) -> Result<Self, String> {
+        OstreeImageReference::try_from(value)
+            .map(|r| Self(r.imgref))
+            .map_err(|e| format!("{e:#}"))
+    }
+}
+
+impl std::fmt::Display for ImageRef {
+    /// `docker://NAME`, `oci:PATH`, … (ostree-ext's form, which the other services use too).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// `NAME-VERSION-RELEASE.ARCH` (with `EPOCH:` before the version when there is one).
+pub fn nevra(p: &Package) -> String {
+    format!("{}-{}.{}", p.name, p.version, p.architecture)
+}
+
+/// The reverse of [`nevra`].
+pub fn parse_nevra(s: &str) -> Option<Package> {
+    let (rest, arch) = s.rsplit_once('.')?;
+    let (rest, release) = rest.rsplit_once('-')?;
+    let (name, version) = rest.rsplit_once('-')?;
+    if [name, version, release, arch].iter().any(|p| p.is_empty()) {
+        return None;
+    }
+    Some(Package {
+        name: name.to_string(),
+        version: format!("{version}-{release}"),
+        architecture: arch.to_string(),
+    })
+}
+
+/// A keyfile string list (`a;b;`), escaped as `g_key_file_set_string_list` does (glib-rs 0.18
+/// does not bind it).
+fn list_value(values: &[String]) -> String {
+    let mut out = String::new();
+    for v in values {
+        for (i, c) in v.chars().enumerate() {
+            match c {
+                '\\' => out.push_str("\\\\"),
+                ';' => out.push_str("\\;"),
+                '\n' => out.push_str("\\n"),
+                '\t' => out.push_str("\\t"),
+                '\r' => out.push_str("\\r"),
+                ' ' if i == 0 => out.push_str("\\s"),
+                c => out.push(c),
+            }
+        }
+        out.push(';');
+    }
+    out
+}
+
+/// Whether the request layers nothing.
+pub fn is_empty(request: &LayeringRequest) -> bool {
+    request.packages.is_empty()
+        && request.inactive.is_empty()
+        && request.override_remove.is_empty()
+        && request.override_replace.is_empty()
+}
+
+/// A new origin recording `image` and `layering` (nothing for an empty request).
+pub fn new_origin(image: &ImageRef, layering: &LayeringRequest) -> glib::KeyFile {
+    let origin = glib::KeyFile::new();
+    origin.set_string(ORIGIN_GROUP, CONTAINER_KEY, &image.to_origin());
+    set_layering(&origin, layering);
+    origin
+}
+
+/// Replaces the layering request recorded in `origin`.
+pub fn set_layering(origin: &glib::KeyFile, layering: &LayeringRequest) {
+    // Only "group not found" can fail here, which is what we want gone anyway.
+    let _ = origin.remove_group(LAYERING_GROUP);
+    if is_empty(layering) {
+        return;
+    }
+    let list = |key: &str, values: &[String]| {
+        origin.set_value(LAYERING_GROUP, key, &list_value(values));
+    };
+    list(PACKAGES, &layering.packages);
+    list(INACTIVE, &layering.inactive);
+    list(OVERRIDE_REMOVE, &layering.override_remove);
+    let replace: Vec<String> = layering.override_replace.iter().map(nevra).collect();
+    list(OVERRIDE_REPLACE, &replace);
+}
+
+/// What an origin records.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Recorded {
+    /// The image, `docker://…`; `None` when the origin names no container image.
+    pub image: Option<String>,
+    /// The layering request; empty when there is none.
+    pub layering: LayeringRequest,
+}
+
+/// Reads what `origin` records. An unreadable image reference is reported as no image, with a
+/// debug log: the deployment may come from another tool.
+pub fn read(origin: &glib::KeyFile) -> Result<Recorded, String> {
+    let image = origin
+        .optional_string(ORIGIN_GROUP, CONTAINER_KEY)
+        .map_err(|e| format!("Reading {CONTAINER_KEY}: {e}"))?
+        .and_then(|v| match ImageRef::from_origin(&v) {
+            Ok(r) => Some(r.to_string()),
+            Err(e) => {
+                tracing::debug!("Origin image reference {v:?} unreadable, ignoring: {e}");
+                None
+            }
+        });
+    let list = |key: &str| -> Result<Vec<String>, String> {
+        map_keyfile_optional(origin.string_list(LAYERING_GROUP, key))
+            .map(|v| {
+                v.map(|v| v.iter().map(|s| s.to_string()).collect())
+                    .unwrap_or_default()
+            })
+            .map_err(|e| format!("Reading {LAYERING_GROUP}.{key}: {e}"))
+    };
+    let override_replace = list(OVERRIDE_REPLACE)?
+        .iter()
+        .map(|s| parse_nevra(s).ok_or_else(|| format!("{OVERRIDE_REPLACE}: {s:?} is not N-V-R.A")))
+        .collect::<Result<_, _>>()?;
+    Ok(Recorded {
+        image,
+        layering: LayeringRequest {
+            packages: list(PACKAGES)?,
+            inactive: list(INACTIVE)?,
+            override_remove: list(OVERRIDE_REMOVE)?,
+            override_replace,
+        },
+    })
+}
+
+/// Parses an origin file's text.
+pub fn parse(text: &str) -> Result<glib::KeyFile, String> {
+    let kf = glib::KeyFile::new();
+    kf.load_from_data(text, glib::KeyFileFlags::KEEP_COMMENTS)
+        .map_err(|e| format!("Parsing the origin: {e}"))?;
+    Ok(kf)
+}
+
+/// A copy of `origin` without the transient state libostree keeps in it (unlocked state).
+pub fn copy(origin: &glib::KeyFile) -> Result<glib::KeyFile, String> {
+    let copy = parse(&origin.to_data())?;
+    ostree_ext::ostree::Deployment::origin_remove_transient_state(&copy);
+    Ok(copy)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_image_references() {
+        // Input, and its display and origin forms when it is accepted.
+        type Case<'a> = (&'a str, Result<(&'a str, &'a str), ()>);
+        let cases: &[Case] = &[
+            (
+                "docker://127.0.0.1:5000/dnfimage/base:v1",
+                Ok((
+                    "docker://127.0.0.1:5000/dnfimage/base:v1",
+                    "ostree-unverified-registry:127.0.0.1:5000/dnfimage/base:v1",
+                )),
+            ),
+            (
+                "quay.io/fedora/fedora-bootc:41",
+                Ok((
+                    "docker://quay.io/fedora/fedora-bootc:41",
+                    "ostree-unverified-registry:quay.io/fedora/fedora-bootc:41",
+                )),
+            ),
+            (
+                "docker://quay.io/os@sha256:abcd",
+                Ok((
+                    "docker://quay.io/os@sha256:abcd",
+                    "ostree-unverified-registry:quay.io/os@sha256:abcd",
+                )),
+            ),
+            (
+                "oci:/var/cache/oci:base-v1",
+                Ok((
+                    "oci:/var/cache/oci:base-v1",
+                    "ostree-unverified-image:oci:/var/cache/oci:base-v1",
+                )),
+            ),
+            (
+                "oci-archive:/tmp/os.tar",
+                Ok((
+                    "oci-archive:/tmp/os.tar",
+                    "ostree-unverified-image:oci-archive:/tmp/os.tar",
+                )),
+            ),
+            ("", Err(())),
+            ("docker://", Err(())),
+            ("docker://has space/x", Err(())),
+            ("docker://x\ny", Err(())),
+            ("docker:///abs", Err(())),
+            ("docker://x/y:", Err(())),
+            ("http://example.com/x", Err(())),
+            ("oci:relative/dir", Err(())),
+            ("containers-storage:x", Err(())),
+            ("docker:quay.io/x", Err(())),
+            ("ostree-unverified-registry:quay.io/x", Err(())),
+        ];
+        for (input, want) in cases {
+            let got = ImageRef::parse(input);
+            match (got, want) {
+                (Ok(r), Ok((display, origin))) => {
+                    assert_eq!(r.to_string(), *display, "{input}");
+                    assert_eq!(r.to_origin(), *origin, "{input}");
+                    assert_eq!(ImageRef::from_origin(origin).as_ref(), Ok(&r), "{input}");
+                }
+                (Err(_), Err(())) => {}
+                (got, want) => panic!("{input:?}: got {got:?}, want {want:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn reads_origins_other_tools_write() {
+        let cases: &[(&str, Option<&str>)] = &[
+            (
+                "[origin]\ncontainer-image-reference=ostree-unverified-registry:quay.io/os:1\n",
+                Some("docker://quay.io/os:1"),
+            ),
+            (
+                "[origin]\ncontainer-image-reference=ostree-unverified-image:docker://quay.io/os:1\n",
+                Some("docker://quay.io/os:1"),
+            ),
+            (
+                "[origin]\ncontainer-image-reference=ostree-remote-registry:fedora:quay.io/os:1\n",
+                Some("docker://quay.io/os:1"),
+            ),
+            (
+                "[origin]\ncontainer-image-reference=ostree-image-signed:oci:/srv/os\n",
+                Some("oci:/srv/os"),
+            ),
+            (
+                "[origin]\nrefspec=fedora:fedora/x86_64/coreos/stable\n",
+                None,
+            ),
+            (
+                "[origin]\ncontainer-image-reference=nonsense\n[libostree-transient]\nunlocked=development\n",
+                None,
+            ),
+            ("", None),
+        ];
+        for (text, want) in cases {
+            let kf = parse(text).unwrap();
+            let recorded = read(&kf).unwrap();
+            assert_eq!(recorded.image.as_deref(), *want, "{text}");
+            assert_eq!(recorded.layering, LayeringRequest::default(), "{text}");
+        }
+    }
+
+    #[test]
+    fn layering_request_round_trips_through_the_origin() {
+        let requests = [
+            LayeringRequest::default(),
+            LayeringRequest {
+                packages: vec!["htop".into(), "vim-enhanced".into()],
+                inactive: vec!["bash".into()],
+                override_remove: vec!["nano".into()],
+                override_replace: vec![
+                    Package {
+                        name: "kernel-core".into(),
+                        version: "6.2.1-1.fc41".into(),
+                        architecture: "x86_64".into(),
+                    },
+                    Package {
+                        name: "foo".into(),
+                        version: "2:1.0-3".into(),
+                        architecture: "noarch".into(),
+                    },
+                ],
+            },
+            // Whatever a caller sends survives the keyfile's list escaping.
+            LayeringRequest {
+                packages: vec!["semi;colon".into(), "back\\slash".into(), " lead".into()],
+                inactive: vec!["tab\tnew\nline".into()],
+                ..Default::default()
+            },
+        ];
+        let image = ImageRef::parse("docker://quay.io/os:1").unwrap();
+        for request in requests {
+            let origin = new_origin(&image, &request);
+            let text = origin.to_data().to_string();
+            assert!(
+                text.contains("container-image-reference=ostree-unverified-registry:quay.io/os:1"),
+                "{text}"
+            );
+            assert_eq!(text.contains(LAYERING_GROUP), !is_empty(&request), "{text}");
+            let back = read(&parse(&text).unwrap()).unwrap();
+            assert_eq!(back.image.as_deref(), Some("docker://quay.io/os:1"));
+            assert_eq!(back.layering, request);
+            // Replacing the request in a copy leaves the image alone.
+            let copied = copy(&origin).unwrap();
+            set_layering(&copied, &LayeringRequest::default());
+            assert!(!copied.to_data().contains(LAYERING_GROUP));
+        }
+    }
+
+    #[test]
+    fn parses_nevras() {
+        type Case<'a> = (&'a str, Option<(&'a str, &'a str, &'a str)>);
+        let cases: &[Case] = &[
+            ("bash-5.2.15-2.x86_64", Some(("bash", "5.2.15-2", "x86_64"))),
+            (
+                "kernel-core-6.2.1-1.fc41.x86_64",
+                Some(("kernel-core", "6.2.1-1.fc41", "x86_64")),
+            ),
+            ("foo-2:1.0-3.noarch", Some(("foo", "2:1.0-3", "noarch"))),
+            ("nodash.x86_64", None),
+            ("a-1.x86_64", None),
+            ("-1-2.x", None),
+            ("a-1-2.", None),
+        ];
+        for (s, want) in cases {
+            let got = parse_nevra(s);
+            let want = want.map(|(n, v, a)| Package {
+                name: n.into(),
+                version: v.into(),
+                architecture: a.into(),
+            });
+            assert_eq!(got, want, "{s}");
+            if let Some(p) = got {
+                assert_eq!(nevra(&p), *s);
+            }
+        }
+    }
+}

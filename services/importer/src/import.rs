@@ -1,0 +1,937 @@
+//! One import: reads a local OCI image with skopeo, checks it, and imports it into the
+//! repository with ostree-ext's `ImageImporter`, layer by layer, recording it under the image
+//! reference the user asked for.
+//!
+//! The glib objects here are used from one thread: [`import`] runs on a current-thread tokio
+//! runtime of its own (see `lib.rs`), and ostree-ext moves the blocking work to that runtime's
+//! blocking pool itself.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use dnfimage_interfaces::importer::{
+    ImportPhase, ImportProgress, ImportResult, ImportWarning, ImporterError,
+};
+use ostree_ext::container::store::{
+    self as ext_store, ImageImporter, ImportProgress as LayerEvent, LayerProgress, PrepareResult,
+};
+use ostree_ext::container::{
+    BOOTC_LABEL, DIFFID_LABEL, ImageReference, OstreeImageReference, SignatureSource,
+};
+use ostree_ext::containers_image_proxy::{self as image_proxy, ImageProxy, ImageProxyConfig};
+use ostree_ext::oci_spec::image::{Arch, Descriptor, ImageConfiguration, ImageManifest};
+use ostree_ext::prelude::*;
+use ostree_ext::{gio, glib, ostree};
+use tokio::io::AsyncReadExt;
+
+use crate::journal::{self, Journal};
+use crate::reference::Source;
+use crate::scan::{self, Rules};
+use crate::store;
+
+/// Content is stored uncompressed: the space an import needs is estimated as this many times
+/// the compressed size of the layers it imports.
+pub const UNCOMPRESSED_FACTOR: u64 = 2;
+/// libostree's default `core.min-free-space-percent`.
+const DEFAULT_MIN_FREE_PERCENT: u64 = 3;
+/// Progress records about bytes are sent at most this often.
+const PROGRESS_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Where the sysroot and its repository are.
+#[derive(Debug, Clone)]
+pub struct Paths {
+    /// The sysroot.
+    pub sysroot: PathBuf,
+    /// Its repository, `ostree/repo`.
+    pub repo: PathBuf,
+}
+
+impl Paths {
+    /// The paths of the sysroot at `sysroot`.
+    pub fn new(sysroot: &Path) -> Self {
+        Self {
+            sysroot: sysroot.to_path_buf(),
+            repo: sysroot.join("ostree/repo"),
+        }
+    }
+}
+
+/// What to import and under which reference.
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// Where the image is read from.
+    pub source: Source,
+    /// The reference it is recorded under.
+    pub image: ImageReference,
+}
+
+impl Request {
+    /// What the import is called while it runs.
+    pub fn operation(&self) -> String {
+        format!("Importing {}", self.image)
+    }
+}
+
+/// Receives the progress records.
+pub type Emit<'a> = &'a dyn Fn(ImportProgress);
+
+fn failed(message: impl Into<String>) -> ImporterError {
+    ImporterError::Failed {
+        message: message.into(),
+    }
+}
+
+fn failed_with(context: &str, e: &anyhow::Error) -> ImporterError {
+    failed(format!("{context}: {}", describe(e)))
+}
+
+/// The text of a skopeo proxy error, including what skopeo said (its `Display` hides that).
+pub fn proxy_message(e: &image_proxy::Error) -> String {
+    use image_proxy::Error as E;
+    match e {
+        E::RequestReturned(msg) | E::Other(msg) | E::Configuration(msg) => msg.to_string(),
+        E::RequestInitiationFailure { method, error } => format!("{method}: {error}"),
+        other => other.to_string(),
+    }
+}
+
+/// An error chain as one line, with what skopeo said where the chain holds a proxy error.
+pub fn describe(e: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in e.chain() {
+        let text = match cause.downcast_ref::<image_proxy::Error>() {
+            Some(pe) => proxy_message(pe),
+            None => cause.to_string(),
+        };
+        if parts.last() != Some(&text) {
+            parts.push(text);
+        }
+    }
+    parts.join(": ")
+}
+
+/// How to start skopeo: directly (not as "nobody", which may not read the fetcher's cache),
+/// and bound to this process's life.
+fn skopeo_command() -> std::process::Command {
+    let mut cmd = std::process::Command::new("skopeo");
+    die_with_parent(&mut cmd);
+    cmd
+}
+
+#[allow(unsafe_code)]
+fn die_with_parent(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the forked child before exec and only makes one
+    // async-signal-safe system call (prctl).
+    unsafe {
+        cmd.pre_exec(|| {
+            rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::Term))
+                .map_err(std::io::Error::from)
+        });
+    }
+}
+
+fn proxy_config() -> ImageProxyConfig {
+    ImageProxyConfig {
+        skopeo_cmd: Some(skopeo_command()),
+        ..Default::default()
+    }
+}
+
+/// What skopeo said about the source, as a typed error.
+fn source_error(source: &Source, message: &str) -> ImporterError {
+    let m = message.to_ascii_lowercase();
+    let missing = [
+        "no such file or directory",
+        "not found",
+        "does not exist",
+        "no descriptor found",
+        "manifest unknown",
+    ];
+    if missing.iter().any(|n| m.contains(n)) {
+        ImporterError::ImageNotFound {
+            image: source.to_string(),
+            message: message.to_string(),
+        }
+    } else {
+        failed(format!("Reading {source}: {message}"))
+    }
+}
+
+/// Whether an error says the filesystem is full.
+pub fn is_space_error(message: &str) -> bool {
+    let m = message.to_ascii_lowercase();
+    m.contains("no space left on device") || m.contains("min-free-space")
+}
+
+/// Whether an error raised while a layer was being imported says the layer's bytes are bad:
+/// truncated, not the compressed tar stream they claim to be, or not matching the digest.
+pub fn is_corruption(message: &str) -> bool {
+    let m = message.to_ascii_lowercase();
+    [
+        "corrupt",
+        "digest did not match",
+        "digest mismatch",
+        "does not match digest",
+        "unexpected end of file",
+        "unexpected eof",
+        "failed to fill whole buffer",
+        "invalid gzip header",
+        "invalid deflate",
+        "invalid checksum",
+        "truncated",
+        "numeric field",
+        "unknown frame descriptor",
+        "expected checksum",
+        "size mismatch",
+    ]
+    .iter()
+    .any(|n| m.contains(n))
+}
+
+/// The image as the source describes it.
+struct Opened {
+    proxy: ImageProxy,
+    image: image_proxy::OpenedImage,
+    digest: String,
+    manifest: ImageManifest,
+    config: ImageConfiguration,
+}
+
+impl Opened {
+    async fn open(source: &Source) -> Result<Self, ImporterError> {
+        let proxy = ImageProxy::new_with_config(proxy_config())
+            .await
+            .map_err(|e| {
+                failed(format!(
+                    "Starting skopeo: {}; is skopeo installed?",
+                    proxy_message(&e)
+                ))
+            })?;
+        let err = |e: image_proxy::Error| source_error(source, &proxy_message(&e));
+        let image = proxy.open_image(&source.to_string()).await.map_err(err)?;
+        let (digest, manifest) = proxy.fetch_manifest(&image).await.map_err(err)?;
+        let config = proxy.fetch_config(&image).await.map_err(err)?;
+        Ok(Self {
+            proxy,
+            image,
+            digest,
+            manifest,
+            config,
+        })
+    }
+
+    fn label(&self, key: &str) -> Option<&str> {
+        self.config
+            .config()
+            .as_ref()?
+            .labels()
+            .as_ref()?
+            .get(key)
+            .map(String::as_str)
+    }
+
+    /// The layers that are not part of the ostree commit (added by a derived build).
+    fn derived_layers(&self) -> &[Descriptor] {
+        let layers = self.manifest.layers();
+        let last_ostree = self.label(DIFFID_LABEL).and_then(|diffid| {
+            self.config
+                .rootfs()
+                .diff_ids()
+                .iter()
+                .position(|d| d == diffid)
+        });
+        match last_ostree {
+            Some(i) if i < layers.len() => &layers[i + 1..],
+            _ => &[],
+        }
+    }
+
+    async fn close(self) {
+        if let Err(e) = self.proxy.close_image(&self.image).await {
+            tracing::debug!(
+                "Closing the image in skopeo, ignoring: {}",
+                proxy_message(&e)
+            );
+        }
+        if let Err(e) = self.proxy.finalize().await {
+            tracing::debug!("Stopping skopeo, ignoring: {}", proxy_message(&e));
+        }
+    }
+}
+
+/// Whether the labels mark a bootable OS image (as the fetcher decides it).
+pub fn is_bootable(label: impl Fn(&str) -> Option<String>) -> bool {
+    label(BOOTC_LABEL).is_some_and(|v| v == "1")
+        || label(*ostree::METADATA_KEY_BOOTABLE).is_some_and(|v| v == "1" || v == "true")
+}
+
+/// Builds the progress records of one import.
+struct Tracker<'a> {
+    emit: Emit<'a>,
+    record: ImportProgress,
+    /// The manifest's layers, to name the layer of a byte count.
+    manifest_layers: Vec<Descriptor>,
+    /// The layer being imported.
+    in_flight: Option<Descriptor>,
+    /// Bytes of the layers completed.
+    done_bytes: u64,
+    last_sent: Option<Instant>,
+}
+
+impl<'a> Tracker<'a> {
+    fn new(emit: Emit<'a>) -> Self {
+        Self {
+            emit,
+            record: ImportProgress {
+                phase: ImportPhase::Preparing,
+                layer: None,
+                layer_bytes_done: None,
+                layer_bytes_total: None,
+                layers_done: 0,
+                layers_total: 0,
+                bytes_done: 0,
+                bytes_total: 0,
+                warning: None,
+                message: String::new(),
+            },
+            manifest_layers: Vec::new(),
+            in_flight: None,
+            done_bytes: 0,
+            last_sent: None,
+        }
+    }
+
+    fn send(&mut self, force: bool) {
+        let due = self
+            .last_sent
+            .is_none_or(|t| t.elapsed() >= PROGRESS_INTERVAL);
+        if force || due {
+            self.last_sent = Some(Instant::now());
+            (self.emit)(self.record.clone());
+        }
+    }
+
+    fn phase(&mut self, phase: ImportPhase, message: String) {
+        self.record.phase = phase;
+        self.record.layer = None;
+        self.record.layer_bytes_done = None;
+        self.record.layer_bytes_total = None;
+        self.message(message);
+    }
+
+    fn message(&mut self, message: String) {
+        tracing::debug!("{message}");
+        self.record.message = message;
+        self.send(true);
+    }
+
+    fn started(&mut self, layer: &Descriptor) {
+        self.in_flight = Some(layer.clone());
+        self.record.layer = Some(layer.digest().to_string());
+        self.record.layer_bytes_done = Some(0);
+        self.record.layer_bytes_total = Some(layer.size());
+        self.record.message = format!(
+            "Importing layer {} ({} of {})",
+            short(layer.digest().as_ref()),
+            self.record.layers_done + 1,
+            self.record.layers_total
+        );
+        self.send(true);
+    }
+
+    fn bytes(&mut self, progress: &LayerProgress) {
+        let Some(layer) = self.manifest_layers.get(progress.layer_index) else {
+            return;
+        };
+        if self.in_flight.as_ref() != Some(layer) {
+            return;
+        }
+        // The last count is one more than the total.
+        let done = progress.fetched.min(layer.size());
+        self.record.layer_bytes_done = Some(done);
+        self.record.bytes_done = self.done_bytes + done;
+        self.send(false);
+    }
+
+    fn completed(&mut self, layer: &Descriptor) {
+        self.in_flight = None;
+        self.done_bytes += layer.size();
+        self.record.layers_done += 1;
+        self.record.bytes_done = self.done_bytes;
+        self.record.layer = Some(layer.digest().to_string());
+        self.record.layer_bytes_done = Some(layer.size());
+        self.record.layer_bytes_total = Some(layer.size());
+        self.record.message = format!("Imported layer {}", short(layer.digest().as_ref()));
+        tracing::debug!("{}", self.record.message);
+        self.send(true);
+    }
+
+    fn warning(&mut self, warning: &ImportWarning) {
+        tracing::warn!("{}", warning.message);
+        self.record.warning = Some(warning.clone());
+        self.record.layer = warning.layer.clone();
+        self.record.layer_bytes_done = None;
+        self.record.layer_bytes_total = None;
+        self.record.message = warning.message.clone();
+        self.send(true);
+        self.record.warning = None;
+    }
+}
+
+fn short(digest: &str) -> &str {
+    let hex = digest.split_once(':').map_or(digest, |(_, h)| h);
+    &hex[..hex.len().min(12)]
+}
+
+/// Removes what an unfinished import may have left half-written (see [`journal`]).
+pub fn recover(repo_path: &Path) -> Result<Vec<String>> {
+    if journal::read(repo_path)?.is_none() {
+        return Ok(Vec::new());
+    }
+    let repo = store::open_repo(repo_path)?;
+    journal::recover(repo_path, |name| store::remove_ref(&repo, name))
+}
+
+/// Bytes the repository may still use on its filesystem: free blocks minus the reserve
+/// libostree keeps (`core.min-free-space-size`, else `core.min-free-space-percent`).
+fn usable_space(repo: &ostree::Repo, path: &Path) -> Result<u64> {
+    let st = rustix::fs::statvfs(path).with_context(|| format!("Checking {}", path.display()))?;
+    let config = repo.config();
+    let size = config.string("core", "min-free-space-size").ok();
+    let percent = config
+        .integer("core", "min-free-space-percent")
+        .ok()
+        .and_then(|p| u64::try_from(p).ok());
+    let reserve = reserved_blocks(size.as_deref(), percent, st.f_blocks, st.f_frsize)?;
+    Ok(st
+        .f_bavail
+        .saturating_sub(reserve)
+        .saturating_mul(st.f_frsize))
+}
+
+/// The blocks libostree keeps free on a filesystem of `blocks` blocks of `block_size` bytes.
+pub fn reserved_blocks(
+    min_size: Option<&str>,
+    min_percent: Option<u64>,
+    blocks: u64,
+    block_size: u64,
+) -> Result<u64> {
+    if let Some(size) = min_size {
+        let digits = size.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+        let unit: u64 = match &size[digits.len()..] {
+            "MB" => 1 << 20,
+            "GB" => 1 << 30,
+            "TB" => 1 << 40,
+            other => anyhow::bail!("core.min-free-space-size {size:?}: unknown unit {other:?}"),
+        };
+        let n: u64 = digits
+            .parse()
+            .with_context(|| format!("Parsing core.min-free-space-size {size:?}"))?;
+        return Ok((n.saturating_mul(unit)).div_ceil(block_size.max(1)));
+    }
+    let percent = min_percent.unwrap_or(DEFAULT_MIN_FREE_PERCENT).min(99);
+    Ok(blocks.saturating_mul(percent) / 100)
+}
+
+/// Checks that the layers to import are complete in an OCI layout source (a truncated or
+/// missing blob is found before anything is written).
+fn check_blobs(layout: &Path, layers: &[Descriptor], image: &str) -> Result<(), ImporterError> {
+    for layer in layers {
+        let digest = layer.digest().to_string();
+        let (algorithm, hex) = digest.split_once(':').unwrap_or(("sha256", &digest));
+        let path = layout.join("blobs").join(algorithm).join(hex);
+        let corrupt = |message: String| ImporterError::CorruptLayer {
+            image: image.to_string(),
+            layer: digest.clone(),
+            message,
+        };
+        match std::fs::metadata(&path) {
+            Ok(m) if m.len() == layer.size() => {}
+            Ok(m) => {
+                return Err(corrupt(format!(
+                    "{} holds {} of the layer's {} bytes",
+                    path.display(),
+                    m.len(),
+                    layer.size()
+                )));
+            }
+            Err(e) => return Err(corrupt(format!("Reading {}: {e}", path.display()))),
+        }
+    }
+    Ok(())
+}
+
+/// Whether the base commit enables a transient root (ostree-ext then keeps all top-level
+/// directories of derived layers).
+fn root_is_transient(repo: &ostree::Repo, base_commit: &str) -> Result<bool> {
+    let (root, _) = repo
+        .read_commit(base_commit, gio::Cancellable::NONE)
+        .with_context(|| format!("Reading commit {base_commit}"))?;
+    for path in [
+        "etc/ostree/prepare-root.conf",
+        "usr/lib/ostree/prepare-root.conf",
+    ] {
+        let file = root.resolve_relative_path(path);
+        if !file.query_exists(gio::Cancellable::NONE) {
+            continue;
+        }
+        let (bytes, _) = file
+            .load_contents(gio::Cancellable::NONE)
+            .with_context(|| format!("Reading {path}"))?;
+        let keyfile = glib::KeyFile::new();
+        keyfile
+            .load_from_bytes(&glib::Bytes::from(&bytes[..]), glib::KeyFileFlags::NONE)
+            .with_context(|| format!("Parsing {path}"))?;
+        return ostree_ext::ostree_prepareroot::overlayfs_enabled_in_config(&keyfile);
+    }
+    Ok(false)
+}
+
+/// Reads a tar stream fed through a channel, on a blocking thread.
+struct ChannelReader {
+    rx: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    buf: Vec<u8>,
+    pos: usize,
+}
+
+impl std::io::Read for ChannelReader {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        while self.pos >= self.buf.len() {
+            match self.rx.blocking_recv() {
+                Some(chunk) => {
+                    self.buf = chunk;
+                    self.pos = 0;
+                }
+                None => return Ok(0),
+            }
+        }
+        let n = out.len().min(self.buf.len() - self.pos);
+        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+fn decompressor(
+    media_type: &str,
+    reader: impl std::io::Read + 'static,
+) -> Result<Box<dyn std::io::Read>> {
+    Ok(if media_type.ends_with("gzip") {
+        Box::new(flate2::read::GzDecoder::new(reader))
+    } else if media_type.ends_with("zstd") {
+        Box::new(zstd::stream::read::Decoder::new(reader).context("Starting zstd")?)
+    } else if media_type.ends_with(".tar") || media_type.ends_with("tar") {
+        Box::new(reader)
+    } else {
+        anyhow::bail!("Unknown layer media type {media_type}")
+    })
+}
+
+/// Reads derived layer `layer` from the source and finds what the commit does not hold.
+async fn scan_layer(
+    opened: &Opened,
+    layer: &Descriptor,
+    rules: Rules,
+) -> Result<Vec<ImportWarning>> {
+    let digest = layer.digest().to_string();
+    let (mut reader, driver) = opened
+        .proxy
+        .get_blob(&opened.image, layer.digest(), layer.size())
+        .await
+        .map_err(|e| anyhow::anyhow!(proxy_message(&e)))
+        .with_context(|| format!("Reading layer {digest}"))?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(16);
+    let media_type = layer.media_type().to_string();
+    let scan_digest = digest.clone();
+    let scanner = tokio::task::spawn_blocking(move || {
+        let reader = ChannelReader {
+            rx,
+            buf: Vec::new(),
+            pos: 0,
+        };
+        scan::scan_tar(decompressor(&media_type, reader)?, &scan_digest, rules)
+    });
+    let feed = async move {
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            let n = reader.read(&mut buf).await?;
+            if n == 0 {
+                return anyhow::Ok(());
+            }
+            // When the scanner is done early the rest is still read, so skopeo finishes.
+            let _ = tx.send(buf[..n].to_vec()).await;
+        }
+    };
+    let (fed, finished, scanned) = tokio::join!(feed, driver, scanner);
+    fed.with_context(|| format!("Reading layer {digest}"))?;
+    finished
+        .map_err(|e| anyhow::anyhow!(proxy_message(&e)))
+        .with_context(|| format!("Reading layer {digest}"))?;
+    scanned.context("Scanning thread")?
+}
+
+/// Imports `request`, streaming progress to `emit`. On failure the repository may hold layer
+/// references listed in the journal as not completed: the caller runs [`recover`] once nothing
+/// of the import runs any more.
+pub async fn import(
+    paths: &Paths,
+    request: &Request,
+    emit: Emit<'_>,
+) -> Result<ImportResult, ImporterError> {
+    let source = &request.source;
+    let mut tracker = Tracker::new(emit);
+    let sysroot = store::load_sysroot_for_writing(&paths.sysroot)
+        .map_err(|e| failed_with("Opening the sysroot", &e))?;
+    // The lock is not held while importing, so that the deployer can work meanwhile: a prune
+    // of the repository leaves alone what a transaction stages under tmp/, and every commit an
+    // import builds on (layer commits) has a reference before it is used.
+    if store::make_writable(&sysroot).map_err(|e| failed_with("Opening the sysroot", &e))? {
+        sysroot.unlock();
+    }
+    let repo =
+        store::open_repo(&paths.repo).map_err(|e| failed_with("Opening the repository", &e))?;
+    recover(&paths.repo).map_err(|e| failed_with("Cleaning up after an earlier import", &e))?;
+
+    tracker.phase(ImportPhase::Preparing, format!("Reading {source}"));
+    let opened = Opened::open(source).await?;
+    let result = import_opened(paths, request, &repo, &opened, &mut tracker).await;
+    opened.close().await;
+    result
+}
+
+async fn import_opened(
+    paths: &Paths,
+    request: &Request,
+    repo: &ostree::Repo,
+    opened: &Opened,
+    tracker: &mut Tracker<'_>,
+) -> Result<ImportResult, ImporterError> {
+    let image = request.image.to_string();
+    let source = &request.source;
+    if !is_bootable(|k| opened.label(k).map(str::to_string)) {
+        return Err(ImporterError::NotBootable { image });
+    }
+    let arch = opened.config.architecture();
+    if *arch != Arch::default() {
+        return Err(failed(format!(
+            "{image} is built for architecture {arch}, this host is {}",
+            Arch::default()
+        )));
+    }
+    if opened.label(DIFFID_LABEL).is_none() {
+        return Err(failed(format!(
+            "{image} is bootable but not an ostree container image (it has no {DIFFID_LABEL} \
+             label): ostree-ext 0.15 imports only images built from an ostree commit"
+        )));
+    }
+    let version = ostree_ext::container::version_for_config(&opened.config).map(str::to_string);
+    let layers_in_image = opened.manifest.layers().len() as u64;
+
+    // Already imported under this reference: nothing to write.
+    let existing = ext_store::query_image(repo, &request.image)
+        .map_err(|e| failed_with(&format!("Reading the image recorded as {image}"), &e))?;
+    if let Some(state) = existing.filter(|s| s.manifest_digest.to_string() == opened.digest) {
+        tracker.message(format!(
+            "{image} ({}) is already imported as commit {}",
+            opened.digest, state.merge_commit
+        ));
+        let warnings = store::warnings_of(repo, &state.merge_commit)
+            .map_err(|e| failed_with("Reading the recorded warnings", &e))?;
+        return Ok(ImportResult {
+            reference: image,
+            digest: opened.digest.clone(),
+            version,
+            commit: state.merge_commit.clone(),
+            layers_imported: 0,
+            layers_skipped: layers_in_image,
+            bytes_imported: 0,
+            warnings,
+        });
+    }
+
+    let mut importer = ImageImporter::new(repo, &source.ostree_ref(), proxy_config())
+        .await
+        .map_err(|e| failed_with(&format!("Opening {source}"), &e))?;
+    importer.set_target(&OstreeImageReference {
+        sigverify: SignatureSource::ContainerPolicyAllowInsecure,
+        imgref: request.image.clone(),
+    });
+    // Layers no image uses any more are removed by Prune, not behind the caller's back.
+    importer.disable_gc();
+    let mut events = importer.request_progress();
+    let mut byte_counts = importer.request_layer_progress();
+    let prepared = match importer
+        .prepare()
+        .await
+        .map_err(|e| failed_with(&format!("Reading {source}"), &e))?
+    {
+        PrepareResult::Ready(prepared) => prepared,
+        PrepareResult::AlreadyPresent(state) => {
+            // Recorded under the source reference by someone else: record it under ours too.
+            let target = refescape_image_ref(&request.image)?;
+            repo.set_ref_immediate(
+                None,
+                &target,
+                Some(&state.merge_commit),
+                gio::Cancellable::NONE,
+            )
+            .map_err(|e| failed(format!("Recording {image}: {e}")))?;
+            return Ok(ImportResult {
+                reference: image,
+                digest: state.manifest_digest.to_string(),
+                version,
+                commit: state.merge_commit.clone(),
+                layers_imported: 0,
+                layers_skipped: layers_in_image,
+                bytes_imported: 0,
+                warnings: store::warnings_of(repo, &state.merge_commit)
+                    .map_err(|e| failed_with("Reading the recorded warnings", &e))?,
+            });
+        }
+    };
+    if prepared.manifest_digest.to_string() != opened.digest {
+        return Err(failed(format!(
+            "{source} changed while it was read (from {} to {}); import it again",
+            opened.digest, prepared.manifest_digest
+        )));
+    }
+    let to_import: Vec<Descriptor> = prepared
+        .all_layers()
+        .filter(|l| l.commit.is_none())
+        .map(|l| l.layer().clone())
+        .collect();
+    let pending_refs: Vec<String> = prepared
+        .all_layers()
+        .filter(|l| l.commit.is_none())
+        .map(|l| l.ostree_ref.clone())
+        .collect();
+    let bytes_to_import: u64 = to_import.iter().map(Descriptor::size).sum();
+    let skipped = layers_in_image - to_import.len() as u64;
+    tracker.manifest_layers = prepared.manifest.layers().to_vec();
+    tracker.record.layers_total = to_import.len() as u64;
+    tracker.record.bytes_total = bytes_to_import;
+    tracker.message(format!(
+        "{skipped} of {layers_in_image} layers already in the repository; importing {} \
+         ({bytes_to_import} bytes)",
+        to_import.len()
+    ));
+
+    if let Some(layout) = source.layout_dir() {
+        check_blobs(layout, &to_import, &image)?;
+    }
+    let needed = bytes_to_import.saturating_mul(UNCOMPRESSED_FACTOR);
+    let available =
+        usable_space(repo, &paths.repo).map_err(|e| failed_with("Checking free space", &e))?;
+    if needed > available {
+        return Err(ImporterError::InsufficientSpace {
+            path: paths.repo.display().to_string(),
+            needed,
+            available,
+        });
+    }
+
+    let mut journal = Journal::begin(&paths.repo, &image, pending_refs)
+        .map_err(|e| failed_with("Writing the import journal", &e))?;
+    tracker.phase(
+        ImportPhase::Importing,
+        format!(
+            "Importing {} layers ({bytes_to_import} bytes)",
+            to_import.len()
+        ),
+    );
+    if to_import.is_empty() {
+        tracker.phase(ImportPhase::Committing, "Writing the merged commit".into());
+    }
+    let layers_total = tracker.record.layers_total;
+    let mut on_event = |tracker: &mut Tracker<'_>, event: LayerEvent| match event {
+        LayerEvent::OstreeChunkStarted(layer) | LayerEvent::DerivedLayerStarted(layer) => {
+            tracker.started(&layer)
+        }
+        LayerEvent::OstreeChunkCompleted(layer) | LayerEvent::DerivedLayerCompleted(layer) => {
+            tracker.completed(&layer);
+            match store::layer_ref(layer.digest().as_ref()) {
+                Ok(name) => {
+                    if let Err(e) = journal.complete(&name) {
+                        tracing::warn!("Recording layer {} as imported: {e:#}", layer.digest());
+                    }
+                }
+                Err(e) => tracing::warn!("Naming the reference of {}: {e:#}", layer.digest()),
+            }
+            if tracker.record.layers_done == layers_total {
+                tracker.phase(ImportPhase::Committing, "Writing the merged commit".into());
+            }
+        }
+    };
+    let outcome = {
+        let run = importer.import(prepared);
+        tokio::pin!(run);
+        loop {
+            tokio::select! {
+                r = &mut run => break r,
+                Some(event) = events.recv() => on_event(tracker, event),
+                Ok(()) = byte_counts.changed() => {
+                    let progress = byte_counts.borrow_and_update();
+                    if let Some(p) = progress.as_ref() {
+                        tracker.bytes(p);
+                    }
+                }
+            }
+        }
+    };
+    while let Ok(event) = events.try_recv() {
+        on_event(tracker, event);
+    }
+    let state = outcome.map_err(|e| {
+        let message = describe(&e);
+        tracing::warn!("Importing {image} failed: {message}");
+        if is_space_error(&message) {
+            ImporterError::InsufficientSpace {
+                path: paths.repo.display().to_string(),
+                needed,
+                available: usable_space(repo, &paths.repo).unwrap_or(0),
+            }
+        } else if let Some(layer) = tracker
+            .in_flight
+            .as_ref()
+            .filter(|_| is_corruption(&message))
+        {
+            ImporterError::CorruptLayer {
+                image: image.clone(),
+                layer: layer.digest().to_string(),
+                message: format!("{message}; fetching the image again replaces the layer"),
+            }
+        } else {
+            failed(format!("Importing {image}: {message}"))
+        }
+    })?;
+    if let Err(e) = journal.finish() {
+        tracing::warn!("Removing the import journal: {e:#}");
+    }
+
+    // What ostree-ext dropped or moved, from the derived layers themselves.
+    let mut warnings = Vec::new();
+    let derived = opened.derived_layers();
+    if !derived.is_empty() {
+        tracker.message(format!(
+            "Checking {} derived layers for content the commit does not hold",
+            derived.len()
+        ));
+        let rules = Rules {
+            retain_var: ostree::check_version(2024, 3),
+            allow_nonusr: root_is_transient(repo, &state.base_commit).unwrap_or_else(|e| {
+                tracing::warn!("Reading the base's prepare-root.conf, assuming no: {e:#}");
+                false
+            }),
+        };
+        for layer in derived {
+            match scan_layer(opened, layer, rules).await {
+                Ok(found) => {
+                    for w in &found {
+                        tracker.warning(w);
+                    }
+                    warnings.extend(found);
+                }
+                Err(e) => tracing::warn!(
+                    "Looking for content the commit does not hold in layer {}, skipping: {e:#}",
+                    layer.digest()
+                ),
+            }
+        }
+        if let Err(e) = store::record_warnings(repo, &state.merge_commit, &warnings) {
+            tracing::warn!("Recording the warnings with {}: {e:#}", state.merge_commit);
+        }
+    }
+    Ok(ImportResult {
+        reference: image,
+        digest: state.manifest_digest.to_string(),
+        version,
+        commit: state.merge_commit.clone(),
+        layers_imported: to_import.len() as u64,
+        layers_skipped: skipped,
+        bytes_imported: bytes_to_import,
+        warnings,
+    })
+}
+
+fn refescape_image_ref(image: &ImageReference) -> Result<String, ImporterError> {
+    ostree_ext::refescape::prefix_escape_for_ref(store::IMAGE_PREFIX, &image.to_string())
+        .map_err(|e| failed_with(&format!("Naming the reference of {image}"), &e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reserves_what_libostree_keeps_free() {
+        // (min-free-space-size, min-free-space-percent, blocks, block size, reserved blocks)
+        type Case<'a> = (Option<&'a str>, Option<u64>, u64, u64, Option<u64>);
+        let cases: &[Case<'_>] = &[
+            // Default: 3 % of the blocks.
+            (None, None, 1000, 4096, Some(30)),
+            (None, Some(0), 1000, 4096, Some(0)),
+            (None, Some(10), 1000, 4096, Some(100)),
+            // A size wins over a percentage, rounded up to whole blocks.
+            (Some("1MB"), Some(10), 1000, 4096, Some(256)),
+            (Some("1MB"), None, 1000, 1000, Some(1049)),
+            (Some("2GB"), None, 1 << 30, 1 << 20, Some(2048)),
+            (Some("1TB"), None, 1, 1 << 30, Some(1024)),
+            (Some("500kB"), None, 1000, 4096, None),
+            (Some("MB"), None, 1000, 4096, None),
+        ];
+        for (size, percent, blocks, block_size, want) in cases {
+            let got = reserved_blocks(*size, *percent, *blocks, *block_size).ok();
+            assert_eq!(got, *want, "{size:?} {percent:?}");
+        }
+    }
+
+    #[test]
+    fn classifies_errors() {
+        let corrupt = [
+            "Importing: Unencapsulating base: Layer sha256:ab: Corrupted blob, expecting sha256:ab",
+            "Processing tar: failed to fill whole buffer",
+            "Parsing layer blob sha256:cd: Processing tar: unexpected end of file",
+            "invalid gzip header",
+        ];
+        for m in corrupt {
+            assert!(is_corruption(m), "{m}");
+            assert!(!is_space_error(m), "{m}");
+        }
+        for m in [
+            "Writing content object: No space left on device",
+            "min-free-space-percent '3%' would be exceeded, at least 12 bytes requested",
+        ] {
+            assert!(is_space_error(m), "{m}");
+        }
+        assert!(!is_corruption("Permission denied"));
+    }
+
+    #[test]
+    fn bootable_labels() {
+        let cases: &[(&[(&str, &str)], bool)] = &[
+            (&[("containers.bootc", "1")], true),
+            (&[("ostree.bootable", "true")], true),
+            (&[("ostree.bootable", "1")], true),
+            (&[("containers.bootc", "0")], false),
+            (&[("org.opencontainers.image.version", "1")], false),
+            (&[], false),
+        ];
+        for (labels, want) in cases {
+            let get = |k: &str| {
+                labels
+                    .iter()
+                    .find(|(key, _)| *key == k)
+                    .map(|(_, v)| v.to_string())
+            };
+            assert_eq!(is_bootable(get), *want, "{labels:?}");
+        }
+    }
+
+    #[test]
+    fn short_digests() {
+        assert_eq!(short("sha256:0123456789abcdef"), "0123456789ab");
+        assert_eq!(short("abc"), "abc");
+    }
+}

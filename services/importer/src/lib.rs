@@ -1,0 +1,480 @@
+//! The importer service (`org.dnfimage.Importer`): imports bootable container images from the
+//! fetcher's local OCI cache into the sysroot's ostree repository with ostree-ext, records them
+//! under their registry references, and removes those no deployment uses.
+//!
+//! ostree and glib objects never cross threads here: each import or prune runs on a thread of
+//! its own (an import with a current-thread tokio runtime, as ostree-ext's importer is async),
+//! feeding the method's reply stream through a channel. The varlink server stays on the main
+//! task and answers other calls meanwhile; `Cancel` and SIGTERM reach the job through its
+//! [`Job`].
+
+pub mod import;
+pub mod journal;
+pub mod reference;
+pub mod scan;
+pub mod store;
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use dnfimage_interfaces::importer::{
+    CancelReply, IDL, ImportPhase, ImportProgress, ImportReply, ImportResult, ImportWarning,
+    ImportWarningKind, ImportedImage, ImporterError, ListImagesReply, PrunePhase, PruneProgress,
+    PruneReply, PruneResult,
+};
+use dnfimage_runtime::{Activation, Activity, Job, JobSlot, Policy, ServiceArgs};
+use futures_util::Stream;
+use tokio::sync::{mpsc, oneshot, watch};
+use zlink::Reply;
+
+use import::{Paths, Request};
+use reference::Source;
+
+/// Methods that change state: only root (or `--allow-uid`) may call them.
+pub const PRIVILEGED: &[&str] = &["Import", "Cancel", "Prune"];
+
+/// How long a cancelled job's blocking work may take to stop before the job is let go.
+const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often a prune looks for the sysroot lock while another process holds it.
+const LOCK_POLL: Duration = Duration::from_millis(250);
+
+/// Command line of `dnfimage-importer`.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    version,
+    about = "The dnfimage importer service (org.dnfimage.Importer)"
+)]
+pub struct Args {
+    #[command(flatten)]
+    pub service: ServiceArgs,
+    /// The sysroot whose repository (`ostree/repo`) images are imported into.
+    #[arg(long, env = "DNFIMAGE_SYSROOT", default_value = "/")]
+    pub sysroot: PathBuf,
+}
+
+/// Runs the service until idle or stopped.
+pub async fn run(args: Args, activation: Option<Activation>) -> Result<()> {
+    let paths = Paths::new(&args.sysroot);
+    // An import killed last time may have left half-written layer references.
+    let repo = paths.repo.clone();
+    tokio::task::spawn_blocking(move || {
+        store::open_repo(&repo)?;
+        import::recover(&repo)
+    })
+    .await
+    .context("Checking the repository")?
+    .context("Checking the repository")?;
+    let activity = Activity::new();
+    let jobs = JobSlot::new(activity.clone());
+    let importer = Importer::new(paths, jobs.clone());
+    let policy = Policy::new(IDL, PRIVILEGED)?;
+    dnfimage_runtime::serve(importer, policy, &args.service, activation, activity, &jobs).await
+}
+
+/// The service state.
+#[derive(Debug, Clone)]
+pub struct Importer {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    paths: Paths,
+    jobs: JobSlot,
+}
+
+type Replies<R> = mpsc::Sender<Result<Reply<R>, ImporterError>>;
+
+/// Sends progress records of a `more` call (nothing when the caller did not ask for them).
+#[derive(Debug, Clone)]
+struct Sink<R> {
+    tx: Replies<R>,
+    more: bool,
+}
+
+impl<R> Sink<R> {
+    fn send(&self, record: R) {
+        if self.more {
+            let reply = Reply::new(Some(record)).set_continues(Some(true));
+            // A slow client misses intermediate records rather than slowing the job.
+            let _ = self.tx.try_send(Ok(reply));
+        }
+    }
+}
+
+/// Asks a job's thread to stop.
+#[derive(Debug, Clone)]
+struct Stop(watch::Receiver<bool>);
+
+impl Stop {
+    fn requested(&self) -> bool {
+        *self.0.borrow()
+    }
+
+    async fn wait(&mut self) {
+        // An error means the job's task is gone, which is a reason to stop too.
+        let _ = self.0.wait_for(|s| *s).await;
+    }
+}
+
+fn failed(message: impl Into<String>) -> ImporterError {
+    ImporterError::Failed {
+        message: message.into(),
+    }
+}
+
+/// The replies of a `more` call.
+type ReplyStream<R> = std::pin::Pin<Box<dyn Stream<Item = Result<Reply<R>, ImporterError>> + Send>>;
+
+fn reply_stream<R: Send + 'static>(
+    rx: mpsc::Receiver<Result<Reply<R>, ImporterError>>,
+) -> ReplyStream<R> {
+    Box::pin(futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    }))
+}
+
+impl Importer {
+    /// An importer writing the repository of `paths`, running jobs in `jobs`.
+    pub fn new(paths: Paths, jobs: JobSlot) -> Self {
+        Self {
+            shared: Arc::new(Shared { paths, jobs }),
+        }
+    }
+
+    /// Runs `work` as the service's job on a thread of its own; its progress goes to the
+    /// stream returned, then its result. `wrap` turns the result into the last reply.
+    fn spawn_job<R, T>(
+        &self,
+        what: String,
+        more: bool,
+        work: impl FnOnce(Sink<R>, Stop) -> Result<T, ImporterError> + Send + 'static,
+        wrap: impl FnOnce(T) -> R + Send + 'static,
+    ) -> ReplyStream<R>
+    where
+        R: Send + 'static,
+        T: Send + 'static,
+    {
+        let (tx, rx) = mpsc::channel(64);
+        let job = match self.shared.jobs.try_start(&what) {
+            Ok(job) => job,
+            Err(running) => {
+                // The receiver is still here, so this cannot fail.
+                let _ = tx.try_send(Err(ImporterError::AlreadyInProgress { operation: running }));
+                return reply_stream(rx);
+            }
+        };
+        let sink = Sink {
+            tx: tx.clone(),
+            more,
+        };
+        tokio::spawn(async move {
+            let result = run_on_thread(&what, &job, sink, work).await;
+            match &result {
+                Ok(_) => tracing::info!("{what}: done"),
+                Err(e) => tracing::warn!("{what} failed: {e:?}"),
+            }
+            let last = result.map(|r| Reply::new(Some(wrap(r))).set_continues(Some(false)));
+            // Release the job before the final reply, so a client that sees the result can
+            // start the next job at once.
+            drop(job);
+            if tx.send(last).await.is_err() {
+                tracing::debug!("The client left before {what} ended");
+            }
+        });
+        reply_stream(rx)
+    }
+}
+
+/// Runs `work` on a new thread until it returns; asks it to stop when `job` is cancelled.
+async fn run_on_thread<R, T>(
+    what: &str,
+    job: &Job,
+    sink: Sink<R>,
+    work: impl FnOnce(Sink<R>, Stop) -> Result<T, ImporterError> + Send + 'static,
+) -> Result<T, ImporterError>
+where
+    R: Send + 'static,
+    T: Send + 'static,
+{
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (done_tx, done_rx) = oneshot::channel();
+    let stop = Stop(stop_rx);
+    let spawned = std::thread::Builder::new()
+        .name("job".into())
+        .spawn(move || {
+            // The receiver waits for this; if it is gone there is nobody to tell.
+            let _ = done_tx.send(work(sink, stop));
+        });
+    if let Err(e) = spawned {
+        return Err(failed(format!("Starting a thread for {what}: {e}")));
+    }
+    let mut done_rx = done_rx;
+    let done = tokio::select! {
+        r = &mut done_rx => r,
+        () = job.cancelled() => {
+            tracing::info!("Cancelling {what}");
+            stop_tx.send_replace(true);
+            done_rx.await
+        }
+    };
+    done.unwrap_or_else(|_| Err(failed(format!("{what}: the job's thread panicked"))))
+}
+
+/// The import job, on its thread.
+fn import_job(
+    paths: Paths,
+    request: Request,
+    sink: Sink<ImportReply>,
+    mut stop: Stop,
+) -> Result<ImportResult, ImporterError> {
+    let operation = request.operation();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| failed(format!("Starting an async runtime for the import: {e}")))?;
+    let emit = |progress: ImportProgress| {
+        sink.send(ImportReply {
+            progress: Some(progress),
+            result: None,
+        })
+    };
+    let result = runtime.block_on(async {
+        tokio::select! {
+            r = import::import(&paths, &request, &emit) => r,
+            () = stop.wait() => Err(ImporterError::Cancelled { operation: operation.clone() }),
+        }
+    });
+    // Dropping the import (on cancel) leaves ostree-ext's blocking work to notice; wait for it
+    // before cleaning up after it.
+    runtime.shutdown_timeout(STOP_TIMEOUT);
+    if result.is_err() {
+        match import::recover(&paths.repo) {
+            Ok(removed) if !removed.is_empty() => {
+                tracing::info!("Removed {} incomplete layer references", removed.len());
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!("Cleaning up after the failed import: {e:#}"),
+        }
+    }
+    result
+}
+
+/// The prune job, on its thread.
+fn prune_job(
+    paths: Paths,
+    keep: BTreeSet<String>,
+    sink: Sink<PruneReply>,
+    stop: Stop,
+) -> Result<PruneResult, ImporterError> {
+    let operation = "Pruning the repository".to_string();
+    let progress = |phase: PrunePhase, message: String| {
+        tracing::debug!("{message}");
+        sink.send(PruneReply {
+            progress: Some(PruneProgress { phase, message }),
+            result: None,
+        })
+    };
+    let cancelled = || ImporterError::Cancelled {
+        operation: operation.clone(),
+    };
+    let err = |context: &str, e: anyhow::Error| failed(format!("{context}: {e:#}"));
+    import::recover(&paths.repo).map_err(|e| err("Cleaning up after an earlier import", e))?;
+    let sysroot = store::load_sysroot_for_writing(&paths.sysroot)
+        .map_err(|e| err("Opening the sysroot", e))?;
+    let mut waiting = false;
+    loop {
+        match store::make_writable(&sysroot) {
+            Ok(true) => break,
+            Ok(false) => {}
+            Err(e) => return Err(err("Locking the sysroot", e)),
+        }
+        if stop.requested() {
+            return Err(cancelled());
+        }
+        if !waiting {
+            waiting = true;
+            progress(
+                PrunePhase::RemovingImages,
+                "Waiting for another process to release the sysroot lock".into(),
+            );
+        }
+        std::thread::sleep(LOCK_POLL);
+    }
+    let result = (|| {
+        // Deployments may have changed while someone else held the lock.
+        sysroot
+            .load_if_changed(ostree_ext::gio::Cancellable::NONE)
+            .context("Loading the sysroot")?;
+        let repo = sysroot.repo();
+        store::prune(
+            &sysroot,
+            &repo,
+            &keep,
+            &|step, message| {
+                let phase = match step {
+                    store::PruneStep::Images => PrunePhase::RemovingImages,
+                    store::PruneStep::Layers => PrunePhase::RemovingLayers,
+                    store::PruneStep::Objects => PrunePhase::RemovingObjects,
+                };
+                progress(phase, message)
+            },
+            &|| stop.requested(),
+        )
+    })();
+    sysroot.unlock();
+    match result {
+        Ok(p) => {
+            tracing::info!(
+                "Pruned {} images, {} layered commits, {} layers, {} objects ({} bytes)",
+                p.images.len(),
+                p.commits,
+                p.layers,
+                p.objects,
+                p.bytes
+            );
+            Ok(PruneResult {
+                removed_images: p.images,
+                removed_commits: p.commits,
+                removed_layers: p.layers,
+                removed_objects: p.objects,
+                freed_bytes: p.bytes,
+            })
+        }
+        Err(_) if stop.requested() => Err(cancelled()),
+        Err(e) => Err(err("Pruning the repository", e)),
+    }
+}
+
+fn list_images(paths: &Paths) -> Result<Vec<ImportedImage>> {
+    let repo = store::open_repo(&paths.repo)?;
+    let sysroot = store::load_sysroot(&paths.sysroot)?;
+    let in_use = store::in_use(&sysroot, &repo).context("Reading the deployments")?;
+    store::images(&repo, &in_use)
+}
+
+fn parse_image(image: &str) -> Result<ostree_ext::container::ImageReference, ImporterError> {
+    reference::parse_image(image).map_err(|message| ImporterError::InvalidImageReference {
+        image: image.to_string(),
+        message,
+    })
+}
+
+/// Imports bootable container images from the fetcher's local OCI cache into the sysroot's
+/// ostree repository, layer by layer, and removes those no deployment uses.
+#[zlink::service(
+    interface = "org.dnfimage.Importer",
+    types = [
+        ImportPhase, ImportWarningKind, ImportWarning, ImportProgress, ImportResult,
+        ImportedImage, PrunePhase, PruneProgress, PruneResult,
+    ],
+    vendor = "dnfimage",
+    product = "dnfimage-importer",
+    version = env!("CARGO_PKG_VERSION"),
+    url = "https://example.invalid/dnfimage"
+)]
+impl Importer {
+    /// Imports the image at `source` (a local "oci:" or "oci-archive:" reference, normally
+    /// the fetcher's `cacheReference`) into the sysroot's ostree repository, layer by layer,
+    /// skipping the layers already there, and records it under `image` (the registry
+    /// reference the user asked for, "docker://…", never the cache path).
+    /// Warns about content the installed libostree drops or moves. Streams progress records,
+    /// then one record with the result. Refuses images that are not bootable, fails before
+    /// writing when the repository's filesystem lacks space, and on any failure or cancel
+    /// leaves no reference to a half-imported image (complete layers are kept for the next
+    /// try).
+    #[zlink(more)]
+    async fn import(
+        &self,
+        more: bool,
+        source: String,
+        image: String,
+    ) -> impl Stream<Item = Result<Reply<ImportReply>, ImporterError>> + Unpin + use<> {
+        let parsed = Source::parse(&source)
+            .map_err(|message| ImporterError::InvalidImageReference {
+                image: source.clone(),
+                message,
+            })
+            .and_then(|source| {
+                Ok(Request {
+                    source,
+                    image: parse_image(&image)?,
+                })
+            });
+        let request = match parsed {
+            Ok(r) => r,
+            Err(e) => {
+                let (tx, rx) = mpsc::channel(1);
+                // The receiver is still here, so this cannot fail.
+                let _ = tx.try_send(Err(e));
+                return reply_stream(rx);
+            }
+        };
+        let paths = self.shared.paths.clone();
+        self.spawn_job(
+            request.operation(),
+            more,
+            move |sink, stop| import_job(paths, request, sink, stop),
+            |result| ImportReply {
+                progress: None,
+                result: Some(result),
+            },
+        )
+    }
+
+    /// Cancels the running import or prune; complete layers stay in the repository.
+    async fn cancel(&self) -> CancelReply {
+        CancelReply {
+            cancelled: self.shared.jobs.cancel(),
+        }
+    }
+
+    /// Lists the images in the repository.
+    async fn list_images(&self) -> Result<ListImagesReply, ImporterError> {
+        let paths = self.shared.paths.clone();
+        let images = tokio::task::spawn_blocking(move || list_images(&paths))
+            .await
+            .map_err(|e| failed(format!("Listing images: {e}")))?
+            .map_err(|e| failed(format!("Listing images: {e:#}")))?;
+        Ok(ListImagesReply { images })
+    }
+
+    /// Removes every image that no deployment uses and whose reference is not in `keep`
+    /// (default: none), the commits the layerer built that no deployment uses, then the
+    /// layers no remaining image uses and every object nothing refers to. Streams progress
+    /// records, then one record with the result.
+    #[zlink(more)]
+    async fn prune(
+        &self,
+        more: bool,
+        keep: Option<Vec<String>>,
+    ) -> impl Stream<Item = Result<Reply<PruneReply>, ImporterError>> + Unpin + use<> {
+        let keep: Result<BTreeSet<String>, ImporterError> = keep
+            .unwrap_or_default()
+            .iter()
+            .map(|k| parse_image(k).map(|r| r.to_string()))
+            .collect();
+        let keep = match keep {
+            Ok(k) => k,
+            Err(e) => {
+                let (tx, rx) = mpsc::channel(1);
+                // The receiver is still here, so this cannot fail.
+                let _ = tx.try_send(Err(e));
+                return reply_stream(rx);
+            }
+        };
+        let paths = self.shared.paths.clone();
+        self.spawn_job(
+            "Pruning the repository".to_string(),
+            more,
+            move |sink, stop| prune_job(paths, keep, sink, stop),
+            |result| PruneReply {
+                progress: None,
+                result: Some(result),
+            },
+        )
+    }
+}
