@@ -16,6 +16,7 @@ use crate::{Cli, EXIT_UNCHANGED, Output, connect, image, progress};
 pub struct UpgradeOptions {
     pub check: bool,
     pub download_only: bool,
+    pub preview: bool,
     pub from_downloaded: bool,
     pub unchanged_exit_77: bool,
     pub concurrency: Option<u64>,
@@ -84,7 +85,7 @@ fn normalize(image: &str) -> String {
 }
 
 /// The deployer's status, checked against `--sysroot`.
-async fn status_of(cli: &Cli) -> Result<(dnfimage_interfaces::Connection, StatusReply)> {
+pub(crate) async fn status_of(cli: &Cli) -> Result<(dnfimage_interfaces::Connection, StatusReply)> {
     let mut conn = connect(cli, deployer::INTERFACE).await?;
     let status = conn
         .status()
@@ -108,7 +109,7 @@ async fn status_of(cli: &Cli) -> Result<(dnfimage_interfaces::Connection, Status
 }
 
 /// The deployment an upgrade starts from: the booted one, else the one that boots next.
-fn current(status: &StatusReply) -> Option<&Deployment> {
+pub(crate) fn current(status: &StatusReply) -> Option<&Deployment> {
     status
         .deployments
         .iter()
@@ -155,7 +156,7 @@ async fn import(cli: &Cli, out: &Output, source: &str, image: &str) -> Result<Im
     Ok(result)
 }
 
-async fn deploy(
+pub(crate) async fn deploy(
     cli: &Cli,
     out: &Output,
     commit: &str,
@@ -259,7 +260,16 @@ pub(crate) async fn upgrade(cli: &Cli, out: &Output, opts: &UpgradeOptions) -> R
             ));
             return Ok(unchanged);
         }
-        let deployed = deploy(cli, out, &downloaded.commit, &image, None).await?;
+        let commit = if crate::layer::has_layering(from) {
+            let change = crate::layer::Change::default();
+            crate::layer::build(cli, out, &downloaded.commit, Some(&from.commit), &change)
+                .await
+                .context("Applying this machine's packages to the new image; nothing was deployed")?
+                .commit
+        } else {
+            downloaded.commit.clone()
+        };
+        let deployed = deploy(cli, out, &commit, &image, None).await?;
         out.deployed(&status, &deployed)?;
         return Ok(0);
     }
@@ -271,26 +281,57 @@ pub(crate) async fn upgrade(cli: &Cli, out: &Output, opts: &UpgradeOptions) -> R
         .context("Calling CheckUpdate")?
         .map_err(service_error)?;
     if opts.check {
-        out.check(&image, &check)?;
+        let mut changes = None;
+        if check.update_available {
+            // Already downloaded (`--download-only`): say what it changes in packages.
+            let mut importer = connect(cli, importer::INTERFACE).await?;
+            let images = importer
+                .list_images()
+                .await
+                .context("Calling ListImages")?
+                .map_err(service_error)?;
+            if let Some(downloaded) = images
+                .images
+                .iter()
+                .find(|i| i.reference == image && i.digest == check.digest)
+            {
+                let base = from.base_commit.as_deref().unwrap_or(&from.commit);
+                match crate::layer::package_diff(cli, base, &downloaded.commit).await {
+                    Ok(c) => changes = Some(c),
+                    Err(e) => out.warn(&format!("Comparing packages: {e:#}")),
+                }
+            }
+        }
+        out.check_with_changes(&image, &check, changes.as_ref())?;
         return Ok(if check.update_available { 0 } else { unchanged });
     }
     if !check.update_available {
         out.note(&format!("No update: {image} is still {}", check.digest));
         return Ok(unchanged);
     }
-    let (imported, deployed) = fetch_import_deploy(
-        cli,
-        out,
-        &image,
-        None,
-        opts.concurrency,
-        !opts.download_only,
-    )
-    .await?;
-    match deployed {
-        Some(deployed) => out.deployed(&status, &deployed)?,
-        None => out.downloaded(&imported)?,
+    let (imported, _) =
+        fetch_import_deploy(cli, out, &image, None, opts.concurrency, false).await?;
+    if opts.download_only {
+        if opts.preview {
+            let base = from.base_commit.as_deref().unwrap_or(&from.commit);
+            let changes = crate::layer::package_diff(cli, base, &imported.commit).await?;
+            out.package_changes(&changes)?;
+        }
+        out.downloaded(&imported)?;
+        return Ok(0);
     }
+    // This machine's packages and overrides, applied again on the new image.
+    let commit = if crate::layer::has_layering(from) {
+        let change = crate::layer::Change::default();
+        let built = crate::layer::build(cli, out, &imported.commit, Some(&from.commit), &change)
+            .await
+            .context("Applying this machine's packages to the new image; nothing was deployed")?;
+        built.commit
+    } else {
+        imported.commit.clone()
+    };
+    let deployed = deploy(cli, out, &commit, &image, None).await?;
+    out.deployed(&status, &deployed)?;
     Ok(0)
 }
 

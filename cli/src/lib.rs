@@ -4,6 +4,7 @@
 pub mod errors;
 mod host;
 mod image;
+mod layer;
 pub mod output;
 mod progress;
 
@@ -68,6 +69,9 @@ pub enum Command {
         /// Exit with 77 when there is no update.
         #[arg(long)]
         unchanged_exit_77: bool,
+        /// Download the update and show the package changes it brings, without deploying it.
+        #[arg(long, conflicts_with_all = ["check", "download_only", "from_downloaded"])]
+        preview: bool,
         /// Layers fetched at once.
         #[arg(long)]
         concurrency: Option<u64>,
@@ -108,6 +112,26 @@ pub enum Command {
         #[arg(long)]
         replace: Vec<String>,
     },
+    /// Layer packages on this machine's deployment; they survive image upgrades.
+    Install {
+        /// Package names (as the configured repositories know them).
+        #[arg(required = true)]
+        packages: Vec<String>,
+        /// Use only this repository id (repeatable; default: every enabled one).
+        #[arg(long = "repo")]
+        repositories: Vec<String>,
+    },
+    /// Remove layered packages.
+    Uninstall {
+        /// Package names given to `install`.
+        #[arg(required = true)]
+        packages: Vec<String>,
+    },
+    /// Replace or remove packages of the image itself on this machine.
+    #[command(subcommand)]
+    Override(layer::OverrideCommand),
+    /// Drop every layered package and override: back to the image as built.
+    Reset,
     /// Work with images in registries and in the local cache.
     #[command(subcommand)]
     Image(image::ImageCommand),
@@ -148,12 +172,14 @@ pub async fn run(cli: Cli) -> Result<u8> {
             download_only,
             from_downloaded,
             unchanged_exit_77,
+            preview,
             concurrency,
             auto,
         } => {
             let mut opts = host::UpgradeOptions {
                 check: *check,
-                download_only: *download_only,
+                download_only: *download_only || *preview,
+                preview: *preview,
                 from_downloaded: *from_downloaded,
                 unchanged_exit_77: *unchanged_exit_77,
                 concurrency: *concurrency,
@@ -182,5 +208,25 @@ pub async fn run(cli: Cli) -> Result<u8> {
             delete,
             replace,
         } => host::kargs(&cli, &out, append, delete, replace).await,
+        Command::Install {
+            packages,
+            repositories,
+        } => {
+            let change = layer::Change {
+                install: packages.clone(),
+                repositories: repositories.clone(),
+                ..Default::default()
+            };
+            layer::apply(&cli, &out, change).await
+        }
+        Command::Uninstall { packages } => {
+            let change = layer::Change {
+                uninstall: packages.clone(),
+                ..Default::default()
+            };
+            layer::apply(&cli, &out, change).await
+        }
+        Command::Override(cmd) => layer::override_command(&cli, &out, cmd).await,
+        Command::Reset => layer::reset(&cli, &out).await,
     }
 }

@@ -10,6 +10,7 @@ use dnfimage_interfaces::fetcher::{
     CachedImage, CheckUpdateReply, FetchResult, ImageInfo, PruneReply, UpdateCheck,
 };
 use dnfimage_interfaces::importer::ImportResult;
+use dnfimage_interfaces::layerer::PackageChanges;
 use serde::Serialize;
 
 /// The `apiVersion` of every JSON document the CLI prints.
@@ -372,6 +373,68 @@ impl Output {
                 d.image.as_deref().unwrap_or(&d.commit),
                 d.version.as_deref().unwrap_or("")
             );
+        }
+        Ok(())
+    }
+
+    /// `upgrade --check`: the check, and the package changes when the update is downloaded.
+    pub fn check_with_changes(
+        &self,
+        image: &str,
+        reply: &CheckUpdateReply,
+        changes: Option<&PackageChanges>,
+    ) -> Result<()> {
+        if self.json {
+            #[derive(Serialize)]
+            #[serde(rename_all = "camelCase")]
+            struct Check<'a> {
+                #[serde(flatten)]
+                check: &'a CheckUpdateReply,
+                package_changes: Option<&'a PackageChanges>,
+            }
+            return self.document(
+                "UpdateCheck",
+                &Check {
+                    check: reply,
+                    package_changes: changes,
+                },
+            );
+        }
+        self.check(image, reply)?;
+        if let Some(changes) = changes {
+            self.package_changes(changes)?;
+        }
+        Ok(())
+    }
+
+    /// Package changes: upgraded, downgraded, added, removed.
+    pub fn package_changes(&self, c: &PackageChanges) -> Result<()> {
+        if self.json {
+            return self.document("PackageChanges", c);
+        }
+        if c.upgraded.is_empty()
+            && c.downgraded.is_empty()
+            && c.added.is_empty()
+            && c.removed.is_empty()
+        {
+            println!("No package changes.");
+            return Ok(());
+        }
+        for (title, list) in [("Upgraded", &c.upgraded), ("Downgraded", &c.downgraded)] {
+            if !list.is_empty() {
+                println!("{title}:");
+                for p in list {
+                    println!("  {} {} -> {}", p.name, p.from_version, p.to_version);
+                }
+            }
+        }
+        for (title, list) in [("Added", &c.added), ("Removed", &c.removed)] {
+            if !list.is_empty() {
+                println!("{title}:");
+                for p in list {
+                    println!("  {} {}", p.name, p.version);
+                }
+            }
         }
         Ok(())
     }

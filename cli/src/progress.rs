@@ -4,7 +4,7 @@
 use std::future::Future;
 
 use anyhow::{Context, Result};
-use dnfimage_interfaces::{deployer, fetcher, importer};
+use dnfimage_interfaces::{deployer, fetcher, importer, layerer};
 use futures_util::{Stream, StreamExt};
 use serde::Serialize;
 
@@ -55,6 +55,25 @@ impl Streamed for deployer::DeployReply {
     }
 }
 
+impl Streamed for layerer::BuildReply {
+    type Result = layerer::BuildResult;
+    fn take(self, view: &mut ProgressView) -> Option<Self::Result> {
+        if let Some(p) = &self.progress {
+            let bytes = p.bytes_done.zip(p.bytes_total);
+            let msg = if p.packages_total > 0 {
+                format!(
+                    "{}/{} packages, {}",
+                    p.packages_done, p.packages_total, p.message
+                )
+            } else {
+                p.message.clone()
+            };
+            view.set(bytes, &msg);
+        }
+        self.result
+    }
+}
+
 impl Streamed for deployer::CleanupReply {
     type Result = deployer::CleanupResult;
     fn take(self, view: &mut ProgressView) -> Option<Self::Result> {
@@ -80,6 +99,7 @@ pub async fn cancel(cli: &Cli, interface: &str) -> Result<()> {
     use dnfimage_interfaces::deployer::DeployerProxy;
     use dnfimage_interfaces::fetcher::FetcherProxy;
     use dnfimage_interfaces::importer::ImporterProxy;
+    use dnfimage_interfaces::layerer::LayererProxy;
     let mut conn = connect(cli, interface).await?;
     let what = match interface {
         fetcher::INTERFACE => {
@@ -98,6 +118,13 @@ pub async fn cancel(cli: &Cli, interface: &str) -> Result<()> {
         }
         deployer::INTERFACE => {
             DeployerProxy::cancel(&mut conn)
+                .await
+                .context("Calling Cancel")?
+                .map_err(service_error)?
+                .cancelled
+        }
+        layerer::INTERFACE => {
+            LayererProxy::cancel(&mut conn)
                 .await
                 .context("Calling Cancel")?
                 .map_err(service_error)?
