@@ -9,6 +9,8 @@ APT_PACKAGES=(
   # Real parts the services drive and the tests start.
   ostree skopeo docker-registry
   rpm dnf createrepo-c bubblewrap
+  # Layering: rpm-signing keys for the test packages, the rpmdb WAL checkpoint.
+  gnupg sqlite3
   systemd util-linux e2fsprogs
   # systemd-nspawn: the units under systemd as PID 1 (integration/tests/units.rs).
   systemd-container

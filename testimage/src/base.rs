@@ -7,6 +7,11 @@
 //! rest), then ostree-ext's empty "reserved for new packages" layer. ostree-ext requires every
 //! file to belong to a component. Version 2 changes only files of `os`, so v1 → v2 changes
 //! exactly two layers: the ostree commit layer and the `os` layer.
+//!
+//! The root carries an rpm database (sqlite, in `/usr/lib/sysimage/rpm` as on Fedora, part of
+//! `os`) recording the packages its files belong to (see `rpms::base_specs`): `dnfimage-base`
+//! (1.0 in v1, 2.0 in v2), `dnfimage-busybox`, `dnfimage-kernel` and `dnfimage-docs`, so the
+//! images are layering bases.
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::{PermissionsExt, symlink};
@@ -171,6 +176,12 @@ pub(crate) fn write_root(root: &Path, version: u32, opts: &BaseOptions) -> Resul
         0o644,
         format!("{version}\n").as_bytes(),
     )?;
+    write(
+        root,
+        crate::rpms::files::DOCS,
+        0o644,
+        b"The dnfimage test OS.\n",
+    )?;
     Ok(())
 }
 
@@ -249,6 +260,8 @@ pub fn build_base(oci_dir: &Path, tag: &str, version: u32, opts: &BaseOptions) -
     let scratch_oci = tmp.path().join("oci");
     std::fs::create_dir(&root).context("Creating root")?;
     write_root(&root, version, opts).context("Writing root filesystem")?;
+    crate::rpms::install_base_rpmdb(&root, version, tmp.path())
+        .context("Writing the rpm database")?;
 
     let ostree = |args: &[&str]| -> Result<String> {
         run(Command::new("ostree")
@@ -317,6 +330,8 @@ mod tests {
             ("/usr/share/dnfimage-app/data", "os"),
             ("/usr/lib/os-release", "os"),
             ("/usr/etc/hostname", "os"),
+            ("/usr/lib/sysimage/rpm/rpmdb.sqlite", "os"),
+            ("/usr/share/doc/dnfimage/README", "os"),
             ("/bin", "os"),
         ];
         for (path, want) in cases {

@@ -14,7 +14,7 @@ use crate::skopeo;
 
 /// Bump when the fixture content changes for reasons outside this crate's source (the cache
 /// key also covers the factory's source, see [`Fixtures::build`]).
-pub const FIXTURES_VERSION: &str = "1";
+pub const FIXTURES_VERSION: &str = "2";
 /// Environment variable naming the fixture cache directory (default: `<target>/dnfimage-fixtures`).
 pub const FIXTURES_DIR_ENV: &str = "DNFIMAGE_FIXTURES_DIR";
 
@@ -56,6 +56,7 @@ fn cache_key() -> String {
         include_str!("base.rs"),
         include_str!("oci.rs"),
         include_str!("fixtures.rs"),
+        include_str!("rpms.rs"),
     ] {
         h.update(source.as_bytes());
     }
@@ -201,7 +202,7 @@ impl Fixtures {
 
 /// `$DNFIMAGE_FIXTURES_DIR`, else `dnfimage-fixtures` in the cargo target directory holding the
 /// running executable (found by its `CACHEDIR.TAG`), else in the temporary directory.
-fn shared_cache_dir() -> PathBuf {
+pub(crate) fn shared_cache_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os(FIXTURES_DIR_ENV) {
         return dir.into();
     }

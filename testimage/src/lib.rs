@@ -14,25 +14,33 @@
 //!   [`FIXTURES_VERSION`] and shared by all test processes.
 //! - [`Registry`]: a `docker-registry` on 127.0.0.1 whose access log shows which blobs a
 //!   client fetched.
+//! - [`TestRpms`]: RPM packages for layering (a dependency, scriptlets, a conflict, a
+//!   replacement kernel, unsigned and foreign-signed ones) in a signed rpm-md repository, and
+//!   [`RepoServer`], which serves such a repository over HTTP on 127.0.0.1.
 //!
 //! Everything here is synchronous (it may be called from async tests too: the ostree-ext work
-//! runs on its own thread). External tools: `ostree`, `skopeo`, `docker-registry` and a static
-//! `busybox` (Debian `busybox-static`).
+//! runs on its own thread). External tools: `ostree`, `skopeo`, `docker-registry`, a static
+//! `busybox` (Debian `busybox-static`), `rpm`/`rpmbuild`/`rpmsign`, `createrepo_c`, `gpg` and
+//! `sqlite3`.
 
 mod base;
 mod cmd;
 mod fixtures;
+mod http;
 mod oci;
 mod registry;
+pub mod rpms;
 mod skopeo;
 
 pub use base::{BaseOptions, HOSTNAME, KERNEL_VERSION, OS_NAME, build_base};
 pub use fixtures::{
     FIXTURES_DIR_ENV, FIXTURES_VERSION, Fixtures, ImageSummary, PushedRefs, build_all, tags,
 };
+pub use http::{RepoServer, ServedRequest};
 pub use oci::{
     BOOTC_LABEL, BenchOptions, CREATED, DERIVED_CONTENT, DERIVED_FILE, Image, VERSION_LABEL,
     blob_path, build_bench, build_derived, build_not_bootable, list_tags, read_image,
 };
 pub use registry::{AccessLogEntry, Registry, parse_access_log_line};
+pub use rpms::TestRpms;
 pub use skopeo::{copy as skopeo_copy, oci_ref, push_tags};

@@ -7,8 +7,8 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::Parser;
 use dnfimage_testimage::{
-    BaseOptions, BenchOptions, ImageSummary, Registry, build_all, build_bench, list_tags,
-    push_tags, read_image,
+    BaseOptions, BenchOptions, ImageSummary, Registry, RepoServer, TestRpms, build_all,
+    build_bench, list_tags, push_tags, read_image,
 };
 
 /// Test images and a throwaway registry for dnfimage.
@@ -44,6 +44,17 @@ enum Cli {
         /// Work directory: config.yml, registry.log, storage/.
         #[arg(long)]
         dir: PathBuf,
+    },
+    /// Build (or find already built) the layering test packages and print where they are:
+    /// `REPO=` (rpm-md repository), `KEYS=` (key directory for the layerer), `KERNEL=` (the
+    /// replacement kernel package).
+    ///
+    /// With `--serve`, also serve the repository over HTTP on a free 127.0.0.1 port, print
+    /// `URL=…`, and run until SIGTERM, SIGINT or SIGHUP, or until stdin closes when it is a pipe.
+    Rpms {
+        /// Serve the repository over HTTP.
+        #[arg(long)]
+        serve: bool,
     },
     /// Push tags of an OCI layout to a registry as docker://ADDR/REPO:TAG.
     Push {
@@ -172,6 +183,19 @@ fn run(cli: Cli) -> Result<()> {
             std::io::stdout().flush().context("Writing address")?;
             wait_for_shutdown()?;
             registry.stop();
+        }
+        Cli::Rpms { serve } => {
+            let rpms = TestRpms::shared()?;
+            println!("REPO={}", rpms.repo_dir.display());
+            println!("KEYS={}", rpms.key_dir.display());
+            println!("KERNEL={}", rpms.new_kernel().display());
+            if serve {
+                let mut server = RepoServer::serve(&rpms.repo_dir)?;
+                println!("URL={}", server.url());
+                std::io::stdout().flush().context("Writing the URL")?;
+                wait_for_shutdown()?;
+                server.stop();
+            }
         }
         Cli::Push {
             oci,
