@@ -12,6 +12,7 @@ use anyhow::{Context, Result};
 use serde_json::Value;
 
 pub mod deploy_support;
+pub mod host;
 pub mod importer_support;
 pub mod proxy;
 pub mod rpm_support;

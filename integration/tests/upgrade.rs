@@ -1,132 +1,14 @@
 //! A user's whole day through `dnf-image`, on a real sysroot made with `ostree admin`, with the
 //! real fetcher, importer and deployer and a real registry.
 
-use std::ffi::OsStr;
 use std::path::Path;
 use std::process::Command;
 
 use anyhow::{Context, Result};
-use dnfimage_integration::sysroot::TestSysroot;
-use dnfimage_integration::{FetcherOptions, Scratch, ServiceProcess, run, run_ok};
-use dnfimage_interfaces::{deployer, importer};
-use dnfimage_testimage::{Fixtures, Registry, tags};
+use dnfimage_integration::host::Host;
+use dnfimage_integration::{run, run_ok};
+use dnfimage_testimage::{Fixtures, tags};
 use serde_json::Value;
-
-/// A scratch host: a sysroot, a registry following `dnfimage/os:latest`, the three services.
-struct Host {
-    scratch: Scratch,
-    sysroot: TestSysroot,
-    registry: Registry,
-    services: Vec<ServiceProcess>,
-    latest: String,
-}
-
-impl Host {
-    fn new() -> Result<Self> {
-        let scratch = Scratch::new()?;
-        let sysroot = TestSysroot::create(&scratch.path().join("sysroot"))?;
-        let registry = Registry::start(&scratch.path().join("registry"))?;
-        let latest = Fixtures::shared()?.push_as(&registry, tags::BASE_V1, "dnfimage/os:latest")?;
-        let mut host = Self {
-            scratch,
-            sysroot,
-            registry,
-            services: Vec::new(),
-            latest,
-        };
-        host.start_services()?;
-        Ok(host)
-    }
-
-    fn start_services(&mut self) -> Result<()> {
-        let conf = self.scratch.registries_conf(&self.registry.addr())?;
-        self.services.clear();
-        self.services.push(ServiceProcess::fetcher(
-            &self.scratch,
-            &FetcherOptions {
-                registries_conf: Some(conf),
-                ..Default::default()
-            },
-        )?);
-        let sysroot = self.sysroot.path().as_os_str().to_owned();
-        for (name, interface) in [
-            ("importer", importer::INTERFACE),
-            ("deployer", deployer::INTERFACE),
-        ] {
-            self.services.push(ServiceProcess::start(
-                &self.scratch,
-                name,
-                interface,
-                &[OsStr::new("--sysroot"), &sysroot],
-            )?);
-        }
-        Ok(())
-    }
-
-    /// Moves `dnfimage/os:latest` to a fixture tag.
-    fn publish(&self, tag: &str) -> Result<()> {
-        Fixtures::shared()?.push_as(&self.registry, tag, "dnfimage/os:latest")?;
-        Ok(())
-    }
-
-    fn cli(&self) -> Command {
-        let mut cmd = self.scratch.cli();
-        cmd.arg("--sysroot").arg(self.sysroot.path());
-        cmd
-    }
-
-    fn ok(&self, args: &[&str]) -> Result<String> {
-        run_ok(self.cli().args(args))
-    }
-
-    fn status(&self) -> Result<Value> {
-        let out = self.ok(&["status", "--json"])?;
-        let doc: Value = serde_json::from_str(&out)?;
-        check_schema(&out)?;
-        Ok(doc)
-    }
-
-    fn deployments(&self) -> Result<Vec<Value>> {
-        Ok(self.status()?["deployments"]
-            .as_array()
-            .context("deployments")?
-            .clone())
-    }
-
-    /// The text of the file at `path` inside deployment `index`'s root.
-    fn deployed_file(&self, index: usize, path: &str) -> Result<String> {
-        let d = &self.deployments()?[index];
-        let root = self.sysroot.path().join(format!(
-            "ostree/deploy/{}/deploy/{}.{}",
-            d["stateroot"].as_str().context("stateroot")?,
-            d["commit"].as_str().context("commit")?,
-            d["serial"]
-        ));
-        std::fs::read_to_string(root.join(path.trim_start_matches('/')))
-            .with_context(|| format!("Reading {path} in {}", root.display()))
-    }
-}
-
-/// Validates `status --json` output against the committed JSON Schema (Python's jsonschema).
-fn check_schema(doc: &str) -> Result<()> {
-    let schema = dnfimage_integration::repo_root().join("cli/schema/status.schema.json");
-    let script = "import json,sys,jsonschema\n\
-                  jsonschema.validate(json.loads(sys.stdin.read()), json.load(open(sys.argv[1])))";
-    let mut child = Command::new("python3")
-        .args(["-c", script])
-        .arg(&schema)
-        .stdin(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()?;
-    std::io::Write::write_all(child.stdin.as_mut().context("stdin")?, doc.as_bytes())?;
-    let out = child.wait_with_output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "status --json does not match cli/schema/status.schema.json:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
-}
 
 fn flags(d: &Value) -> Vec<&str> {
     ["booted", "staged", "default", "rollback", "pinned"]

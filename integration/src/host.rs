@@ -1,0 +1,173 @@
+//! A scratch host for end-to-end tests through `dnf-image`: a sysroot made with `ostree admin`, a
+//! registry where `dnfimage/os:latest` moves between fixture images, and the services.
+
+use std::ffi::OsStr;
+use std::process::Command;
+
+use anyhow::{Context, Result};
+use dnfimage_interfaces::{deployer, importer, layerer};
+use dnfimage_testimage::{Fixtures, Registry, tags};
+use serde_json::Value;
+
+use crate::rpm_support::Repositories;
+use crate::sysroot::TestSysroot;
+use crate::{FetcherOptions, Scratch, ServiceProcess, run_ok};
+
+/// A scratch host: a sysroot, a registry following `dnfimage/os:latest`, the three services.
+pub struct Host {
+    /// Sockets, state, logs.
+    pub scratch: Scratch,
+    /// The host's sysroot.
+    pub sysroot: TestSysroot,
+    /// The registry.
+    pub registry: Registry,
+    /// fetcher, importer, deployer (and layerer), in that order.
+    pub services: Vec<ServiceProcess>,
+    /// `docker://…/dnfimage/os:latest`.
+    pub latest: String,
+    /// The package repositories, when the host layers packages.
+    pub repos: Option<Repositories>,
+}
+
+impl Host {
+    /// A host following `dnfimage/os:latest` (v1 for now), without the layerer.
+    pub fn new() -> Result<Self> {
+        Self::build(false)
+    }
+
+    /// The same with the layerer and the signed test package repository.
+    pub fn with_layerer() -> Result<Self> {
+        Self::build(true)
+    }
+
+    fn build(layering: bool) -> Result<Self> {
+        let scratch = Scratch::new()?;
+        let sysroot = TestSysroot::create(&scratch.path().join("sysroot"))?;
+        let registry = Registry::start(&scratch.path().join("registry"))?;
+        let latest = Fixtures::shared()?.push_as(&registry, tags::BASE_V1, "dnfimage/os:latest")?;
+        let repos = if layering {
+            Some(Repositories::start(scratch.path())?)
+        } else {
+            None
+        };
+        let mut host = Self {
+            scratch,
+            sysroot,
+            registry,
+            services: Vec::new(),
+            latest,
+            repos,
+        };
+        host.start_services()?;
+        Ok(host)
+    }
+
+    /// (Re)starts the services.
+    pub fn start_services(&mut self) -> Result<()> {
+        let conf = self.scratch.registries_conf(&self.registry.addr())?;
+        self.services.clear();
+        self.services.push(ServiceProcess::fetcher(
+            &self.scratch,
+            &FetcherOptions {
+                registries_conf: Some(conf),
+                ..Default::default()
+            },
+        )?);
+        let sysroot = self.sysroot.path().as_os_str().to_owned();
+        for (name, interface) in [
+            ("importer", importer::INTERFACE),
+            ("deployer", deployer::INTERFACE),
+        ] {
+            self.services.push(ServiceProcess::start(
+                &self.scratch,
+                name,
+                interface,
+                &[OsStr::new("--sysroot"), &sysroot],
+            )?);
+        }
+        if let Some(repos) = &self.repos {
+            let rpms = dnfimage_testimage::rpms::TestRpms::shared()?;
+            let state = self.scratch.state_dir();
+            self.services.push(ServiceProcess::start(
+                &self.scratch,
+                "layerer",
+                layerer::INTERFACE,
+                &[
+                    OsStr::new("--sysroot"),
+                    &sysroot,
+                    OsStr::new("--state-dir"),
+                    state.as_os_str(),
+                    OsStr::new("--repos-dir"),
+                    repos.repos_dir.as_os_str(),
+                    OsStr::new("--gpg-key-dir"),
+                    rpms.key_dir.as_os_str(),
+                ],
+            )?);
+        }
+        Ok(())
+    }
+
+    /// Moves `dnfimage/os:latest` to a fixture tag.
+    pub fn publish(&self, tag: &str) -> Result<()> {
+        Fixtures::shared()?.push_as(&self.registry, tag, "dnfimage/os:latest")?;
+        Ok(())
+    }
+
+    pub fn cli(&self) -> Command {
+        let mut cmd = self.scratch.cli();
+        cmd.arg("--sysroot").arg(self.sysroot.path());
+        cmd
+    }
+
+    pub fn ok(&self, args: &[&str]) -> Result<String> {
+        run_ok(self.cli().args(args))
+    }
+
+    pub fn status(&self) -> Result<Value> {
+        let out = self.ok(&["status", "--json"])?;
+        let doc: Value = serde_json::from_str(&out)?;
+        check_schema(&out)?;
+        Ok(doc)
+    }
+
+    pub fn deployments(&self) -> Result<Vec<Value>> {
+        Ok(self.status()?["deployments"]
+            .as_array()
+            .context("deployments")?
+            .clone())
+    }
+
+    /// The text of the file at `path` inside deployment `index`'s root.
+    pub fn deployed_file(&self, index: usize, path: &str) -> Result<String> {
+        let d = &self.deployments()?[index];
+        let root = self.sysroot.path().join(format!(
+            "ostree/deploy/{}/deploy/{}.{}",
+            d["stateroot"].as_str().context("stateroot")?,
+            d["commit"].as_str().context("commit")?,
+            d["serial"]
+        ));
+        std::fs::read_to_string(root.join(path.trim_start_matches('/')))
+            .with_context(|| format!("Reading {path} in {}", root.display()))
+    }
+}
+
+/// Validates `status --json` output against the committed JSON Schema (Python's jsonschema).
+pub fn check_schema(doc: &str) -> Result<()> {
+    let schema = crate::repo_root().join("cli/schema/status.schema.json");
+    let script = "import json,sys,jsonschema\n\
+                  jsonschema.validate(json.loads(sys.stdin.read()), json.load(open(sys.argv[1])))";
+    let mut child = Command::new("python3")
+        .args(["-c", script])
+        .arg(&schema)
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    std::io::Write::write_all(child.stdin.as_mut().context("stdin")?, doc.as_bytes())?;
+    let out = child.wait_with_output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "status --json does not match cli/schema/status.schema.json:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
