@@ -26,6 +26,7 @@ bench: setup
 	$(CARGO) build --release --workspace --bins
 	./target/release/bench-fetch
 	./target/release/bench-upgrade
+	./target/release/bench-layer
 
 clean:
 	$(CARGO) clean

@@ -48,7 +48,17 @@ activate() { # service, extra env...
 activate fetcher -E DNFIMAGE_STATE_DIR="$demo/state" -E DNFIMAGE_REGISTRIES_CONF="$demo/registries.conf"
 activate importer -E DNFIMAGE_SYSROOT="$demo/sysroot"
 activate deployer -E DNFIMAGE_SYSROOT="$demo/sysroot"
-for s in Fetcher Importer Deployer; do
+
+# A signed package repository on 127.0.0.1 for client-side layering.
+"$BIN/dnfimage-testimage" rpms --serve > "$demo/rpms.out" &
+pids+=($!)
+for _ in $(seq 100); do grep -q '^URL=' "$demo/rpms.out" 2>/dev/null && break; sleep 0.1; done
+mkdir -p "$demo/repos.d"
+printf '[dnfimage-demo]\nname=dnfimage demo packages\nbaseurl=%s\nenabled=1\ngpgcheck=1\n' \
+  "$(sed -n 's/^URL=//p' "$demo/rpms.out")" > "$demo/repos.d/demo.repo"
+activate layerer -E DNFIMAGE_SYSROOT="$demo/sysroot" -E DNFIMAGE_STATE_DIR="$demo/state" \
+  -E DNFIMAGE_REPOS_DIR="$demo/repos.d" -E DNFIMAGE_GPG_KEY_DIR="$(sed -n 's/^KEYS=//p' "$demo/rpms.out")"
+for s in Fetcher Importer Deployer Layerer; do
   for _ in $(seq 50); do [ -S "$demo/run/org.dnfimage.$s" ] && break; sleep 0.1; done
 done
 
@@ -84,6 +94,13 @@ say "Upgrade again: nothing to do (exit 77 with --unchanged-exit-77)"
 cli --sysroot "$demo/sysroot" upgrade --unchanged-exit-77 || echo "exit code $?"
 say "Rollback: v1 boots next again"
 cli --sysroot "$demo/sysroot" rollback
+cli --sysroot "$demo/sysroot" status --booted
+
+say "Layer a package on this machine only (its dependency comes along)"
+cli --sysroot "$demo/sysroot" install dnfimage-hello
+cli --sysroot "$demo/sysroot" status --booted
+say "Reset: back to the image as built"
+cli --sysroot "$demo/sysroot" reset
 cli --sysroot "$demo/sysroot" status --booted
 echo
 echo "Demo done. Logs: $demo/*.log"
