@@ -16,7 +16,7 @@ use dnfimage_integration::systemd::{
     wait_for,
 };
 use dnfimage_integration::{assert_blobs_intact, bin_dir, repo_root, run, run_ok};
-use dnfimage_testimage::{BenchOptions, Fixtures, Registry};
+use dnfimage_testimage::{BenchOptions, Fixtures, Registry, tags};
 
 /// The services, as (unit stem, varlink interface).
 const SERVICES: [(&str, &str); 4] = [
@@ -744,6 +744,36 @@ fn units_under_systemd_in_a_container() -> Result<()> {
         ct.show("dnfimage-upgrade.service", "ConditionResult")?,
         "no"
     );
+
+    // Phase 11: with policy "check" (the default config), the timer's service records an
+    // available update, and `status` shows it. The sysroot follows a registry image this time;
+    // /run/ostree-booted stands in for an ostree-booted host (the deployer still sees a
+    // sysroot that is not booted: there is no ostree= kernel argument).
+    if ["importer", "deployer"].iter().all(|s| built.contains(s)) {
+        let latest_direct = fixtures.push_as(&registry, tags::BASE_V1, "dnfimage/os:latest")?;
+        let latest = latest_direct.replace(&registry.addr(), &proxy.addr());
+        ct.run_ok("dnf-image", &["--sysroot", "/sysroot", "rebase", &latest])
+            .with_context(|| context("rebase onto the registry image"))?;
+        fixtures.push_as(&registry, tags::BASE_V2, "dnfimage/os:latest")?;
+        ct.run_ok("touch", &["/run/ostree-booted"])?;
+        ct.run_ok("systemctl", &["start", "dnfimage-upgrade.service"])
+            .with_context(|| context("the upgrade service"))?;
+        assert_eq!(
+            ct.show("dnfimage-upgrade.service", "ConditionResult")?,
+            "yes"
+        );
+        assert_eq!(ct.show("dnfimage-upgrade.service", "Result")?, "success");
+        let status = ct.run_ok("dnf-image", &["--sysroot", "/sysroot", "status"])?;
+        assert!(
+            status.contains("Update available") && status.contains(" 2 "),
+            "the timer's check was not recorded:\n{status}"
+        );
+        // Nothing was deployed: policy check only records.
+        let json = ct.run_ok("dnf-image", &["--sysroot", "/sysroot", "--json", "status"])?;
+        let doc: serde_json::Value = serde_json::from_str(&json)?;
+        assert_eq!(doc["deployments"][0]["version"], "1", "{json}");
+        ct.run_ok("rm", &["-f", "/run/ostree-booted"])?;
+    }
 
     // The exposure scores as the running manager computes them.
     for (s, _) in SERVICES {
