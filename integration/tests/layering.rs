@@ -100,6 +100,16 @@ fn layered_packages_survive_upgrades_and_reset_returns_to_the_image() -> Result<
     assert_eq!(layering(&deps[0], "overrideRemove"), [packages::DOCS]);
     assert!(!has_file(&host, 0, "/usr/share/doc/dnfimage/README"));
 
+    // A local package must be an .rpm file outside pseudo filesystems.
+    let before = host.status()?["deployments"].clone();
+    for bad in ["/etc/passwd", "/proc/self/environ"] {
+        let out = run(host.cli().args(["override", "replace", bad]))?;
+        assert!(!out.status.success(), "{bad} was accepted");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("Invalid request"), "{bad}: {stderr}");
+    }
+    assert_eq!(host.status()?["deployments"], before);
+
     // Override replace of the kernel: the new deployment boots the new kernel.
     let kernel = TestRpms::shared()?.new_kernel();
     host.ok(&["override", "replace", kernel.to_str().context("path")?])?;

@@ -34,6 +34,54 @@ pub struct Tools {
     pub sandbox: Sandbox,
 }
 
+/// Directories a caller's local package may never come from: pseudo filesystems, and this
+/// service's own runtime and state.
+const FORBIDDEN_PACKAGE_DIRS: [&str; 4] = ["/proc", "/sys", "/dev", "/run"];
+
+/// Checks a local package path a caller gave for `overrideReplace`: absolute, an existing
+/// regular `.rpm` file once symlinks are resolved, outside pseudo filesystems and outside the
+/// service's own build area. (Its signature is checked afterwards like any package's.)
+pub fn local_package(given: &str, builds: &std::path::Path) -> Result<PathBuf, LayererError> {
+    let invalid = |message: String| LayererError::InvalidRequest {
+        packages: vec![given.to_string()],
+        message,
+    };
+    let path = std::path::Path::new(given);
+    if !path.is_absolute() {
+        return Err(invalid(format!(
+            "{given}: a local package must be an absolute path"
+        )));
+    }
+    let real = match path.canonicalize() {
+        Ok(real) => real,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(LayererError::PackageNotFound {
+                packages: vec![given.to_string()],
+                message: format!("{given}: no such file"),
+            });
+        }
+        Err(e) => return Err(invalid(format!("{given}: {e}"))),
+    };
+    if real.extension().is_none_or(|e| e != "rpm") {
+        return Err(invalid(format!("{given}: not an .rpm file")));
+    }
+    let forbidden = FORBIDDEN_PACKAGE_DIRS
+        .iter()
+        .map(std::path::Path::new)
+        .chain(std::iter::once(builds))
+        .find(|dir| real.starts_with(dir));
+    if let Some(dir) = forbidden {
+        return Err(invalid(format!(
+            "{given}: packages are not taken from {}",
+            dir.display()
+        )));
+    }
+    if !real.is_file() {
+        return Err(invalid(format!("{given}: not a regular file")));
+    }
+    Ok(real)
+}
+
 /// Where a build reads and writes.
 #[derive(Debug, Clone)]
 pub struct Context {
@@ -366,13 +414,7 @@ pub fn run(
     let mut replacing: Vec<(PathBuf, Package)> = Vec::new();
     for (i, f) in params.override_replace.iter().enumerate() {
         check(cancel)?;
-        let path = PathBuf::from(f);
-        if !path.is_file() {
-            return Err(LayererError::PackageNotFound {
-                packages: vec![f.clone()],
-                message: format!("{f}: no such file"),
-            });
-        }
+        let path = local_package(f, &ctx.builds)?;
         report(progress(
             BuildPhase::Verifying,
             None,
@@ -748,6 +790,46 @@ fn install(
         }
     })?;
     Ok(())
+}
+
+#[cfg(test)]
+mod local_package_tests {
+    use super::*;
+
+    #[test]
+    fn refuses_paths_outside_what_a_package_may_be() {
+        let dir = tempfile::tempdir().unwrap();
+        let builds = dir.path().join("builds");
+        std::fs::create_dir_all(&builds).unwrap();
+        let ok = dir.path().join("k.rpm");
+        std::fs::write(&ok, b"x").unwrap();
+        let inside = builds.join("b.rpm");
+        std::fs::write(&inside, b"x").unwrap();
+        let not_rpm = dir.path().join("passwd");
+        std::fs::write(&not_rpm, b"x").unwrap();
+        let link = dir.path().join("link.rpm");
+        std::os::unix::fs::symlink(&not_rpm, &link).unwrap();
+        let folder = dir.path().join("dir.rpm");
+        std::fs::create_dir(&folder).unwrap();
+        let s = |p: &std::path::Path| p.display().to_string();
+        let cases: Vec<(String, &str)> = vec![
+            (s(&ok), "ok"),
+            ("k.rpm".into(), "InvalidRequest"),
+            (s(&inside), "InvalidRequest"),
+            (s(&not_rpm), "InvalidRequest"),
+            (s(&link), "InvalidRequest"),
+            (s(&folder), "InvalidRequest"),
+            ("/proc/self/environ".into(), "InvalidRequest"),
+            (s(&dir.path().join("missing.rpm")), "PackageNotFound"),
+        ];
+        for (given, want) in cases {
+            let got = match local_package(&given, &builds) {
+                Ok(_) => "ok".to_string(),
+                Err(e) => format!("{e:?}"),
+            };
+            assert!(got.starts_with(want), "{given}: {got}");
+        }
+    }
 }
 
 #[cfg(test)]
