@@ -308,6 +308,30 @@ pub fn raw_call(socket: &Path, call: &Value) -> Result<Vec<Value>> {
     }
 }
 
+/// Fails when the description `interface`'s service serves on `socket` is not, in canonical
+/// form, the committed `interfaces/<interface>.varlink`.
+pub fn assert_served_idl_matches(socket: &Path, interface: &str) -> Result<()> {
+    let replies = raw_call(
+        socket,
+        &serde_json::json!({
+            "method": "org.varlink.service.GetInterfaceDescription",
+            "parameters": {"interface": interface},
+        }),
+    )?;
+    let served = replies[0]["parameters"]["description"]
+        .as_str()
+        .context("no description in the reply")?;
+    let served = dnfimage_interfaces::idl::canonical(served).map_err(anyhow::Error::msg)?;
+    let file = repo_root().join(format!("interfaces/{interface}.varlink"));
+    let committed = std::fs::read_to_string(&file)?;
+    anyhow::ensure!(
+        served == committed,
+        "the service's interface drifted from {} (scripts/regen-idl.sh rewrites it):\n{served}",
+        file.display()
+    );
+    Ok(())
+}
+
 /// The error name of a reply, if it is an error.
 pub fn error_name(reply: &Value) -> Option<&str> {
     reply.get("error").and_then(Value::as_str)

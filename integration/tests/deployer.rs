@@ -1007,22 +1007,7 @@ fn protocol_errors_are_replies() -> Result<()> {
 #[test]
 fn served_interface_matches_the_committed_idl() -> Result<()> {
     let s = setup()?;
-    let replies = raw_call(
-        &s.socket(),
-        &json!({"method": "org.varlink.service.GetInterfaceDescription", "parameters": {"interface": DEPLOYER}}),
-    )?;
-    let served = replies[0]["parameters"]["description"]
-        .as_str()
-        .context("description")?;
-    let served = dnfimage_interfaces::idl::canonical(served).map_err(anyhow::Error::msg)?;
-    let committed = std::fs::read_to_string(
-        dnfimage_integration::repo_root().join("interfaces/org.dnfimage.Deployer.varlink"),
-    )?;
-    assert_eq!(
-        served, committed,
-        "the service's interface drifted from interfaces/org.dnfimage.Deployer.varlink"
-    );
-    Ok(())
+    dnfimage_integration::assert_served_idl_matches(&s.socket(), DEPLOYER)
 }
 
 #[test]

@@ -747,22 +747,7 @@ fn protocol_errors_are_replies_not_dropped_connections() -> Result<()> {
 #[test]
 fn served_interface_matches_the_committed_idl() -> Result<()> {
     let s = setup()?;
-    let replies = raw_call(
-        &s.socket(),
-        &json!({"method": "org.varlink.service.GetInterfaceDescription", "parameters": {"interface": FETCHER}}),
-    )?;
-    let served = replies[0]["parameters"]["description"]
-        .as_str()
-        .context("description")?;
-    let served = dnfimage_interfaces::idl::canonical(served).map_err(anyhow::Error::msg)?;
-    let committed = std::fs::read_to_string(
-        dnfimage_integration::repo_root().join("interfaces/org.dnfimage.Fetcher.varlink"),
-    )?;
-    assert_eq!(
-        served, committed,
-        "the service's interface drifted from interfaces/org.dnfimage.Fetcher.varlink"
-    );
-    Ok(())
+    dnfimage_integration::assert_served_idl_matches(&s.socket(), FETCHER)
 }
 
 #[test]

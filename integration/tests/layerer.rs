@@ -649,29 +649,5 @@ fn typed_proxy_streams_a_build() -> Result<()> {
 #[test]
 fn served_interface_matches_the_committed_idl() -> Result<()> {
     let l = Layering::start()?;
-    let replies = raw_call(
-        &l.socket(),
-        &json!({"method": "org.varlink.service.GetInterfaceDescription", "parameters": {"interface": INTERFACE}}),
-    )?;
-    let served = replies[0]["parameters"]["description"]
-        .as_str()
-        .context("description")?;
-    let served = dnfimage_interfaces::idl::canonical(served).map_err(anyhow::Error::msg)?;
-    let committed = std::fs::read_to_string(
-        dnfimage_integration::repo_root().join("interfaces/org.dnfimage.Layerer.varlink"),
-    )?;
-    assert_eq!(
-        served, committed,
-        "the service's interface drifted from interfaces/org.dnfimage.Layerer.varlink"
-    );
-    // Protocol errors are answered, not dropped.
-    let replies = raw_call(
-        &l.socket(),
-        &json!({"method": format!("{INTERFACE}.ListPackages"), "parameters": {}}),
-    )?;
-    assert_eq!(
-        replies[0]["error"],
-        json!("org.varlink.service.InvalidParameter")
-    );
-    Ok(())
+    dnfimage_integration::assert_served_idl_matches(&l.socket(), INTERFACE)
 }

@@ -98,28 +98,6 @@ fn short(commit: &str) -> &str {
     &commit[..commit.len().min(12)]
 }
 
-/// Seconds since the epoch as RFC 3339 (UTC).
-pub fn rfc3339(secs: u64) -> String {
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    // Howard Hinnant's days-to-civil algorithm.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
 /// Free bytes and device of the filesystem holding `path`.
 fn filesystem(path: &Path) -> Result<(u64, u64), DeployerError> {
     use std::os::unix::fs::MetadataExt;
@@ -306,7 +284,7 @@ impl Loaded {
             image: recorded.image,
             image_digest: info.manifest_digest,
             version: info.version,
-            timestamp: rfc3339(info.timestamp),
+            timestamp: dnfimage_runtime::time::rfc3339(info.timestamp),
             kernel_version,
             kernel_arguments: Self::kernel_arguments(d),
             booted: self.booted == Some(i),
@@ -919,17 +897,6 @@ mod tests {
             ("..", false),
         ] {
             assert_eq!(check_stateroot(name).is_ok(), ok, "{name:?}");
-        }
-    }
-
-    #[test]
-    fn formats_times() {
-        for (secs, want) in [
-            (0, "1970-01-01T00:00:00Z"),
-            (1_704_067_200, "2024-01-01T00:00:00Z"),
-            (951_825_600, "2000-02-29T12:00:00Z"),
-        ] {
-            assert_eq!(rfc3339(secs), want);
         }
     }
 }

@@ -290,7 +290,7 @@ impl Fetcher {
         };
         let check = UpdateCheck {
             reference: image_ref.to_string(),
-            checked: cache::now_rfc3339(),
+            checked: dnfimage_runtime::time::now_rfc3339(),
             current_digest: current,
             digest: reply.digest.clone(),
             version: reply.version.clone(),
@@ -641,7 +641,7 @@ impl Fetcher {
             manifest_size: resolved.manifest_bytes.len() as u64,
             media_type: "application/vnd.oci.image.manifest.v1+json".into(),
             version: version_of(&labels),
-            fetched: cache::now_rfc3339(),
+            fetched: dnfimage_runtime::time::now_rfc3339(),
             size: layers.iter().map(|l| l.size).sum(),
         };
         cache

@@ -9,6 +9,7 @@ pub mod guard;
 pub mod idle;
 pub mod jobs;
 pub mod notify;
+pub mod time;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -74,6 +75,30 @@ pub fn init_logging() {
             )
             .init(),
     }
+}
+
+/// The whole `main` of a service: takes the activation socket (before any thread exists), runs
+/// `before_threads` (for process-wide setup that must happen single-threaded), parses the
+/// command line, sets up logging and runs `run` on a fresh runtime.
+pub fn service_main<A, F>(
+    before_threads: impl FnOnce(),
+    run: impl FnOnce(A, Option<Activation>) -> F,
+) -> std::process::ExitCode
+where
+    A: clap::Parser,
+    F: std::future::Future<Output = Result<()>>,
+{
+    let activation = match activation::take() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    before_threads();
+    let args = A::parse();
+    init_logging();
+    run_main(|| run(args, activation))
 }
 
 /// Runs `main` on a fresh multi-threaded runtime, printing a failure once as `error: …`.
