@@ -227,7 +227,7 @@ impl Layering {
     pub fn leftovers(&self) -> Result<Vec<PathBuf>> {
         let mut left = Vec::new();
         for dir in [
-            self.scratch.state_dir().join("layerer/builds"),
+            self.repo().join("tmp/dnfimage-builds"),
             self.repo().join("tmp"),
         ] {
             if let Ok(entries) = std::fs::read_dir(&dir) {

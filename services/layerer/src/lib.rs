@@ -8,10 +8,11 @@
 //! package, `inactive` the requested ones the image already had.
 //!
 //! Paths: the repository is `<sysroot>/ostree/repo`; the state directory holds
-//! `layerer/builds` (one directory per running build, removed when it ends), `layerer/overrides`
-//! (the kept local packages of `overrideReplace`), `layerer/keyring` (an rpm keyring made at
-//! start from the key directory) and `layerer/tmp`. The hardlinked checkout a build's overlay
-//! goes over lives in the repository's `tmp/` (hardlinks need its filesystem).
+//! `layerer/overrides` (the kept local packages of `overrideReplace`), `layerer/keyring` (an rpm
+//! keyring made at start from the key directory) and `layerer/tmp`. Builds happen beside the
+//! repository, on its filesystem and mount (hardlinks and the commit's links need both): the
+//! hardlinked checkout in `<repo>/tmp/`, the overlay's directories in
+//! `<repo>/tmp/dnfimage-builds/` (one per running build, removed when it ends).
 
 pub mod build;
 pub mod dnf;
@@ -101,11 +102,14 @@ pub async fn run(args: Args, activation: Option<Activation>) -> Result<()> {
         None => {}
     }
     let state = args.state_dir.join("layerer");
-    let (builds, tmp) = (state.join("builds"), state.join("tmp"));
-    for dir in [&builds, &tmp, &state.join("overrides")] {
+    let repo = args.sysroot.join("ostree/repo");
+    // Build directories live beside the repository, not under the state directory: the commit
+    // links files from the overlay's upper layer into the repository, and on a booted host
+    // /var is another mount than /sysroot (link() across mounts fails with EXDEV).
+    let (builds, tmp) = (repo.join("tmp/dnfimage-builds"), state.join("tmp"));
+    for dir in [&tmp, &state.join("overrides")] {
         dnfimage_runtime::ensure_dir(dir)?;
     }
-    let repo = args.sysroot.join("ostree/repo");
     if !repo.join("config").exists() {
         tracing::warn!("{} is not an ostree repository (yet)", repo.display());
     }
