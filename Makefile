@@ -1,5 +1,5 @@
 # The commands the README shows. `make demo` and `make test` install what is missing first.
-.PHONY: setup build demo test bench lint clean install
+.PHONY: setup build demo test test-vm bench lint clean install
 
 CARGO ?= cargo
 
@@ -16,6 +16,11 @@ demo: build
 # The whole test suite (what .ci/run runs).
 test: build
 	$(CARGO) test --workspace --no-fail-fast
+
+# The VM suite (issue 6): builds the example OS, boots it under qemu; about 15 minutes.
+test-vm: build
+	./scripts/vm/setup.sh
+	$(CARGO) test -p dnfimage-integration --test vm -- --ignored --nocapture
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -18,6 +18,7 @@ pub mod proxy;
 pub mod rpm_support;
 pub mod sysroot;
 pub mod systemd;
+pub mod vm;
 
 /// The directory holding the workspace's built binaries (`target/debug`).
 pub fn bin_dir() -> PathBuf {
