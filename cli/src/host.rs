@@ -108,8 +108,8 @@ pub(crate) async fn status_of(cli: &Cli) -> Result<(dnfimage_interfaces::Connect
     Ok((conn, status))
 }
 
-/// The deployment an upgrade starts from: the booted one, else the one that boots next.
-pub(crate) fn current(status: &StatusReply) -> Option<&Deployment> {
+/// The booted deployment, else the one that boots next.
+pub(crate) fn booted_or_default(status: &StatusReply) -> Option<&Deployment> {
     status
         .deployments
         .iter()
@@ -118,11 +118,22 @@ pub(crate) fn current(status: &StatusReply) -> Option<&Deployment> {
         .or_else(|| status.deployments.first())
 }
 
+/// The deployment a change starts from: the staged one when a change is already pending (so
+/// `install` then `upgrade` before a reboot keeps the package), else the booted one, else the
+/// one that boots next.
+pub(crate) fn current(status: &StatusReply) -> Option<&Deployment> {
+    status
+        .deployments
+        .iter()
+        .find(|d| d.staged)
+        .or_else(|| booted_or_default(status))
+}
+
 pub(crate) async fn status(cli: &Cli, out: &Output, booted_only: bool) -> Result<u8> {
     let (_, mut status) = status_of(cli).await?;
     let update = available_update(cli, &status).await;
     if booted_only {
-        let keep = current(&status).map(|d| d.index);
+        let keep = booted_or_default(&status).map(|d| d.index);
         status.deployments.retain(|d| Some(d.index) == keep);
     }
     out.status(&status, update.as_ref())?;
