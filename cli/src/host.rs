@@ -423,6 +423,61 @@ pub(crate) async fn kargs(
 mod tests {
     use super::*;
 
+    fn deployment(index: u64, booted: bool, staged: bool, default: bool) -> Deployment {
+        serde_json::from_value(serde_json::json!({
+            "index": index, "stateroot": "default", "commit": format!("c{index}"), "serial": 0,
+            "baseCommit": null, "image": "docker://r/os:latest", "imageDigest": null,
+            "version": null, "timestamp": "", "kernelVersion": "", "kernelArguments": [],
+            "booted": booted, "staged": staged, "default": default, "rollback": false,
+            "pinned": false, "finalizationLocked": false,
+            "layering": {"packages": [], "inactive": [], "overrideRemove": [], "overrideReplace": []},
+        }))
+        .expect("a valid deployment")
+    }
+
+    #[test]
+    fn changes_start_from_the_pending_deployment() {
+        let status = |deployments| StatusReply {
+            sysroot: "/".into(),
+            booted: true,
+            deployments,
+            operation: None,
+        };
+        // (deployments, where a change starts, what status --booted shows)
+        let cases = [
+            (
+                vec![
+                    deployment(0, false, true, true),
+                    deployment(1, true, false, false),
+                ],
+                Some(0),
+                Some(1),
+            ),
+            (
+                vec![
+                    deployment(0, true, false, true),
+                    deployment(1, false, false, false),
+                ],
+                Some(0),
+                Some(0),
+            ),
+            (
+                vec![
+                    deployment(0, false, false, true),
+                    deployment(1, false, false, false),
+                ],
+                Some(0),
+                Some(0),
+            ),
+            (vec![], None, None),
+        ];
+        for (deployments, change, booted) in cases {
+            let s = status(deployments);
+            assert_eq!(current(&s).map(|d| d.index), change);
+            assert_eq!(booted_or_default(&s).map(|d| d.index), booted);
+        }
+    }
+
     #[test]
     fn parses_the_policy() {
         let cases = [
