@@ -109,45 +109,56 @@ pub struct Fixtures {
     pub oci_dir: PathBuf,
 }
 
+/// Builds into `<cache_dir>/<key>` once: a file lock makes concurrent processes wait for one
+/// build, a `complete` stamp marks a finished one, and a build that died half-way (or failed) is
+/// removed. Returns the directory. Older keys' builds are left in place.
+pub(crate) fn cached_build(
+    cache_dir: &Path,
+    key: &str,
+    what: &str,
+    build: impl FnOnce(&Path) -> Result<()>,
+) -> Result<PathBuf> {
+    std::fs::create_dir_all(cache_dir)
+        .with_context(|| format!("Creating {}", cache_dir.display()))?;
+    let lock_path = cache_dir.join(format!("{key}.lock"));
+    let lock = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .with_context(|| format!("Opening {}", lock_path.display()))?;
+    // Held until `lock` is dropped when this function returns.
+    rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)
+        .with_context(|| format!("Locking {}", lock_path.display()))?;
+    let dir = cache_dir.join(key);
+    let stamp = dir.join("complete");
+    if stamp.exists() {
+        return Ok(dir);
+    }
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("Removing {}", dir.display()))?;
+    }
+    if let Err(e) = build(&dir) {
+        if let Err(rm) = std::fs::remove_dir_all(&dir) {
+            eprintln!("Removing the failed {what} build, ignoring: {rm}");
+        }
+        return Err(e.context(format!("Building {what} in {}", dir.display())));
+    }
+    std::fs::write(&stamp, key).with_context(|| format!("Writing the {what} stamp"))?;
+    Ok(dir)
+}
+
 impl Fixtures {
     /// Build the fixtures under `cache_dir`, or reuse a complete build there made by the same
     /// [`FIXTURES_VERSION`] and factory source (in `<cache_dir>/v<VERSION>-<hash>/oci`). A file
     /// lock makes concurrent processes wait for one build. Older builds are left in place.
     pub fn build(cache_dir: &Path) -> Result<Fixtures> {
-        std::fs::create_dir_all(cache_dir)
-            .with_context(|| format!("Creating {}", cache_dir.display()))?;
-        let key = cache_key();
-        let lock_path = cache_dir.join(format!("{key}.lock"));
-        let lock = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .with_context(|| format!("Opening {}", lock_path.display()))?;
-        // Held until `lock` is dropped when this function returns.
-        rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)
-            .with_context(|| format!("Locking {}", lock_path.display()))?;
-
-        let dir = cache_dir.join(&key);
+        let dir = cached_build(cache_dir, &cache_key(), "fixtures", |dir| {
+            build_all(&dir.join("oci"), &BaseOptions::default()).map(|_| ())
+        })?;
         let fixtures = Fixtures {
             oci_dir: dir.join("oci"),
         };
-        let stamp = dir.join("complete");
-        if stamp.exists() {
-            return Ok(fixtures);
-        }
-        if dir.exists() {
-            // A build that died half-way.
-            std::fs::remove_dir_all(&dir).with_context(|| format!("Removing {}", dir.display()))?;
-        }
-        let built = build_all(&fixtures.oci_dir, &BaseOptions::default());
-        if let Err(e) = built {
-            if let Err(rm) = std::fs::remove_dir_all(&dir) {
-                eprintln!("Removing failed fixture build, ignoring: {rm}");
-            }
-            return Err(e.context(format!("Building fixtures in {}", dir.display())));
-        }
-        std::fs::write(&stamp, &key).context("Writing fixture stamp")?;
         Ok(fixtures)
     }
 

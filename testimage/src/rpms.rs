@@ -10,7 +10,6 @@
 //! (`gnupg`) and `createrepo_c` (`createrepo-c`).
 
 use std::fmt::Write as _;
-use std::fs::File;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -680,34 +679,12 @@ impl TestRpms {
     /// Builds the packages under `cache_dir`, or reuses a complete build there made from the
     /// same source. A file lock makes concurrent processes wait for one build.
     pub fn build(cache_dir: &Path) -> Result<TestRpms> {
-        std::fs::create_dir_all(cache_dir)
-            .with_context(|| format!("Creating {}", cache_dir.display()))?;
-        let key = cache_key();
-        let lock_path = cache_dir.join(format!("{key}.lock"));
-        let lock = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .with_context(|| format!("Opening {}", lock_path.display()))?;
-        // Held until `lock` is dropped when this function returns.
-        rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)
-            .with_context(|| format!("Locking {}", lock_path.display()))?;
-        let dir = cache_dir.join(&key);
-        let stamp = dir.join("complete");
-        if !stamp.exists() {
-            if dir.exists() {
-                std::fs::remove_dir_all(&dir)
-                    .with_context(|| format!("Removing {}", dir.display()))?;
-            }
-            if let Err(e) = Self::build_into(&dir) {
-                if let Err(rm) = std::fs::remove_dir_all(&dir) {
-                    eprintln!("Removing the failed package build, ignoring: {rm}");
-                }
-                return Err(e.context(format!("Building test packages in {}", dir.display())));
-            }
-            std::fs::write(&stamp, &key).context("Writing the package build stamp")?;
-        }
+        let dir = crate::fixtures::cached_build(
+            cache_dir,
+            &cache_key(),
+            "test packages",
+            Self::build_into,
+        )?;
         let mut rpms = Self::at(&dir);
         let keyring = Keyring::open(&rpms.gnupg_home)?;
         rpms.key_id = keyring.key_id(KEY_USER_ID)?;
