@@ -14,6 +14,8 @@ APT_PACKAGES=(
   systemd util-linux e2fsprogs
   # systemd-nspawn: the units under systemd as PID 1 (integration/tests/units.rs).
   systemd-container
+  # grub-syslinux2cfg: how GRUB reads the boot menu libostree keeps (tests/deployer.rs).
+  grub-common
   # The test image factory copies a static busybox into its images.
   busybox-static
   python3 python3-pip

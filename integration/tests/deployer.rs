@@ -402,6 +402,101 @@ fn upgrade_then_rollback_swaps_default_and_rollback() -> Result<()> {
     Ok(())
 }
 
+/// The `(label, kernel, options)` entries of the syslinux menu libostree keeps in
+/// `boot/loader/syslinux.cfg`, in menu order.
+fn syslinux_menu(sysroot: &Path) -> Result<Vec<(String, String, String)>> {
+    let path = sysroot.join("boot/loader/syslinux.cfg");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("Reading {path:?}"))?;
+    let mut menu: Vec<(String, String, String)> = Vec::new();
+    for line in text.lines() {
+        let (key, value) = line.trim().split_once(' ').unwrap_or((line.trim(), ""));
+        match (key, menu.last_mut()) {
+            ("LABEL", _) => menu.push((value.into(), String::new(), String::new())),
+            ("KERNEL", Some(e)) => e.1 = value.into(),
+            ("APPEND", Some(e)) => e.2 = value.into(),
+            _ => {}
+        }
+    }
+    Ok(menu)
+}
+
+/// What GRUB makes of that menu (`grub-syslinux2cfg`, GRUB's own parser): the default entry's
+/// `linux` line.
+fn grub_default_linux(sysroot: &Path) -> Result<String> {
+    let cfg = run_ok(
+        Command::new("grub-syslinux2cfg")
+            .args(["-s", "-r"])
+            .arg(sysroot.join("boot"))
+            .arg(sysroot.join("boot/loader/syslinux.cfg")),
+    )?;
+    let default = cfg
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("default="))
+        .with_context(|| format!("no default in\n{cfg}"))?;
+    let entry = cfg
+        .split("menuentry ")
+        .find(|e| e.contains(&format!("--id {default}")))
+        .with_context(|| format!("no menu entry {default} in\n{cfg}"))?;
+    entry
+        .lines()
+        .find(|l| l.trim_start().starts_with("linux"))
+        .map(|l| l.trim().to_string())
+        .with_context(|| format!("no linux line in {entry}"))
+}
+
+/// A disk from `dnfimage-vmimage` boots through GRUB reading the syslinux menu libostree
+/// rewrites on every deployment change (the VM suite boots it): the deployer's deploys and
+/// rollbacks leave GRUB's default on the deployment that boots next.
+#[test]
+fn boot_menu_follows_deploys_and_rollbacks() -> Result<()> {
+    let s = setup()?;
+    dnfimage_vmimage::disk::use_syslinux_menu(s.sysroot.path())?;
+    let (v1, v2) = (s.import(tags::BASE_V1)?, s.import(tags::BASE_V2)?);
+    // The default BLS entry's options, which the menu's first entry must carry.
+    let default_options = |s: &Setup| -> Result<String> {
+        s.boot_entries()?
+            .into_iter()
+            .max_by_key(|e| e.get("version").and_then(|v| v.parse::<u32>().ok()))
+            .and_then(|e| e.get("options").cloned())
+            .context("no boot entries")
+    };
+    // GRUB's default entry boots `commit`: its `ostree=` argument leads to that deployment.
+    let check = |s: &Setup, entries: usize, commit: &str| -> Result<()> {
+        let menu = syslinux_menu(s.sysroot.path())?;
+        assert_eq!(menu.len(), entries, "{menu:?}");
+        let options = default_options(s)?;
+        assert_eq!(
+            menu[0].2, options,
+            "the menu's first entry is not the default"
+        );
+        let linux = grub_default_linux(s.sysroot.path())?;
+        assert!(
+            linux.ends_with(&options) && linux.contains(&format!("vmlinuz-{KERNEL_VERSION}")),
+            "GRUB would boot {linux}, not {options}"
+        );
+        let ostree = options
+            .split_whitespace()
+            .find_map(|o| o.strip_prefix("ostree="))
+            .context("no ostree= argument")?;
+        let deployment = std::fs::canonicalize(s.sysroot.path().join(&ostree[1..]))?;
+        let name = deployment.file_name().unwrap_or_default().to_string_lossy();
+        assert!(
+            name.starts_with(commit),
+            "GRUB's default boots {deployment:?}, not {commit}"
+        );
+        Ok(())
+    };
+
+    s.deploy(&v1.commit, IMAGE_V1, json!({"stateroot": STATEROOT}))?;
+    check(&s, 1, &v1.commit)?;
+    s.deploy(&v2.commit, IMAGE_V2, json!({}))?;
+    check(&s, 2, &v2.commit)?;
+    s.call("Rollback", json!({}))?.1.ok()?;
+    check(&s, 2, &v1.commit)?;
+    s.sysroot.fsck()?;
+    Ok(())
+}
+
 #[test]
 fn pinned_deployment_survives_deploys_and_cleanup() -> Result<()> {
     let s = setup()?;

@@ -135,16 +135,7 @@ fn deploy(args: &DiskArgs, sysroot: &Path) -> Result<()> {
     ostree(&["admin", "init-fs", "--modern", s]).context("Creating the sysroot")?;
     ostree(&["admin", "os-init", STATEROOT, &format!("--sysroot={s}")])
         .context("Creating the stateroot")?;
-    // Boot entries only: the GRUB configuration is generated from them here (ostree's grub2
-    // backend wants grub2-mkconfig, which Debian does not have).
-    ostree(&[
-        &format!("--repo={s}/ostree/repo"),
-        "config",
-        "set",
-        "sysroot.bootloader",
-        "none",
-    ])
-    .context("Configuring the sysroot")?;
+    use_syslinux_menu(sysroot)?;
 
     let imgref = ostree_ref(&args.image)?;
     let target = args.target.as_deref().map(ostree_ref).transpose()?;
@@ -170,6 +161,45 @@ fn deploy(args: &DiskArgs, sysroot: &Path) -> Result<()> {
     .with_context(|| format!("Deploying {}", args.image))?;
     Ok(())
 }
+
+/// Makes libostree write a syslinux menu next to the BLS entries of the (new, deployment-less)
+/// sysroot at `sysroot` on every deployment change: `/boot/loader.N/syslinux.cfg`, switched with
+/// the `loader` symlink, so also when ostree-finalize-staged writes at shutdown. The disk's GRUB
+/// reads it at boot with `syslinux_configfile` ([`GRUB_CFG`]). (libostree's grub2 backend would
+/// run grub2-mkconfig at every deployment instead, and Debian's GRUB has no `blscfg` to read
+/// the entries themselves.)
+pub fn use_syslinux_menu(sysroot: &Path) -> Result<()> {
+    let s = sysroot.to_str().ok_or_else(|| anyhow!("Non-UTF-8 path"))?;
+    run(Command::new("ostree").args([
+        &format!("--repo={s}/ostree/repo"),
+        "config",
+        "set",
+        "sysroot.bootloader",
+        "syslinux",
+    ]))
+    .context("Configuring the sysroot")?;
+    // What the syslinux backend expects before its first write: it keeps the non-entry lines
+    // of the current `syslinux.cfg` (the timeout) and regenerates the entries.
+    let boot = sysroot.join("boot");
+    let loader0 = boot.join("loader.0");
+    std::fs::create_dir_all(&loader0).context("Creating /boot/loader.0")?;
+    std::fs::write(loader0.join("syslinux.cfg"), "TIMEOUT 10\n")
+        .context("Writing /boot/loader.0/syslinux.cfg")?;
+    std::os::unix::fs::symlink("loader.0", boot.join("loader")).context("Linking /boot/loader")?;
+    std::fs::create_dir_all(boot.join("syslinux")).context("Creating /boot/syslinux")?;
+    std::os::unix::fs::symlink("../loader/syslinux.cfg", boot.join("syslinux/syslinux.cfg"))
+        .context("Linking /boot/syslinux/syslinux.cfg")?;
+    Ok(())
+}
+
+/// GRUB's configuration on `/boot`: serial and screen output, then the menu libostree keeps in
+/// `/boot/loader/syslinux.cfg` (default entry first, one-second timeout).
+pub const GRUB_CFG: &str = "# Written by dnfimage-vmimage. The menu is libostree's: it rewrites\n\
+# /boot/loader/syslinux.cfg whenever the deployments change.\n\
+serial --unit=0 --speed=115200\n\
+terminal_input serial console\n\
+terminal_output serial console\n\
+syslinux_configfile -s /loader/syslinux.cfg\n";
 
 /// Removes the immutable attribute libostree puts on deployment roots, so they can be removed.
 fn unlock_deployments(sysroot: &Path) {
@@ -203,7 +233,7 @@ fn read_entries(boot: &Path) -> Result<Vec<bls::Entry>> {
     Ok(entries)
 }
 
-/// The GRUB EFI image: finds `/boot` by label and loads its `grub/grub.cfg`.
+/// The GRUB EFI image: finds `/boot` by label and loads its `grub/grub.cfg` ([`GRUB_CFG`]).
 fn grub_efi(scratch: &Path) -> Result<PathBuf> {
     let embed = scratch.join("embed.cfg");
     std::fs::write(
@@ -236,6 +266,7 @@ fn grub_efi(scratch: &Path) -> Result<PathBuf> {
             "efi_gop",
             "all_video",
             "gzio",
+            "syslinuxcfg",
         ]))
     .context("Making the GRUB EFI image (apt-get install grub-efi-amd64-bin)")?;
     Ok(efi)
@@ -293,9 +324,16 @@ fn build_in(args: &DiskArgs, tmp: &Path) -> Result<()> {
     std::fs::rename(sysroot.join("boot"), &boot).context("Moving /boot out of the sysroot")?;
     std::fs::create_dir(sysroot.join("boot")).context("Creating the /boot mount point")?;
     let entries = read_entries(&boot)?;
+    let menu = std::fs::read_to_string(boot.join("loader/syslinux.cfg"))
+        .context("Reading the menu libostree wrote (/boot/loader/syslinux.cfg)")?;
+    if !menu.contains(&format!("LABEL {}", entries[0].title)) {
+        bail!(
+            "libostree's menu does not list the deployment {}:\n{menu}",
+            entries[0].title
+        );
+    }
     std::fs::create_dir_all(boot.join("grub")).context("Creating /boot/grub")?;
-    std::fs::write(boot.join("grub/grub.cfg"), bls::grub_cfg(&entries))
-        .context("Writing grub.cfg")?;
+    std::fs::write(boot.join("grub/grub.cfg"), GRUB_CFG).context("Writing grub.cfg")?;
 
     let root_mib = du_mib(&sysroot)? * 12 / 10 + args.free_mib;
     let layout = Layout::new(args.esp_mib, args.boot_mib, root_mib);

@@ -2,7 +2,8 @@
 //!
 //! - `encapsulate`: an ostree commit → a chunked, bootable OCI image in an OCI layout;
 //! - `disk`: an image reference → a qcow2 (GPT: ESP with GRUB, `/boot`, root) with the image
-//!   deployed by ostree-ext and its origin pointing at a reference of your choice;
+//!   deployed by ostree-ext and its origin pointing at a reference of your choice; GRUB's menu
+//!   is the syslinux menu libostree rewrites on every deployment change;
 //! - `boot-entry`: the default BLS entry of such a disk (kernel, initramfs, options), for direct
 //!   kernel boot;
 //! - `seed`: a NoCloud `cidata` volume that sets a user, a password and an SSH key.
@@ -11,11 +12,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-mod bls;
-mod cmd;
-mod disk;
-mod encapsulate;
-mod seed;
+use dnfimage_vmimage::{disk, encapsulate, seed};
 
 #[derive(Parser)]
 #[command(version, about = "Builds bootable OS images and qcow2 disks from them")]
