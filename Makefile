@@ -1,5 +1,5 @@
 # The commands the README shows. `make demo` and `make test` install what is missing first.
-.PHONY: setup build demo test test-vm bench lint clean install
+.PHONY: setup build demo test test-quick test-vm bench lint clean install
 
 CARGO ?= cargo
 
@@ -13,11 +13,14 @@ build: setup
 demo: build
 	./scripts/demo.sh
 
-# The whole test suite (what .ci/run runs).
-test: build
+# Every test (what .ci/run runs): the workspace's tests, then the VM suite.
+test: test-quick test-vm
+
+# The workspace's tests without the VM suite (about 2 minutes once built).
+test-quick: build
 	$(CARGO) test --workspace --no-fail-fast
 
-# The VM suite (issue 6): builds the example OS, boots it under qemu; about 15 minutes.
+# The VM suite: builds the example OS, boots it under qemu; about 15 minutes.
 test-vm: build
 	./scripts/vm/setup.sh
 	$(CARGO) test -p dnfimage-integration --test vm -- --ignored --nocapture

@@ -11,16 +11,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 
-/// How a guest boots.
-pub enum Boot {
-    /// Direct kernel boot: `-kernel`, `-initrd`, `-append` (from the disk's BLS entry).
-    Direct {
-        kernel: PathBuf,
-        initrd: PathBuf,
-        append: String,
-    },
-    /// Firmware (OVMF, UEFI) and the disk's own GRUB.
-    Uefi { code: PathBuf, vars: PathBuf },
+/// The firmware a guest boots with: OVMF (UEFI), which starts the disk's own bootloader.
+pub struct Firmware {
+    /// `OVMF_CODE*.fd`, read-only.
+    pub code: PathBuf,
+    /// A writable copy of `OVMF_VARS*.fd`: the machine's NVRAM, kept across its boots.
+    pub vars: PathBuf,
 }
 
 /// A disk attached as virtio.
@@ -43,10 +39,10 @@ pub struct Vm {
 }
 
 impl Vm {
-    /// Starts qemu with `boot` and `drives`, logging the console to `log`.
+    /// Starts qemu with `firmware` and `drives`, logging the console to `log`.
     pub fn start(
         name: &str,
-        boot: &Boot,
+        firmware: &Firmware,
         drives: &[Drive],
         memory_mib: u32,
         log: &Path,
@@ -65,24 +61,14 @@ impl Vm {
                 "-no-reboot",
             ])
             .args(["-device", "virtio-rng-pci"]);
-        match boot {
-            Boot::Direct {
-                kernel,
-                initrd,
-                append,
-            } => {
-                cmd.arg("-kernel").arg(kernel).arg("-initrd").arg(initrd);
-                cmd.arg("-append").arg(append);
-            }
-            Boot::Uefi { code, vars } => {
-                cmd.arg("-drive").arg(format!(
-                    "if=pflash,format=raw,readonly=on,file={}",
-                    code.display()
-                ));
-                cmd.arg("-drive")
-                    .arg(format!("if=pflash,format=raw,file={}", vars.display()));
-            }
-        }
+        cmd.arg("-drive").arg(format!(
+            "if=pflash,format=raw,readonly=on,file={}",
+            firmware.code.display()
+        ));
+        cmd.arg("-drive").arg(format!(
+            "if=pflash,format=raw,file={}",
+            firmware.vars.display()
+        ));
         for d in drives {
             cmd.arg("-drive").arg(format!(
                 "file={},if=virtio,format={}{}",
