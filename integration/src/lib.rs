@@ -130,6 +130,8 @@ pub struct FetcherOptions {
     pub socket_mode: Option<&'static str>,
     /// A state directory other than the scratch one.
     pub state_dir: Option<PathBuf>,
+    /// `--registry-timeout` in seconds (default: the service's).
+    pub registry_timeout: Option<u64>,
 }
 
 impl ServiceProcess {
@@ -150,6 +152,9 @@ impl ServiceProcess {
             .arg(opts.socket_mode.unwrap_or("600"));
         if let Some(conf) = &opts.registries_conf {
             cmd.arg("--registries-conf").arg(conf);
+        }
+        if let Some(secs) = opts.registry_timeout {
+            cmd.arg("--registry-timeout").arg(secs.to_string());
         }
         Self::spawn(
             cmd,

@@ -318,6 +318,90 @@ fn stopped_registry_gives_registry_unreachable() -> Result<()> {
     Ok(())
 }
 
+/// Processes whose parent is `pid`, by command name.
+fn children(pid: u32) -> Result<Vec<String>> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc")? {
+        let Ok(stat) = std::fs::read_to_string(entry?.path().join("stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid …; comm may hold spaces and parentheses.
+        let Some((head, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let ppid = rest.split_whitespace().nth(1).and_then(|p| p.parse().ok());
+        if ppid == Some(pid) {
+            found.push(head.split_once('(').map_or("", |(_, c)| c).to_string());
+        }
+    }
+    Ok(found)
+}
+
+/// A registry that accepts connections and never answers: skopeo alone would wait forever, and
+/// the service with it, answering no one. Inspect and CheckUpdate fail with
+/// RegistryUnreachable after the fetcher's registry timeout; a caller that came meanwhile gets
+/// its answer; no skopeo is left behind.
+#[test]
+fn silent_registry_times_out_and_frees_the_service() -> Result<()> {
+    let scratch = Scratch::new()?;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?.to_string();
+    std::thread::spawn(move || {
+        let held: Vec<_> = listener.incoming().collect();
+        drop(held);
+    });
+    let fetcher = ServiceProcess::fetcher(
+        &scratch,
+        &FetcherOptions {
+            registries_conf: Some(scratch.registries_conf(&addr)?),
+            registry_timeout: Some(3),
+            ..Default::default()
+        },
+    )?;
+    let socket = scratch.socket(FETCHER);
+    let image = format!("docker://{addr}/dnfimage/base:v1");
+    for method in ["Inspect", "CheckUpdate"] {
+        let waiting = std::thread::spawn({
+            let (socket, image) = (socket.clone(), image.clone());
+            move || call_error(&socket, method, json!({ "image": image }))
+        });
+        // Another caller, while skopeo waits for the registry.
+        std::thread::sleep(Duration::from_millis(500));
+        let listed = raw_call(
+            &socket,
+            &json!({"method": format!("{FETCHER}.ListCached"), "parameters": {}}),
+        )?;
+        assert!(
+            error_name(&listed[0]).is_none(),
+            "ListCached during a silent {method}: {listed:?}"
+        );
+        let (name, params) = waiting
+            .join()
+            .map_err(|_| anyhow::anyhow!("the {method} caller panicked"))??;
+        assert_eq!(
+            name,
+            format!("{FETCHER}.RegistryUnreachable"),
+            "{method}: {params}"
+        );
+        assert!(
+            params["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("within 3 s")),
+            "{method}: {params}"
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = children(fetcher.pid())?;
+        if !left.iter().any(|c| c == "skopeo") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "skopeo left running: {left:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(())
+}
+
 #[test]
 fn bad_references_and_missing_images_get_typed_errors() -> Result<()> {
     let s = setup()?;

@@ -48,6 +48,12 @@ pub struct Args {
     /// Registry credentials (auth.json) handed to skopeo.
     #[arg(long, env = "DNFIMAGE_AUTHFILE")]
     pub authfile: Option<PathBuf>,
+    /// Seconds a registry may take to answer for an image's manifest and configuration before
+    /// the call fails with RegistryUnreachable (0: wait as long as skopeo does, which is
+    /// forever for a registry that accepts connections and never answers, and the service
+    /// answers no one else meanwhile).
+    #[arg(long, env = "DNFIMAGE_REGISTRY_TIMEOUT", default_value_t = 60)]
+    pub registry_timeout: u64,
 }
 
 /// Runs the service until idle or stopped.
@@ -59,6 +65,8 @@ pub async fn run(args: Args, activation: Option<Activation>) -> Result<()> {
         ProxySettings {
             registries_conf: args.registries_conf.clone(),
             authfile: args.authfile.clone(),
+            metadata_timeout: (args.registry_timeout > 0)
+                .then(|| std::time::Duration::from_secs(args.registry_timeout)),
         },
         jobs.clone(),
     );
@@ -149,7 +157,27 @@ impl Fetcher {
         }
     }
 
+    /// Opens `image` and reads its manifest and configuration, within the registry timeout.
     async fn resolve(&self, image: &ImageRef) -> Result<Resolved, FetcherError> {
+        let Some(limit) = self.shared.proxy.metadata_timeout else {
+            return self.resolve_unbounded(image).await;
+        };
+        // On timeout the proxy is dropped, which closes skopeo's socket: skopeo exits.
+        tokio::time::timeout(limit, self.resolve_unbounded(image))
+            .await
+            .unwrap_or_else(|_| {
+                Err(FetcherError::RegistryUnreachable {
+                    image: image.to_string(),
+                    message: format!(
+                        "no answer for the manifest and configuration within {} s \
+                         (the fetcher's --registry-timeout)",
+                        limit.as_secs()
+                    ),
+                })
+            })
+    }
+
+    async fn resolve_unbounded(&self, image: &ImageRef) -> Result<Resolved, FetcherError> {
         let reference = image.to_string();
         let opened = self.shared.proxy.open(image).await?;
         let proxy_err = |e: containers_image_proxy::Error| classify(&reference, &proxy_message(&e));

@@ -14,6 +14,10 @@ pub struct ProxySettings {
     pub registries_conf: Option<PathBuf>,
     /// An auth file (`auth.json`).
     pub authfile: Option<PathBuf>,
+    /// How long a registry may take to answer for one image's manifest and configuration
+    /// (none: as long as skopeo waits, which is forever for a server that accepts the
+    /// connection and never answers).
+    pub metadata_timeout: Option<std::time::Duration>,
 }
 
 /// An opened image and the proxy that serves it.
@@ -22,6 +26,42 @@ pub struct Opened {
     pub proxy: ImageProxy,
     /// The image handle.
     pub image: OpenedImage,
+    /// The skopeo process, killed when this is dropped.
+    _skopeo: Skopeo,
+}
+
+/// The skopeo process behind a proxy (a pidfd), killed when dropped. skopeo notices that its
+/// socket closed only between requests: one stuck on a registry that never answers would
+/// otherwise outlive the call that gave up on it. A pidfd names that very process, so a
+/// skopeo that already exited and was reaped is never mistaken for another.
+struct Skopeo(Option<std::os::fd::OwnedFd>);
+
+impl Skopeo {
+    /// The process that wrote its pid into `pid_pipe` (see [`tell_pid`]).
+    fn from_pipe(mut pid_pipe: std::io::PipeReader) -> Self {
+        use std::io::Read;
+        let mut bytes = [0u8; 4];
+        let pidfd = pid_pipe
+            .read_exact(&mut bytes)
+            .ok()
+            .and_then(|()| rustix::process::Pid::from_raw(i32::from_ne_bytes(bytes)))
+            .and_then(|pid| {
+                rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok()
+            });
+        if pidfd.is_none() {
+            tracing::debug!("No pidfd for skopeo: it is not stopped when a call gives up");
+        }
+        Skopeo(pidfd)
+    }
+}
+
+impl Drop for Skopeo {
+    fn drop(&mut self) {
+        if let Some(pidfd) = &self.0 {
+            // ESRCH when it has exited already: nothing to do.
+            let _ = rustix::process::pidfd_send_signal(pidfd, rustix::process::Signal::Kill);
+        }
+    }
 }
 
 impl std::fmt::Debug for Opened {
@@ -42,20 +82,24 @@ impl ProxySettings {
 
     /// Starts skopeo and opens `image`.
     pub async fn open(&self, image: &ImageRef) -> Result<Opened, FetcherError> {
+        let spawn_failed = |message: String| FetcherError::Failed {
+            message: format!("Starting skopeo: {message}; is skopeo installed?"),
+        };
+        let (reader, writer) = std::io::pipe().map_err(|e| spawn_failed(e.to_string()))?;
+        let mut cmd = self.command();
+        // The proxy library keeps the child to itself: the child tells its pid through a pipe.
+        tell_pid(&mut cmd, &writer);
         let config = ImageProxyConfig {
             authfile: self.authfile.clone(),
-            skopeo_cmd: Some(self.command()),
+            skopeo_cmd: Some(cmd),
             ..Default::default()
         };
-        let proxy =
-            ImageProxy::new_with_config(config)
-                .await
-                .map_err(|e| FetcherError::Failed {
-                    message: format!(
-                        "Starting skopeo: {}; is skopeo installed?",
-                        proxy_message(&e)
-                    ),
-                })?;
+        let started = ImageProxy::new_with_config(config).await;
+        // The child wrote its pid (if it got that far); with the write end closed here, the
+        // read ends at once either way.
+        drop(writer);
+        let skopeo = Skopeo::from_pipe(reader);
+        let proxy = started.map_err(|e| spawn_failed(proxy_message(&e)))?;
         let reference = image.to_string();
         let opened = proxy
             .open_image(&reference)
@@ -64,7 +108,25 @@ impl ProxySettings {
         Ok(Opened {
             proxy,
             image: opened,
+            _skopeo: skopeo,
         })
+    }
+}
+
+#[allow(unsafe_code)]
+fn tell_pid(cmd: &mut std::process::Command, pipe: &std::io::PipeWriter) {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let fd = pipe.as_raw_fd();
+    // SAFETY: the closure runs in the forked child before exec and only makes async-signal-safe
+    // system calls (getpid, write) on a descriptor the parent keeps open until spawn returned.
+    unsafe {
+        cmd.pre_exec(move || {
+            let pid = rustix::process::getpid().as_raw_nonzero().get();
+            let pipe = std::os::fd::BorrowedFd::borrow_raw(fd);
+            rustix::io::write(pipe, &pid.to_ne_bytes()).map_err(std::io::Error::from)?;
+            Ok(())
+        });
     }
 }
 
