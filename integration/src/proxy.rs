@@ -4,6 +4,8 @@
 //! what concurrency gains.)
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -17,6 +19,9 @@ pub struct Shaping {
     pub request_delay: Duration,
     /// Response bytes per second on one connection.
     pub bytes_per_second: u64,
+    /// After this many response bytes, counted over all connections, the proxy goes silent:
+    /// connections stay open, nothing more is sent (a registry that hangs midway).
+    pub silent_after: Option<u64>,
 }
 
 /// A running proxy; stops when dropped.
@@ -33,12 +38,14 @@ impl SlowProxy {
             .context("Binding the proxy")?;
         let addr = listener.local_addr()?;
         let upstream = upstream.to_string();
+        let sent_in_all = Arc::new(AtomicU64::new(0));
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let upstream = upstream.clone();
+                let sent_in_all = Arc::clone(&sent_in_all);
                 tokio::spawn(async move {
                     if let Ok(server) = TcpStream::connect(&upstream).await {
-                        let _ = relay(client, server, shaping).await;
+                        let _ = relay(client, server, shaping, &sent_in_all).await;
                     }
                 });
             }
@@ -60,7 +67,12 @@ impl Drop for SlowProxy {
 
 const METHODS: [&[u8]; 6] = [b"GET ", b"HEAD ", b"POST ", b"PUT ", b"PATCH ", b"DELETE "];
 
-async fn relay(client: TcpStream, server: TcpStream, shaping: Shaping) -> std::io::Result<()> {
+async fn relay(
+    client: TcpStream,
+    server: TcpStream,
+    shaping: Shaping,
+    sent_in_all: &AtomicU64,
+) -> std::io::Result<()> {
     let (mut client_read, mut client_write) = client.into_split();
     let (mut server_read, mut server_write) = server.into_split();
     let upstream = async move {
@@ -90,6 +102,15 @@ async fn relay(client: TcpStream, server: TcpStream, shaping: Shaping) -> std::i
             if start.elapsed() > due + Duration::from_millis(20) {
                 start = Instant::now();
                 sent = 0;
+            }
+            if let Some(limit) = shaping.silent_after {
+                let before = sent_in_all.fetch_add(n as u64, Ordering::SeqCst);
+                if before + n as u64 > limit {
+                    let keep = limit.saturating_sub(before) as usize;
+                    client_write.write_all(&buf[..keep]).await?;
+                    // Hold the connection open, say nothing more.
+                    std::future::pending::<()>().await;
+                }
             }
             client_write.write_all(&buf[..n]).await?;
             sent += n as u64;

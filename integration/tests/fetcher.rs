@@ -553,36 +553,42 @@ struct SlowSetup {
     scratch: Scratch,
     _registry: Registry,
     proxy: SlowProxy,
+    /// The slow image through the proxy.
     image: String,
+    /// The same image straight from the registry.
+    direct: String,
+    /// A registries.conf trusting both.
     conf: PathBuf,
 }
 
 async fn slow_setup() -> Result<SlowSetup> {
+    slow_setup_with(Shaping {
+        request_delay: Duration::from_millis(10),
+        bytes_per_second: 2_000_000,
+        silent_after: None,
+    })
+    .await
+}
+
+async fn slow_setup_with(shaping: Shaping) -> Result<SlowSetup> {
     let scratch = Scratch::new()?;
     let registry = Registry::start(&scratch.path().join("registry"))?;
     let direct = slow_image(&registry)?;
-    let proxy = SlowProxy::start(
-        &registry.addr(),
-        Shaping {
-            request_delay: Duration::from_millis(10),
-            bytes_per_second: 2_000_000,
-        },
-    )
-    .await?;
+    let proxy = SlowProxy::start(&registry.addr(), shaping).await?;
     let image = direct.replace(&registry.addr(), &proxy.addr());
     let conf = scratch.path().join("registries.conf");
     std::fs::write(
         &conf,
-        format!(
-            "[[registry]]\nlocation = \"{}\"\ninsecure = true\n",
-            proxy.addr()
-        ),
+        [proxy.addr(), registry.addr()]
+            .map(|a| format!("[[registry]]\nlocation = \"{a}\"\ninsecure = true\n"))
+            .concat(),
     )?;
     Ok(SlowSetup {
         scratch,
         _registry: registry,
         proxy,
         image,
+        direct,
         conf,
     })
 }
@@ -624,6 +630,71 @@ async fn fetch_killed_midway_completes_on_next_call() -> Result<()> {
         6 + 2,
         "6 layers, config, manifest"
     );
+    let _ = &s.proxy;
+    Ok(())
+}
+
+/// A registry that goes silent in the middle of blobs: the fetch ends with
+/// RegistryUnreachable after the registry timeout instead of never, keeps only complete blobs,
+/// leaves no skopeo behind; fetching again from a registry that answers resumes.
+#[tokio::test(flavor = "multi_thread")]
+async fn registry_silent_midway_ends_the_fetch_and_a_retry_resumes() -> Result<()> {
+    // 6 layers of 4 MiB, and the registry silent after 10 MiB: some may arrive, most cannot.
+    let s = slow_setup_with(Shaping {
+        request_delay: Duration::ZERO,
+        bytes_per_second: 100_000_000,
+        silent_after: Some(10 << 20),
+    })
+    .await?;
+    let fetcher = ServiceProcess::fetcher(
+        &s.scratch,
+        &FetcherOptions {
+            registries_conf: Some(s.conf.clone()),
+            registry_timeout: Some(3),
+            ..Default::default()
+        },
+    )?;
+    let dir = s.scratch.runtime_dir();
+    let mut conn = dnfimage_interfaces::connect(&dir, FETCHER).await?;
+    let stream = conn.fetch(&s.image, Some(4)).await?;
+    futures_util::pin_mut!(stream);
+    let mut outcome = None;
+    while let Some(item) = stream.next().await {
+        match item? {
+            Ok(reply) if reply.result.is_some() => outcome = Some(Ok(reply)),
+            Ok(_) => {}
+            Err(e) => outcome = Some(Err(e)),
+        }
+    }
+    match outcome.context("no final reply")? {
+        Err(FetcherError::RegistryUnreachable { message, .. }) => assert!(
+            message.contains("nothing arrived for 3 s") && message.contains("resumes"),
+            "{message}"
+        ),
+        other => anyhow::bail!("expected RegistryUnreachable, got {other:?}"),
+    }
+    let cache = s.scratch.state_dir().join("cache");
+    let complete_before = assert_blobs_intact(&cache)?;
+    assert!(complete_before < 6, "{complete_before} blobs complete");
+    assert_eq!(std::fs::read_dir(cache.join("tmp"))?.count(), 0);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while children(fetcher.pid())?.iter().any(|c| c == "skopeo") {
+        anyhow::ensure!(Instant::now() < deadline, "skopeo left running");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let mut conn = dnfimage_interfaces::connect(&dir, FETCHER).await?;
+    let stream = conn.fetch(&s.direct, Some(4)).await?;
+    futures_util::pin_mut!(stream);
+    let mut result = None;
+    while let Some(item) = stream.next().await {
+        if let Some(r) = item?.map_err(|e| anyhow::anyhow!("{e:?}"))?.result {
+            result = Some(r);
+        }
+    }
+    let result = result.context("no result")?;
+    assert_eq!(result.layers_fetched + result.layers_cached, 6);
+    assert_eq!(result.layers_cached as usize, complete_before);
     let _ = &s.proxy;
     Ok(())
 }

@@ -412,6 +412,7 @@ fn units_under_systemd_in_a_container() -> Result<()> {
         Shaping {
             request_delay: Duration::from_millis(10),
             bytes_per_second: 2_000_000,
+            silent_after: None,
         },
     ))?;
     let image = direct.replace(&registry.addr(), &proxy.addr());

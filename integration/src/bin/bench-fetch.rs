@@ -132,6 +132,7 @@ async fn main() -> Result<()> {
         Shaping {
             request_delay: Duration::from_millis(50),
             bytes_per_second: 10_000_000,
+            silent_after: None,
         },
     )
     .await?;

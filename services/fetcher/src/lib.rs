@@ -48,10 +48,11 @@ pub struct Args {
     /// Registry credentials (auth.json) handed to skopeo.
     #[arg(long, env = "DNFIMAGE_AUTHFILE")]
     pub authfile: Option<PathBuf>,
-    /// Seconds a registry may take to answer for an image's manifest and configuration before
-    /// the call fails with RegistryUnreachable (0: wait as long as skopeo does, which is
-    /// forever for a registry that accepts connections and never answers, and the service
-    /// answers no one else meanwhile).
+    /// Seconds a registry may stay silent before the call fails with RegistryUnreachable: in
+    /// all, answering for an image's manifest and configuration; during a fetch, with no byte
+    /// of any layer arriving (0:
+    /// wait as long as skopeo does, which is forever for a registry that accepts connections
+    /// and never answers; the service answers no one else meanwhile, and a fetch never ends).
     #[arg(long, env = "DNFIMAGE_REGISTRY_TIMEOUT", default_value_t = 60)]
     pub registry_timeout: u64,
 }
@@ -65,7 +66,7 @@ pub async fn run(args: Args, activation: Option<Activation>) -> Result<()> {
         ProxySettings {
             registries_conf: args.registries_conf.clone(),
             authfile: args.authfile.clone(),
-            metadata_timeout: (args.registry_timeout > 0)
+            registry_timeout: (args.registry_timeout > 0)
                 .then(|| std::time::Duration::from_secs(args.registry_timeout)),
         },
         jobs.clone(),
@@ -159,7 +160,7 @@ impl Fetcher {
 
     /// Opens `image` and reads its manifest and configuration, within the registry timeout.
     async fn resolve(&self, image: &ImageRef) -> Result<Resolved, FetcherError> {
-        let Some(limit) = self.shared.proxy.metadata_timeout else {
+        let Some(limit) = self.shared.proxy.registry_timeout else {
             return self.resolve_unbounded(image).await;
         };
         // On timeout the proxy is dropped, which closes skopeo's socket: skopeo exits.
@@ -640,10 +641,30 @@ impl Fetcher {
                 fetch_layer(&cache, &opened, &reference, &layer, &progress).await
             });
         }
-        let mut fetched = Vec::with_capacity(missing.len());
-        while let Some(joined) = tasks.join_next().await {
-            fetched.push(joined.map_err(|e| failed("Joining a layer download", e))??);
+        let outcome = {
+            let all = async {
+                let mut fetched = Vec::with_capacity(missing.len());
+                while let Some(joined) = tasks.join_next().await {
+                    fetched.push(joined.map_err(|e| failed("Joining a layer download", e))??);
+                }
+                Ok(fetched)
+            };
+            // A registry silent midway would hold the downloads (and this job) forever: give
+            // up when no byte arrived for the registry timeout.
+            match self.shared.proxy.registry_timeout {
+                None => all.await,
+                Some(limit) => tokio::select! {
+                    fetched = all => fetched,
+                    stalled = stalled(progress, limit, &reference) => Err(stalled),
+                },
+            }
+        };
+        if outcome.is_err() {
+            // Stop the other downloads and wait until their partial files are gone, so the
+            // caller that sees the error finds only complete blobs. skopeo goes with `opened`.
+            tasks.shutdown().await;
         }
+        let fetched = outcome?;
 
         progress.phase(FetchPhase::Finishing, "Writing the manifest".into());
         let config = &resolved.manifest.config;
@@ -694,6 +715,30 @@ impl Fetcher {
     }
 }
 
+/// Resolves when the downloads of `progress` received nothing for `limit`.
+async fn stalled(progress: &Progress, limit: Duration, reference: &str) -> FetcherError {
+    let bytes_done = || progress.lock().record.bytes_done;
+    let (mut last, mut since) = (bytes_done(), Instant::now());
+    loop {
+        tokio::time::sleep((limit / 4).max(Duration::from_millis(100))).await;
+        let now = bytes_done();
+        if now != last {
+            (last, since) = (now, Instant::now());
+        } else if since.elapsed() >= limit {
+            let total = progress.lock().record.bytes_total;
+            return FetcherError::RegistryUnreachable {
+                image: reference.to_string(),
+                message: format!(
+                    "nothing arrived for {} s after {last} of {total} bytes (the fetcher's \
+                     --registry-timeout); the layers completed so far are kept: fetching \
+                     again resumes",
+                    limit.as_secs()
+                ),
+            };
+        }
+    }
+}
+
 async fn fetch_layer(
     cache: &Cache,
     opened: &Opened,
@@ -710,12 +755,21 @@ async fn fetch_layer(
         .get_blob(&opened.image, &digest, layer.size)
         .await
         .map_err(|e| classify(reference, &proxy_message(&e)))?;
-    let write = cache.write_blob(&layer.digest, layer.size, reader, |n| {
-        progress.layer_bytes(layer, n, false)
-    });
-    let (written, finished) = tokio::join!(write, finish);
-    let written = written.map_err(|e| blob_error(reference, e))?;
-    finished.map_err(|e| classify(reference, &proxy_message(&e)))?;
+    let write = async {
+        cache
+            .write_blob(&layer.digest, layer.size, reader, |n| {
+                progress.layer_bytes(layer, n, false)
+            })
+            .await
+            .map_err(|e| blob_error(reference, e))
+    };
+    let finish = async {
+        finish
+            .await
+            .map_err(|e| classify(reference, &proxy_message(&e)))
+    };
+    // The first error ends both: skopeo's side of a broken blob may never finish.
+    let (written, ()) = tokio::try_join!(write, finish)?;
     progress.layer_bytes(layer, written, true);
     Ok(written)
 }

@@ -14,10 +14,11 @@ pub struct ProxySettings {
     pub registries_conf: Option<PathBuf>,
     /// An auth file (`auth.json`).
     pub authfile: Option<PathBuf>,
-    /// How long a registry may take to answer for one image's manifest and configuration
-    /// (none: as long as skopeo waits, which is forever for a server that accepts the
-    /// connection and never answers).
-    pub metadata_timeout: Option<std::time::Duration>,
+    /// How long a registry may stay silent: in all, answering for one image's manifest and
+    /// configuration; during a fetch, with no byte of any layer arriving (none: as long as
+    /// skopeo waits, which is forever for a server that accepts the connection and never
+    /// answers).
+    pub registry_timeout: Option<std::time::Duration>,
 }
 
 /// An opened image and the proxy that serves it.
