@@ -549,6 +549,24 @@ async fn start_slow_fetch(
     }
 }
 
+/// Fetches `image` on a new connection to the fetcher in `runtime_dir`; its result.
+async fn fetch_to_the_end(
+    runtime_dir: &Path,
+    image: &str,
+    concurrency: u64,
+) -> Result<dnfimage_interfaces::fetcher::FetchResult> {
+    let mut conn = dnfimage_interfaces::connect(runtime_dir, FETCHER).await?;
+    let stream = conn.fetch(image, Some(concurrency)).await?;
+    futures_util::pin_mut!(stream);
+    let mut result = None;
+    while let Some(item) = stream.next().await {
+        if let Some(r) = item?.map_err(|e| anyhow::anyhow!("{e:?}"))?.result {
+            result = Some(r);
+        }
+    }
+    result.context("no result")
+}
+
 struct SlowSetup {
     scratch: Scratch,
     _registry: Registry,
@@ -613,16 +631,7 @@ async fn fetch_killed_midway_completes_on_next_call() -> Result<()> {
     );
 
     let _fetcher = ServiceProcess::fetcher(&s.scratch, &opts)?;
-    let mut conn = dnfimage_interfaces::connect(&s.scratch.runtime_dir(), FETCHER).await?;
-    let stream = conn.fetch(&s.image, Some(6)).await?;
-    futures_util::pin_mut!(stream);
-    let mut result = None;
-    while let Some(item) = stream.next().await {
-        if let Some(r) = item?.map_err(|e| anyhow::anyhow!("{e:?}"))?.result {
-            result = Some(r);
-        }
-    }
-    let result = result.context("no result")?;
+    let result = fetch_to_the_end(&s.scratch.runtime_dir(), &s.image, 6).await?;
     assert_eq!(result.layers_fetched + result.layers_cached, 6);
     assert_eq!(result.layers_cached as usize, complete_before);
     assert_eq!(
@@ -683,16 +692,7 @@ async fn registry_silent_midway_ends_the_fetch_and_a_retry_resumes() -> Result<(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
-    let mut conn = dnfimage_interfaces::connect(&dir, FETCHER).await?;
-    let stream = conn.fetch(&s.direct, Some(4)).await?;
-    futures_util::pin_mut!(stream);
-    let mut result = None;
-    while let Some(item) = stream.next().await {
-        if let Some(r) = item?.map_err(|e| anyhow::anyhow!("{e:?}"))?.result {
-            result = Some(r);
-        }
-    }
-    let result = result.context("no result")?;
+    let result = fetch_to_the_end(&dir, &s.direct, 4).await?;
     assert_eq!(result.layers_fetched + result.layers_cached, 6);
     assert_eq!(result.layers_cached as usize, complete_before);
     let _ = &s.proxy;
