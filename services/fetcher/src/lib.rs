@@ -755,21 +755,25 @@ async fn fetch_layer(
         .get_blob(&opened.image, &digest, layer.size)
         .await
         .map_err(|e| classify(reference, &proxy_message(&e)))?;
-    let write = async {
-        cache
-            .write_blob(&layer.digest, layer.size, reader, |n| {
-                progress.layer_bytes(layer, n, false)
-            })
-            .await
-            .map_err(|e| blob_error(reference, e))
+    let write = cache.write_blob(&layer.digest, layer.size, reader, |n| {
+        progress.layer_bytes(layer, n, false)
+    });
+    tokio::pin!(write, finish);
+    // Our check of the bytes says more than skopeo's (which digest arrived, how many bytes),
+    // so its error wins; and when it fails, skopeo's side may never finish: no waiting on it.
+    let written = tokio::select! {
+        written = &mut write => {
+            let written = written.map_err(|e| blob_error(reference, e))?;
+            finish.await.map_err(|e| classify(reference, &proxy_message(&e)))?;
+            written
+        }
+        finished = &mut finish => {
+            // skopeo has closed the pipe: the write ends too.
+            let written = write.await.map_err(|e| blob_error(reference, e))?;
+            finished.map_err(|e| classify(reference, &proxy_message(&e)))?;
+            written
+        }
     };
-    let finish = async {
-        finish
-            .await
-            .map_err(|e| classify(reference, &proxy_message(&e)))
-    };
-    // The first error ends both: skopeo's side of a broken blob may never finish.
-    let (written, ()) = tokio::try_join!(write, finish)?;
     progress.layer_bytes(layer, written, true);
     Ok(written)
 }

@@ -215,6 +215,7 @@ pub fn classify(image: &str, message: &str) -> FetcherError {
     } else if has(&[
         "digest did not match",
         "digest mismatch",
+        "corrupted blob",
         "does not match digest",
     ]) {
         FetcherError::DigestMismatch {
@@ -268,6 +269,10 @@ mod tests {
             ),
             (
                 "Digest did not match, expected sha256:aa, got sha256:bb",
+                "DigestMismatch",
+            ),
+            (
+                "FinishPipe: failed to invoke method FinishPipe: corrupted blob, expecting sha256:aa",
                 "DigestMismatch",
             ),
             ("something odd", "Failed"),
