@@ -51,6 +51,12 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// systemd 257's `varlinkctl` on this machine: a script in `../shared/tools` beside the
+/// repository.
+pub fn varlinkctl() -> PathBuf {
+    repo_root().join("../shared/tools/varlinkctl")
+}
+
 /// A scratch directory for one test: runtime dir (sockets), state dir, logs. World-readable so
 /// tests can also call the services as an unprivileged user.
 pub struct Scratch {

@@ -1030,10 +1030,6 @@ fn bad_requests_get_typed_errors() -> Result<()> {
     Ok(())
 }
 
-fn varlinkctl() -> PathBuf {
-    dnfimage_integration::repo_root().join("../shared/tools/varlinkctl")
-}
-
 #[test]
 fn unprivileged_caller_may_read_but_not_change() -> Result<()> {
     let s = setup_with(&["--socket-mode", "666"])?;
@@ -1042,7 +1038,7 @@ fn unprivileged_caller_may_read_but_not_change() -> Result<()> {
     let socket = s.socket();
     let socket = socket.to_str().context("socket path")?;
     let as_nobody = |method: &str, params: &str| {
-        let mut cmd = Command::new(varlinkctl());
+        let mut cmd = Command::new(dnfimage_integration::varlinkctl());
         cmd.args(["call", socket, &format!("{DEPLOYER}.{method}"), params])
             .uid(65534)
             .gid(65534);

@@ -963,21 +963,21 @@ fn socket_activated_service_exits_when_idle_and_is_activated_again() -> Result<(
     Ok(())
 }
 
-fn varlinkctl() -> PathBuf {
-    dnfimage_integration::repo_root().join("../shared/tools/varlinkctl")
-}
-
 #[test]
 fn varlinkctl_introspects_calls_with_more_and_execs_the_service() -> Result<()> {
     let s = setup()?;
     let socket = s.socket();
     let socket = socket.to_str().context("socket path")?;
-    let idl = run_ok(Command::new(varlinkctl()).args(["introspect", socket, FETCHER]))?;
+    let idl = run_ok(Command::new(dnfimage_integration::varlinkctl()).args([
+        "introspect",
+        socket,
+        FETCHER,
+    ]))?;
     assert!(idl.contains("method Fetch("), "{idl}");
     assert!(idl.contains("error DigestMismatch"), "{idl}");
 
     let params = json!({"image": s.refs.base_v1}).to_string();
-    let out = run_ok(Command::new(varlinkctl()).args([
+    let out = run_ok(Command::new(dnfimage_integration::varlinkctl()).args([
         "call",
         "--more",
         "-j",
@@ -1002,7 +1002,7 @@ fn varlinkctl_introspects_calls_with_more_and_execs_the_service() -> Result<()> 
     );
 
     // An error, as varlinkctl shows it.
-    let out = run(Command::new(varlinkctl()).args([
+    let out = run(Command::new(dnfimage_integration::varlinkctl()).args([
         "call",
         socket,
         &format!("{FETCHER}.Inspect"),
@@ -1016,7 +1016,7 @@ fn varlinkctl_introspects_calls_with_more_and_execs_the_service() -> Result<()> 
 
     // exec: hands the service a connected socket (the Accept=yes path).
     let out = run_ok(
-        Command::new(varlinkctl())
+        Command::new(dnfimage_integration::varlinkctl())
             .args([
                 "call",
                 &format!("exec:{}", bin("dnfimage-fetcher").display()),

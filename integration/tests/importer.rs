@@ -1064,7 +1064,7 @@ fn served_interface_matches_the_committed_idl() -> Result<()> {
 #[test]
 fn state_changing_methods_are_for_root_and_bad_calls_get_errors() -> Result<()> {
     let s = setup()?;
-    let varlinkctl = dnfimage_integration::repo_root().join("../shared/tools/varlinkctl");
+    let varlinkctl = dnfimage_integration::varlinkctl();
     let socket = s.socket();
     let as_nobody = |method: &str, params: &str| -> Result<String> {
         let out = run(Command::new("setpriv")

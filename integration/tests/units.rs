@@ -15,7 +15,7 @@ use dnfimage_integration::systemd::{
     exposure_score, install, installed_units, parse_unit, program_installed, report, unit_value,
     wait_for,
 };
-use dnfimage_integration::{assert_blobs_intact, bin_dir, repo_root, run, run_ok};
+use dnfimage_integration::{assert_blobs_intact, bin_dir, run, run_ok};
 use dnfimage_testimage::{BenchOptions, Fixtures, Registry, tags};
 
 /// The services, as (unit stem, varlink interface).
@@ -273,7 +273,7 @@ fn slow_image(registry: &Registry) -> Result<String> {
 /// `varlinkctl` (systemd 257, a script in ../shared/tools that keeps its files in a cache), made
 /// ready on the host so the container can run it with the cache bound in. None if unavailable.
 fn varlinkctl() -> Option<(PathBuf, PathBuf)> {
-    let script = repo_root().join("../shared/tools/varlinkctl");
+    let script = dnfimage_integration::varlinkctl();
     let cache = PathBuf::from(
         std::env::var("VARLINKCTL_CACHE").unwrap_or_else(|_| "/var/cache/varlinkctl-257".into()),
     );

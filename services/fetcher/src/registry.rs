@@ -77,7 +77,7 @@ impl ProxySettings {
         if let Some(conf) = &self.registries_conf {
             cmd.arg("--registries-conf").arg(conf);
         }
-        die_with_parent(&mut cmd);
+        dnfimage_runtime::child::die_with_parent(&mut cmd);
         cmd
     }
 
@@ -127,19 +127,6 @@ fn tell_pid(cmd: &mut std::process::Command, pipe: &std::io::PipeWriter) {
             let pipe = std::os::fd::BorrowedFd::borrow_raw(fd);
             rustix::io::write(pipe, &pid.to_ne_bytes()).map_err(std::io::Error::from)?;
             Ok(())
-        });
-    }
-}
-
-#[allow(unsafe_code)]
-fn die_with_parent(cmd: &mut std::process::Command) {
-    use std::os::unix::process::CommandExt;
-    // SAFETY: the closure runs in the forked child before exec and only makes one
-    // async-signal-safe system call (prctl).
-    unsafe {
-        cmd.pre_exec(|| {
-            rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::Term))
-                .map_err(std::io::Error::from)
         });
     }
 }

@@ -115,21 +115,8 @@ pub fn describe(e: &anyhow::Error) -> String {
 /// and bound to this process's life.
 fn skopeo_command() -> std::process::Command {
     let mut cmd = std::process::Command::new("skopeo");
-    die_with_parent(&mut cmd);
+    dnfimage_runtime::child::die_with_parent(&mut cmd);
     cmd
-}
-
-#[allow(unsafe_code)]
-fn die_with_parent(cmd: &mut std::process::Command) {
-    use std::os::unix::process::CommandExt;
-    // SAFETY: the closure runs in the forked child before exec and only makes one
-    // async-signal-safe system call (prctl).
-    unsafe {
-        cmd.pre_exec(|| {
-            rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::Term))
-                .map_err(std::io::Error::from)
-        });
-    }
 }
 
 fn proxy_config() -> ImageProxyConfig {

@@ -137,6 +137,11 @@ fn reply_stream<R: Send + 'static>(
     }))
 }
 
+/// The replies of a `more` call refused before it started: the one error.
+fn error_stream<R: Send + 'static>(e: ImporterError) -> ReplyStream<R> {
+    Box::pin(futures_util::stream::once(async move { Err(e) }))
+}
+
 impl Importer {
     /// An importer writing the repository of `paths`, running jobs in `jobs`.
     pub fn new(paths: Paths, jobs: JobSlot) -> Self {
@@ -158,15 +163,13 @@ impl Importer {
         R: Send + 'static,
         T: Send + 'static,
     {
-        let (tx, rx) = mpsc::channel(64);
         let job = match self.shared.jobs.try_start(&what) {
             Ok(job) => job,
             Err(running) => {
-                // The receiver is still here, so this cannot fail.
-                let _ = tx.try_send(Err(ImporterError::AlreadyInProgress { operation: running }));
-                return reply_stream(rx);
+                return error_stream(ImporterError::AlreadyInProgress { operation: running });
             }
         };
+        let (tx, rx) = mpsc::channel(64);
         let sink = Sink {
             tx: tx.clone(),
             more,
@@ -406,12 +409,7 @@ impl Importer {
             });
         let request = match parsed {
             Ok(r) => r,
-            Err(e) => {
-                let (tx, rx) = mpsc::channel(1);
-                // The receiver is still here, so this cannot fail.
-                let _ = tx.try_send(Err(e));
-                return reply_stream(rx);
-            }
+            Err(e) => return error_stream(e),
         };
         let paths = self.shared.paths.clone();
         self.spawn_job(
@@ -459,12 +457,7 @@ impl Importer {
             .collect();
         let keep = match keep {
             Ok(k) => k,
-            Err(e) => {
-                let (tx, rx) = mpsc::channel(1);
-                // The receiver is still here, so this cannot fail.
-                let _ = tx.try_send(Err(e));
-                return reply_stream(rx);
-            }
+            Err(e) => return error_stream(e),
         };
         let paths = self.shared.paths.clone();
         self.spawn_job(

@@ -5,6 +5,7 @@
 //! [`init_logging`], builds a tokio runtime and calls [`serve`] with its `#[zlink::service]`.
 
 pub mod activation;
+pub mod child;
 pub mod guard;
 pub mod idle;
 pub mod jobs;
