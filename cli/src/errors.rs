@@ -48,8 +48,18 @@ pub fn describe(name: &str, params: &Value) -> String {
     let num = |k: &str| params.get(k).and_then(Value::as_u64).unwrap_or(0);
     match name {
         "PermissionDenied" => format!(
-            "Permission denied: {} changes the system and needs root (run with sudo)",
+            "Permission denied: {} needs root (run with sudo)",
             field(params, "method").unwrap_or("this operation")
+        ),
+        "TooManyConnections" => format!(
+            "The service is busy: {} connections {} are open, its limit; wait for other clients \
+             to finish and try again",
+            num("limit"),
+            if get("scope") == "user" {
+                "of your user"
+            } else {
+                "in all"
+            }
         ),
         "InsufficientSpace" => format!(
             "Not enough space in {}: {} needed, {} available; free some space (`dnf-image cleanup`, \
@@ -140,7 +150,13 @@ mod tests {
             (
                 "PermissionDenied",
                 json!({"method": "Deploy"}),
-                "Permission denied: Deploy changes the system and needs root (run with sudo)",
+                "Permission denied: Deploy needs root (run with sudo)",
+            ),
+            (
+                "TooManyConnections",
+                json!({"limit": 128, "scope": "user"}),
+                "The service is busy: 128 connections of your user are open, its limit; wait for \
+                 other clients to finish and try again",
             ),
             (
                 "InsufficientSpace",

@@ -259,6 +259,14 @@ pub enum LayererError {
         /// The method refused.
         method: String,
     },
+    /// The service already serves as many connections as it allows (in all, or for the
+    /// caller's user); close some and try again.
+    TooManyConnections {
+        /// The limit reached.
+        limit: i64,
+        /// Which limit: "total" or "user".
+        scope: String,
+    },
     /// Anything else; the message says what went wrong.
     Failed {
         /// What went wrong, with its causes.

@@ -70,7 +70,15 @@ pub async fn run(args: Args, activation: Option<Activation>) -> Result<()> {
     }
     let deployer = Deployer::new(args.sysroot.clone(), jobs.clone());
     let policy = Policy::new(IDL, PRIVILEGED)?;
-    dnfimage_runtime::serve(deployer, policy, &args.service, activation, activity, &jobs).await
+    dnfimage_runtime::serve(
+        |_| deployer.clone(),
+        policy,
+        &args.service,
+        activation,
+        activity,
+        &jobs,
+    )
+    .await
 }
 
 /// The service state.

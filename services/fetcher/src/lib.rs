@@ -17,7 +17,9 @@ use dnfimage_interfaces::fetcher::{
     FetcherError, IDL, ImageInfo, InspectReply, LastCheckReply, Layer, ListCachedReply, PruneReply,
     UpdateCheck,
 };
-use dnfimage_runtime::{Activation, Activity, Job, JobSlot, Policy, ServiceArgs};
+use dnfimage_runtime::{
+    Activation, Activity, Caller, InstanceLock, Job, JobSlot, Policy, ServiceArgs,
+};
 use futures_util::Stream;
 use serde::Deserialize;
 use tokio::sync::mpsc;
@@ -59,6 +61,11 @@ pub struct Args {
 
 /// Runs the service until idle or stopped.
 pub async fn run(args: Args, activation: Option<Activation>) -> Result<()> {
+    // Before the cache clears its tmp/: a second instance must not touch a running one's files.
+    let _lock = InstanceLock::acquire(
+        &args.state_dir.join("fetcher.lock"),
+        &format!("The fetcher state directory {}", args.state_dir.display()),
+    )?;
     let activity = Activity::new();
     let jobs = JobSlot::new(activity.clone());
     let fetcher = Fetcher::new(
@@ -72,13 +79,22 @@ pub async fn run(args: Args, activation: Option<Activation>) -> Result<()> {
         jobs.clone(),
     );
     let policy = Policy::new(IDL, PRIVILEGED)?;
-    dnfimage_runtime::serve(fetcher, policy, &args.service, activation, activity, &jobs).await
+    dnfimage_runtime::serve(
+        |caller| fetcher.for_caller(caller),
+        policy,
+        &args.service,
+        activation,
+        activity,
+        &jobs,
+    )
+    .await
 }
 
-/// The service state.
+/// The service as one connection sees it: the shared state and who is calling.
 #[derive(Debug, Clone)]
 pub struct Fetcher {
     shared: Arc<Shared>,
+    caller: Caller,
 }
 
 #[derive(Debug)]
@@ -155,7 +171,31 @@ impl Fetcher {
     pub fn new(cache: Cache, proxy: ProxySettings, jobs: JobSlot) -> Self {
         Self {
             shared: Arc::new(Shared { cache, proxy, jobs }),
+            caller: Caller::ROOT,
         }
+    }
+
+    /// The same fetcher, serving `caller`.
+    pub fn for_caller(&self, caller: Caller) -> Self {
+        Self {
+            shared: self.shared.clone(),
+            caller,
+        }
+    }
+
+    /// Refuses to let an unprivileged caller make the service read a local image: the service
+    /// runs as root, so an `oci:` path would read what the caller itself may not.
+    fn may_read(&self, image: &ImageRef, method: &str) -> Result<(), FetcherError> {
+        if image.transport == reference::Transport::Registry || self.caller.privileged {
+            return Ok(());
+        }
+        tracing::info!(
+            "Refusing {method} of local image {image} to uid {:?}",
+            self.caller.uid
+        );
+        Err(FetcherError::PermissionDenied {
+            method: format!("{method} of a local (oci:, oci-archive:) image"),
+        })
     }
 
     /// Opens `image` and reads its manifest and configuration, within the registry timeout.
@@ -268,6 +308,7 @@ impl Fetcher {
     /// "oci-archive:/path.tar[:tag]".
     async fn inspect(&self, image: String) -> Result<InspectReply, FetcherError> {
         let image_ref = parse_ref(&image)?;
+        self.may_read(&image_ref, "Inspect")?;
         let resolved = self.resolve(&image_ref).await?;
         let labels = resolved.config.labels();
         let layers = self.layers(&resolved.manifest);
@@ -296,6 +337,7 @@ impl Fetcher {
         #[zlink(rename = "currentDigest")] current_digest: Option<String>,
     ) -> Result<CheckUpdateReply, FetcherError> {
         let image_ref = parse_ref(&image)?;
+        self.may_read(&image_ref, "CheckUpdate")?;
         let resolved = self.resolve(&image_ref).await?;
         let current = match current_digest {
             Some(d) => Some(d),
@@ -327,11 +369,15 @@ impl Fetcher {
             layers_missing: reply.layers_missing,
             bytes_missing: reply.bytes_missing,
         };
-        let recorded = serde_json::to_value(&check)
-            .map_err(anyhow::Error::from)
-            .and_then(|v| self.shared.cache.record_check(&check.reference, v));
-        if let Err(e) = recorded {
-            tracing::warn!("Recording the update check of {image_ref}: {e:#}");
+        // What status shows as the host's available update: only privileged callers (the CLI
+        // as root, the timer) write it, so other users cannot grow or rewrite it.
+        if self.caller.privileged {
+            let recorded = serde_json::to_value(&check)
+                .map_err(anyhow::Error::from)
+                .and_then(|v| self.shared.cache.record_check(&check.reference, v));
+            if let Err(e) = recorded {
+                tracing::warn!("Recording the update check of {image_ref}: {e:#}");
+            }
         }
         Ok(reply)
     }
@@ -460,10 +506,11 @@ impl Fetcher {
             .iter()
             .map(|k| parse_ref(k).map(|r| r.to_string()))
             .collect::<Result<_, _>>()?;
-        let stats = self
-            .shared
-            .cache
-            .prune(&keep)
+        // Deleting blobs can take a while: off the thread that serves the connections.
+        let cache = self.shared.cache.clone();
+        let stats = tokio::task::spawn_blocking(move || cache.prune(&keep))
+            .await
+            .map_err(|e| failed("Pruning the cache", e))?
             .map_err(|e| failed("Pruning the cache", e))?;
         Ok(PruneReply {
             removed_images: stats.removed_images,

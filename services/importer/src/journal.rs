@@ -17,6 +17,9 @@ use serde::{Deserialize, Serialize};
 
 /// The journal file inside the repository.
 pub const FILE_NAME: &str = "dnfimage-import-journal.json";
+/// The importer's instance lock inside the repository, inherited by the processes an import
+/// starts (ostree-ext's `ostree commit`), so it is held until the last of them ends.
+pub const LOCK_NAME: &str = "dnfimage-importer.lock";
 
 /// What the journal records.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -132,6 +135,9 @@ pub fn read(repo: &Path) -> Result<Option<Entries>> {
 
 /// Removes the references an unfinished import may have left half-written (`remove_ref` is
 /// called for each that exists), then the journal. Returns the references removed.
+///
+/// Call it holding the importer's [`LOCK_NAME`] lock: the processes a killed import left (its
+/// `ostree commit` children inherit the lock) have then ended, so what is removed stays removed.
 pub fn recover(
     repo: &Path,
     mut remove_ref: impl FnMut(&str) -> Result<bool>,
@@ -140,7 +146,6 @@ pub fn recover(
         return Ok(Vec::new());
     };
     let suspect = entries.suspect();
-    wait_for_orphans(&suspect);
     let mut removed = Vec::new();
     for layer_ref in suspect {
         if remove_ref(layer_ref).with_context(|| format!("Removing reference {layer_ref}"))? {
@@ -157,118 +162,6 @@ pub fn recover(
     }
     remove(&Journal::path_in(repo))?;
     Ok(removed)
-}
-
-/// Whether `args` (a command line) is an `ostree commit` writing one of `refs`: ostree-ext
-/// commits derived layers that way, and the child outlives a killed importer.
-pub fn commits_one_of(args: &[&str], refs: &[&str]) -> bool {
-    let is_ostree = args
-        .first()
-        .is_some_and(|a| a.rsplit('/').next() == Some("ostree"));
-    if !is_ostree || !args.contains(&"commit") {
-        return false;
-    }
-    args.iter().enumerate().any(|(i, a)| {
-        let branch = match a.strip_prefix("--branch=") {
-            Some(b) => Some(b),
-            None if *a == "--branch" || *a == "-b" => args.get(i + 1).copied(),
-            None => None,
-        };
-        branch.is_some_and(|b| refs.contains(&b))
-    })
-}
-
-/// How long to wait for the `ostree commit` processes a killed import left behind.
-const ORPHAN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
-
-/// The running `ostree commit` processes that may still write one of `refs`: (process
-/// directory, command line).
-fn orphans(refs: &[&str]) -> Vec<(PathBuf, String)> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    let mut found = Vec::new();
-    for entry in dir.flatten() {
-        if entry
-            .file_name()
-            .to_str()
-            .and_then(|p| p.parse::<i32>().ok())
-            .is_none()
-        {
-            continue;
-        }
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let args: Vec<&str> = cmdline
-            .split(|b| *b == 0)
-            .filter(|a| !a.is_empty())
-            .map(|a| std::str::from_utf8(a).unwrap_or(""))
-            .collect();
-        if commits_one_of(&args, refs) && gone_or_zombie(&entry.path()) == Some(false) {
-            found.push((entry.path(), args.join(" ")));
-        }
-    }
-    found
-}
-
-/// Waits for the `ostree commit` processes a killed import left behind (their input ended with
-/// the import, so they end soon, having committed what they got or not), so that removing the
-/// references afterwards is final. Killing them instead could stop one while it moves its
-/// objects into the repository, leaving a commit without its trees. After [`ORPHAN_TIMEOUT`]
-/// they are killed anyway.
-fn wait_for_orphans(refs: &[&str]) {
-    if refs.is_empty() {
-        return;
-    }
-    let deadline = std::time::Instant::now() + ORPHAN_TIMEOUT;
-    let mut told = false;
-    loop {
-        let running = orphans(refs);
-        if running.is_empty() {
-            return;
-        }
-        if !told {
-            told = true;
-            for (dir, args) in &running {
-                tracing::info!(
-                    "Waiting for {} ({args}), left by a killed import, to end",
-                    dir.display()
-                );
-            }
-        }
-        if std::time::Instant::now() > deadline {
-            for (dir, args) in running {
-                let pid = dir
-                    .file_name()
-                    .and_then(|p| p.to_str())
-                    .and_then(|p| p.parse().ok())
-                    .and_then(rustix::process::Pid::from_raw);
-                if let Some(pid) = pid {
-                    tracing::warn!("Killing {args} (process {pid:?}): it did not end");
-                    if let Err(e) =
-                        rustix::process::kill_process(pid, rustix::process::Signal::Kill)
-                    {
-                        tracing::debug!("Killing process {pid:?}, ignoring: {e}");
-                    }
-                }
-            }
-            std::thread::sleep(std::time::Duration::from_millis(200));
-            return;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-}
-
-/// Whether the process at `/proc/<pid>` has exited (it may linger as a zombie).
-fn gone_or_zombie(proc_dir: &Path) -> Option<bool> {
-    match std::fs::read_to_string(proc_dir.join("stat")) {
-        // The state follows the parenthesised command name.
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .map(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])),
-        Err(_) => Some(true),
-    }
 }
 
 #[cfg(test)]
@@ -306,64 +199,6 @@ mod tests {
         let journal = Journal::begin(dir.path(), "x", vec!["blob/z".into()]).unwrap();
         journal.finish().unwrap();
         assert!(!Journal::path_in(dir.path()).exists());
-    }
-
-    #[test]
-    fn recognises_orphaned_commits() {
-        let refs = ["ostree/container/blob/sha256_3A_ab"];
-        let cases: &[(&[&str], bool)] = &[
-            (
-                &[
-                    "ostree",
-                    "commit",
-                    "--repo=/proc/self/fd/3",
-                    "--tree=tar=/proc/self/fd/0",
-                    "--branch",
-                    "ostree/container/blob/sha256_3A_ab",
-                ],
-                true,
-            ),
-            (
-                &[
-                    "/usr/bin/ostree",
-                    "commit",
-                    "--branch=ostree/container/blob/sha256_3A_ab",
-                ],
-                true,
-            ),
-            (
-                &[
-                    "ostree",
-                    "commit",
-                    "--branch",
-                    "ostree/container/blob/sha256_3A_cd",
-                ],
-                false,
-            ),
-            (
-                &[
-                    "ostree",
-                    "refs",
-                    "--branch",
-                    "ostree/container/blob/sha256_3A_ab",
-                ],
-                false,
-            ),
-            (
-                &[
-                    "myostree",
-                    "commit",
-                    "--branch",
-                    "ostree/container/blob/sha256_3A_ab",
-                ],
-                false,
-            ),
-            (&["ostree", "commit", "--branch"], false),
-            (&[], false),
-        ];
-        for (args, want) in cases {
-            assert_eq!(commits_one_of(args, &refs), *want, "{args:?}");
-        }
     }
 
     #[test]

@@ -25,7 +25,7 @@ use dnfimage_interfaces::importer::{
     ImportWarningKind, ImportedImage, ImporterError, ListImagesReply, PrunePhase, PruneProgress,
     PruneReply, PruneResult,
 };
-use dnfimage_runtime::{Activation, Activity, Job, JobSlot, Policy, ServiceArgs};
+use dnfimage_runtime::{Activation, Activity, InstanceLock, Job, JobSlot, Policy, ServiceArgs};
 use futures_util::Stream;
 use tokio::sync::{mpsc, oneshot, watch};
 use zlink::Reply;
@@ -38,6 +38,8 @@ pub const PRIVILEGED: &[&str] = &["Import", "Cancel", "Prune"];
 
 /// How long a cancelled job's blocking work may take to stop before the job is let go.
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long to wait for the processes a killed import left to end.
+const ORPHAN_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often a prune looks for the sysroot lock while another process holds it.
 const LOCK_POLL: Duration = Duration::from_millis(250);
 
@@ -58,20 +60,36 @@ pub struct Args {
 /// Runs the service until idle or stopped.
 pub async fn run(args: Args, activation: Option<Activation>) -> Result<()> {
     let paths = Paths::new(&args.sysroot);
-    // An import killed last time may have left half-written layer references.
+    // One importer per repository. The lock passes to the processes an import starts, so when
+    // an importer was killed, this waits for the `ostree commit` it left to end (their input
+    // ended with it) before removing what they may have half-written.
     let repo = paths.repo.clone();
-    tokio::task::spawn_blocking(move || {
+    let _lock = tokio::task::spawn_blocking(move || {
         store::open_repo(&repo)?;
-        import::recover(&repo)
+        let lock = InstanceLock::acquire_inherited(
+            &repo.join(journal::LOCK_NAME),
+            &format!("The repository {}", repo.display()),
+            ORPHAN_TIMEOUT,
+        )?;
+        // An import killed last time may have left half-written layer references.
+        import::recover(&repo)?;
+        anyhow::Ok(lock)
     })
     .await
-    .context("Checking the repository")?
-    .context("Checking the repository")?;
+    .context("Checking the repository")??;
     let activity = Activity::new();
     let jobs = JobSlot::new(activity.clone());
     let importer = Importer::new(paths, jobs.clone());
     let policy = Policy::new(IDL, PRIVILEGED)?;
-    dnfimage_runtime::serve(importer, policy, &args.service, activation, activity, &jobs).await
+    dnfimage_runtime::serve(
+        |_| importer.clone(),
+        policy,
+        &args.service,
+        activation,
+        activity,
+        &jobs,
+    )
+    .await
 }
 
 /// The service state.

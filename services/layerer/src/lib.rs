@@ -35,7 +35,7 @@ use dnfimage_interfaces::layerer::{
     BuildPhase, BuildProgress, BuildReply, BuildResult, CancelReply, IDL, LayererError,
     LayeringRequest, ListPackagesReply, Package, PackageChange, PackageChanges,
 };
-use dnfimage_runtime::{Activation, Activity, JobSlot, Policy, ServiceArgs};
+use dnfimage_runtime::{Activation, Activity, InstanceLock, JobSlot, Policy, ServiceArgs};
 use futures_util::Stream;
 use tokio::sync::mpsc;
 use zlink::Reply;
@@ -144,6 +144,11 @@ pub async fn run(args: Args, activation: Option<Activation>) -> Result<()> {
             args.gpg_key_dir.display()
         );
     }
+    // One layerer per repository: another one's build directories are not stale.
+    let _lock = InstanceLock::acquire(
+        &repo.join("tmp/dnfimage-builds.lock"),
+        &format!("The build directory {}", builds.display()),
+    )?;
     let stale = overlay::remove_stale(&builds, &repo.join("tmp"));
     if stale > 0 {
         tracing::info!("Removed {stale} build directories an earlier run left");
@@ -166,7 +171,15 @@ pub async fn run(args: Args, activation: Option<Activation>) -> Result<()> {
         }),
     };
     let policy = Policy::new(IDL, PRIVILEGED)?;
-    dnfimage_runtime::serve(layerer, policy, &args.service, activation, activity, &jobs).await
+    dnfimage_runtime::serve(
+        |_| layerer.clone(),
+        policy,
+        &args.service,
+        activation,
+        activity,
+        &jobs,
+    )
+    .await
 }
 
 /// The regular files of the key directory, sorted; none when it is missing.

@@ -10,6 +10,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Debug;
+use std::rc::Rc;
 
 use serde::de::IntoDeserializer;
 use serde::{Deserialize, Serialize};
@@ -138,6 +139,11 @@ impl Policy {
         self
     }
 
+    /// Whether `uid` may call the privileged methods.
+    pub fn is_privileged(&self, uid: u32) -> bool {
+        uid == 0 || self.allowed_uids.contains(&uid)
+    }
+
     /// The interface name.
     pub fn interface(&self) -> &str {
         &self.interface
@@ -171,7 +177,7 @@ impl Policy {
         let inputs = self.methods.get(name).ok_or_else(not_found)?;
         self.check_object(parameters, inputs)?;
         if self.privileged.contains(name) {
-            let allowed = uid().is_some_and(|u| u == 0 || self.allowed_uids.contains(&u));
+            let allowed = uid().is_some_and(|u| self.is_privileged(u));
             if !allowed {
                 return Err(Refusal::PermissionDenied(name.to_string()));
             }
@@ -307,7 +313,7 @@ where
     S: Service<Sock>,
 {
     inner: S,
-    policy: Policy,
+    policy: Rc<Policy>,
     // The typed call being handled: the service's reply may borrow from it.
     current: Option<Call<S::MethodCall<'static>>>,
 }
@@ -318,7 +324,7 @@ where
     S: Service<Sock>,
 {
     /// Puts `inner` behind `policy`.
-    pub fn new(inner: S, policy: Policy) -> Self {
+    pub fn new(inner: S, policy: Rc<Policy>) -> Self {
         Self {
             inner,
             policy,

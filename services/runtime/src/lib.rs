@@ -6,22 +6,28 @@
 
 pub mod activation;
 pub mod child;
+pub mod connections;
 pub mod guard;
 pub mod idle;
 pub mod jobs;
+pub mod lock;
 pub mod notify;
 pub mod time;
 
+use std::cell::RefCell;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use zlink::{Server, Service};
+use zlink::Service;
 
 pub use activation::Activation;
+pub use connections::{Caller, ClientSocket, Limits};
 pub use guard::{Guarded, Policy};
-pub use idle::{Activity, ClientSocket, IdleListener};
+pub use idle::Activity;
 pub use jobs::{Job, JobSlot};
+pub use lock::InstanceLock;
 
 /// Flags every service takes.
 #[derive(Debug, Clone, clap::Args)]
@@ -38,6 +44,17 @@ pub struct ServiceArgs {
     /// Mode of the socket the service binds itself (octal); under systemd the unit sets it.
     #[arg(long, default_value = "600", value_parser = parse_mode)]
     pub socket_mode: u32,
+    /// Connections served at once; more are refused with TooManyConnections (never above half
+    /// the open-file limit).
+    #[arg(long, default_value_t = connections::DEFAULT_MAX_CONNECTIONS)]
+    pub max_connections: usize,
+    /// Connections one user may have open at once.
+    #[arg(long, default_value_t = connections::DEFAULT_MAX_CONNECTIONS_PER_UID)]
+    pub max_connections_per_uid: usize,
+    /// Seconds a connection may stay open without sending a call before it is closed (0: no
+    /// limit).
+    #[arg(long, default_value_t = connections::DEFAULT_CONNECTION_TIMEOUT.as_secs())]
+    pub connection_timeout: u64,
 }
 
 fn parse_mode(s: &str) -> Result<u32, String> {
@@ -52,6 +69,25 @@ impl ServiceArgs {
 
     fn idle(&self) -> Option<Duration> {
         (self.idle_timeout > 0).then(|| Duration::from_secs(self.idle_timeout))
+    }
+
+    /// The connection limits, with the total kept under half the open-file limit (raised to
+    /// its hard maximum first).
+    fn limits(&self) -> Limits {
+        let files = raise_nofile();
+        let max_connections = self.max_connections.clamp(1, (files / 2).max(16));
+        if max_connections < self.max_connections {
+            tracing::info!(
+                "Serving at most {max_connections} connections: the open-file limit is {files}"
+            );
+        }
+        Limits {
+            max_connections,
+            max_per_uid: self.max_connections_per_uid.max(1),
+            connection_timeout: (self.connection_timeout > 0)
+                .then(|| Duration::from_secs(self.connection_timeout)),
+            ..Limits::default()
+        }
     }
 }
 
@@ -126,13 +162,14 @@ where
     }
 }
 
-/// Serves `service` until idle or SIGTERM/SIGINT.
+/// Serves the service until idle or SIGTERM/SIGINT, each connection on its own (see
+/// [`connections`]): `make` gives the service for one connection, knowing its caller.
 ///
 /// `policy` says which methods change state; `activity` must be the one the service's
 /// [`JobSlot`] counts in, so running jobs keep the service alive and SIGTERM waits for them
 /// (after asking them to cancel through `jobs`).
 pub async fn serve<S>(
-    service: S,
+    make: impl Fn(Caller) -> S,
     policy: Policy,
     args: &ServiceArgs,
     activation: Option<Activation>,
@@ -140,30 +177,32 @@ pub async fn serve<S>(
     jobs: &JobSlot,
 ) -> Result<()>
 where
-    S: Service<ClientSocket>,
+    S: Service<ClientSocket> + 'static,
 {
     let mut policy = policy;
     for uid in &args.allow_uids {
         policy = policy.allow_uid(*uid);
     }
+    let limits = args.limits();
     let interface = policy.interface().to_string();
     let mut bound = None;
-    let listener = match activation {
+    let source = match activation {
         Some(Activation::Listener(fd)) => {
             let std = std::os::unix::net::UnixListener::from(fd);
             std.set_nonblocking(true)
                 .context("Making the activation socket non-blocking")?;
-            let listener = tokio::net::UnixListener::from_std(std)
-                .context("Adopting the activation socket")?;
-            IdleListener::listening(listener, activity.clone(), args.idle())
+            Source::Listening(
+                tokio::net::UnixListener::from_std(std)
+                    .context("Adopting the activation socket")?,
+            )
         }
         Some(Activation::Connected(fd)) => {
             let std = std::os::unix::net::UnixStream::from(fd);
             std.set_nonblocking(true)
                 .context("Making the connected socket non-blocking")?;
-            let stream =
-                tokio::net::UnixStream::from_std(std).context("Adopting the connected socket")?;
-            IdleListener::connected(stream, activity.clone())
+            Source::Connected(Some(
+                tokio::net::UnixStream::from_std(std).context("Adopting the connected socket")?,
+            ))
         }
         None => {
             let path = args.socket_path(&interface);
@@ -174,36 +213,124 @@ where
                 tokio::net::UnixListener::from_std(std).context("Adopting the bound socket")?;
             tracing::info!("Listening on {}", path.display());
             bound = Some(RemoveOnDrop(path));
-            IdleListener::listening(listener, activity.clone(), args.idle())
+            Source::Listening(listener)
         }
     };
-    let server = Server::new(listener, Guarded::new(service, policy));
-    notify::ready(&format!("Serving {interface}"));
-
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("Installing the SIGTERM handler")?;
-    let run = server.run();
-    futures_util::pin_mut!(run);
-    let signal = tokio::select! {
-        r = &mut run => {
+    let policy = Rc::new(policy);
+    let local = tokio::task::LocalSet::new();
+    let result = local
+        .run_until(async {
+            let mut clients = tokio::task::JoinSet::new();
+            let counts = Rc::new(RefCell::new(connections::Counts::default()));
+            let mut source = source;
+            notify::ready(&format!("Serving {interface}"));
+            let mut sigterm =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .context("Installing the SIGTERM handler")?;
+            let mut stopping: Option<&str> = None;
+            let listening = matches!(source, Source::Listening(_));
+            loop {
+                let idle = async {
+                    match (listening, args.idle(), stopping) {
+                        (true, Some(timeout), None) => {
+                            activity.idle_for(timeout).await
+                        }
+                        _ => std::future::pending().await,
+                    }
+                };
+                let wound_down = async {
+                    match stopping {
+                        Some(signal) => stop(jobs, &activity, signal).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    accepted = source.accept(&activity) => match accepted {
+                        Some(stream) => {
+                            let uid = stream.peer_cred().ok().map(|c| c.uid());
+                            match connections::admit(&counts, &limits, uid.unwrap_or(u32::MAX)) {
+                                Ok(counted) => {
+                                    let caller = Caller {
+                                        uid,
+                                        privileged: uid.is_some_and(|u| policy.is_privileged(u)),
+                                    };
+                                    let service = make(caller);
+                                    let (policy, activity) = (policy.clone(), activity.clone());
+                                    clients.spawn_local(async move {
+                                        connections::serve_one(stream, service, policy, activity, limits)
+                                            .await;
+                                        drop(counted);
+                                    });
+                                }
+                                Err(over) => {
+                                    clients.spawn_local(connections::refuse(
+                                        stream,
+                                        counts.clone(),
+                                        interface.clone(),
+                                        over,
+                                    ));
+                                }
+                            }
+                        }
+                        None => break,
+                    },
+                    Some(_) = clients.join_next(), if !clients.is_empty() => {}
+                    () = idle => {
+                        tracing::info!("Idle, exiting");
+                        break;
+                    }
+                    _ = sigterm.recv(), if stopping.is_none() => stopping = Some("SIGTERM"),
+                    _ = tokio::signal::ctrl_c(), if stopping.is_none() => stopping = Some("SIGINT"),
+                    () = wound_down => {
+                        // Give the clients a moment to send what the job's end queued.
+                        let _ = tokio::time::timeout(Duration::from_millis(200), async {
+                            while clients.join_next().await.is_some() {}
+                        })
+                        .await;
+                        clients.abort_all();
+                        break;
+                    }
+                }
+            }
             notify::stopping();
-            drop(bound);
-            return r.context("Serving clients");
-        }
-        _ = sigterm.recv() => "SIGTERM",
-        _ = tokio::signal::ctrl_c() => "SIGINT",
-    };
-    // Keep serving while the job winds down, so its client gets the final (Cancelled) reply.
-    tokio::select! {
-        r = &mut run => r.context("Serving clients")?,
-        () = stop(jobs, &activity, signal) => {
-            // Give the server a moment to send what the job's end queued.
-            let _ = tokio::time::timeout(Duration::from_millis(200), &mut run).await;
+            // After the listener closed (idle, or the one connected client): serve those still
+            // connected to the end.
+            while clients.join_next().await.is_some() {}
+            anyhow::Ok(())
+        })
+        .await;
+    drop(bound);
+    result
+}
+
+/// Where connections come from.
+enum Source {
+    Listening(tokio::net::UnixListener),
+    /// One connected socket (`Accept=yes`, `varlinkctl call exec:`): served, then we are done.
+    Connected(Option<tokio::net::UnixStream>),
+}
+
+impl Source {
+    /// The next client, or `None` once the one connected socket was handed out. Accept errors
+    /// (e.g. EMFILE under a flood) are logged and waited out, never fatal.
+    async fn accept(&mut self, activity: &Activity) -> Option<tokio::net::UnixStream> {
+        match self {
+            Source::Connected(stream) => stream.take(),
+            Source::Listening(listener) => loop {
+                match listener.accept().await {
+                    Ok((stream, _)) => return Some(stream),
+                    Err(e) => {
+                        tracing::warn!("Accepting a connection: {e}; retrying");
+                        // Out of descriptors or memory: wait for a connection to close, or a
+                        // moment, rather than spin.
+                        let _ =
+                            tokio::time::timeout(Duration::from_millis(100), activity.changed())
+                                .await;
+                    }
+                }
+            },
         }
     }
-    notify::stopping();
-    drop(bound);
-    Ok(())
 }
 
 async fn stop(jobs: &JobSlot, activity: &Activity, signal: &str) {
@@ -231,6 +358,23 @@ impl Drop for RemoveOnDrop {
             tracing::debug!("Removing {}, ignoring: {e}", self.0.display());
         }
     }
+}
+
+/// Raises the soft open-file limit to the hard one; returns the limit in force.
+fn raise_nofile() -> usize {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        limit.current = limit.maximum;
+        if let Err(e) = setrlimit(Resource::Nofile, limit) {
+            tracing::debug!("Raising the open-file limit, ignoring: {e}");
+        }
+        limit = getrlimit(Resource::Nofile);
+    }
+    limit
+        .current
+        .map(|n| usize::try_from(n).unwrap_or(usize::MAX))
+        .unwrap_or(usize::MAX)
 }
 
 /// Makes `path` and its parents if missing; a helper for state directories.
