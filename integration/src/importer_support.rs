@@ -334,6 +334,44 @@ impl Call {
         }
     }
 
+    /// Whether the last reply has arrived, reading only what is there already (the replies
+    /// read are kept for [`next_reply`](Self::next_reply)).
+    pub fn finished_yet(&mut self) -> Result<bool> {
+        if self.done {
+            return Ok(true);
+        }
+        self.stream.set_nonblocking(true)?;
+        let mut chunk = [0u8; 65536];
+        let read = loop {
+            match self.stream.read(&mut chunk) {
+                Ok(0) => break Ok(true),
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break Ok(false),
+                Err(e) => break Err(e).context("Reading replies"),
+            }
+        };
+        self.stream.set_nonblocking(false)?;
+        let closed = read?;
+        let last_seen = self
+            .buf
+            .split(|b| *b == 0)
+            .filter(|m| !m.is_empty())
+            .filter_map(|m| serde_json::from_slice::<Value>(m).ok())
+            .any(|r| r.get("continues").and_then(Value::as_bool) != Some(true));
+        Ok(closed || last_seen)
+    }
+
+    /// Waits until the service closes the connection (nothing more may arrive first).
+    pub fn closed_by_peer(&mut self) -> Result<bool> {
+        let mut chunk = [0u8; 1024];
+        match self.stream.read(&mut chunk) {
+            Ok(0) => Ok(true),
+            Ok(_) => Ok(false),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Ok(true),
+            Err(e) => Err(e).context("Waiting for the service to close the connection"),
+        }
+    }
+
     /// Every remaining reply.
     pub fn rest(&mut self) -> Result<Vec<Value>> {
         let mut replies = Vec::new();

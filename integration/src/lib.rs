@@ -190,6 +190,29 @@ impl ServiceProcess {
         )
     }
 
+    /// Like [`start`](Self::start), in a network namespace of its own with no network at all:
+    /// for tests that send it arbitrary input (an image reference made up by a fuzzer must
+    /// never reach a real host).
+    pub fn start_offline(
+        scratch: &Scratch,
+        name: &str,
+        interface: &str,
+        args: &[&std::ffi::OsStr],
+    ) -> Result<Self> {
+        let mut cmd = Command::new("unshare");
+        cmd.args(["--net", "--"])
+            .arg(bin(&format!("dnfimage-{name}")))
+            .arg("--runtime-dir")
+            .arg(scratch.runtime_dir())
+            .args(["--idle-timeout", "0"])
+            .args(args);
+        Self::spawn(
+            cmd,
+            scratch.socket(interface),
+            scratch.path().join(format!("logs/{name}.log")),
+        )
+    }
+
     fn spawn(mut cmd: Command, socket: PathBuf, log: PathBuf) -> Result<Self> {
         let out = std::fs::OpenOptions::new()
             .create(true)

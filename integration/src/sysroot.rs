@@ -35,6 +35,18 @@ impl TestSysroot {
         })
     }
 
+    /// Takes libostree's sysroot lock as another program (`ostree admin`, rpm-ostree) would;
+    /// held until the file returned is dropped.
+    pub fn hold_lock(&self) -> Result<std::fs::File> {
+        let lock = std::fs::File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.path.join("ostree/lock"))?;
+        lock_like_libostree(&lock)?;
+        Ok(lock)
+    }
+
     /// The sysroot directory.
     pub fn path(&self) -> &Path {
         &self.path
@@ -90,4 +102,26 @@ impl Drop for TestSysroot {
             .output();
         let _ = std::fs::remove_dir_all(&self.path);
     }
+}
+
+/// Takes the exclusive open-file-description lock libostree's `glnx_make_lock_file` takes on
+/// `file` (released when it is closed; flock(2) locks would not conflict with it).
+fn lock_like_libostree(file: &std::fs::File) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let lock = libc::flock {
+        l_type: libc::F_WRLCK as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: 0,
+        l_len: 0,
+        l_pid: 0,
+    };
+    #[allow(unsafe_code)]
+    // SAFETY: F_OFD_SETLK reads the flock struct we pass for the duration of the call only.
+    let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &lock) };
+    anyhow::ensure!(
+        r == 0,
+        "fcntl(F_OFD_SETLK): {}",
+        std::io::Error::last_os_error()
+    );
+    Ok(())
 }

@@ -1014,18 +1014,31 @@ fn varlinkctl_introspects_calls_with_more_and_execs_the_service() -> Result<()> 
         "{out:?}"
     );
 
-    // exec: hands the service a connected socket (the Accept=yes path).
-    let out = run_ok(
-        Command::new(dnfimage_integration::varlinkctl())
+    // exec: hands the service a connected socket (the Accept=yes path); its own state
+    // directory, since the running fetcher holds the scratch one.
+    let exec = |state: &Path| {
+        run(Command::new(dnfimage_integration::varlinkctl())
             .args([
                 "call",
                 &format!("exec:{}", bin("dnfimage-fetcher").display()),
                 "org.varlink.service.GetInfo",
                 "{}",
             ])
-            .env("DNFIMAGE_STATE_DIR", s.scratch.state_dir()),
-    )?;
-    assert!(out.contains("dnfimage-fetcher"), "{out}");
+            .env("DNFIMAGE_STATE_DIR", state))
+    };
+    let out = exec(&s.scratch.path().join("exec-state"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("dnfimage-fetcher"),
+        "{out:?}"
+    );
+    // On the live state directory the second instance refuses, touching nothing.
+    let out = exec(&s.scratch.state_dir())?;
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is in use by dnfimage-fetcher"),
+        "{out:?}"
+    );
     Ok(())
 }
 
