@@ -17,6 +17,7 @@ use dnfimage_interfaces::fetcher::{
     FetcherError, IDL, ImageInfo, InspectReply, LastCheckReply, Layer, ListCachedReply, PruneReply,
     UpdateCheck,
 };
+use dnfimage_interfaces::reference::{ImageRef, excerpt};
 use dnfimage_runtime::{Activation, Activity, Job, JobSlot, Policy, ServiceArgs};
 use futures_util::Stream;
 use serde::Deserialize;
@@ -24,7 +25,6 @@ use tokio::sync::mpsc;
 use zlink::Reply;
 
 use cache::{BlobError, Cache, Descriptor, Entry, Manifest};
-use reference::ImageRef;
 use registry::{Opened, ProxySettings, classify, proxy_message};
 
 /// Methods that change state: only root (or `--allow-uid`) may call them.
@@ -144,9 +144,9 @@ fn failed(context: &str, e: impl std::fmt::Display) -> FetcherError {
 }
 
 fn parse_ref(image: &str) -> Result<ImageRef, FetcherError> {
-    ImageRef::parse(image).map_err(|message| FetcherError::InvalidImageReference {
-        image: image.to_string(),
-        message,
+    ImageRef::parse(image).map_err(|e| FetcherError::InvalidImageReference {
+        image: excerpt(image).into_owned(),
+        message: e.to_string(),
     })
 }
 
@@ -684,7 +684,7 @@ impl Fetcher {
             .map_err(|e| blob_error(&reference, e))?;
         let entry = Entry {
             reference: reference.clone(),
-            tag: image.cache_tag(),
+            tag: reference::cache_tag(image),
             digest: resolved.digest.clone(),
             manifest_digest,
             manifest_size: resolved.manifest_bytes.len() as u64,
