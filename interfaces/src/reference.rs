@@ -33,8 +33,8 @@ pub const MAX_LAYOUT_TAG_LEN: usize = MAX_REGISTRY_LEN;
 /// The longest reference any transport takes: an `oci-archive:` path of `PATH_MAX - 1` bytes
 /// and a layout tag at its limit. Anything longer is refused before it is looked at.
 pub const MAX_REFERENCE_LEN: usize = "oci-archive:".len() + (PATH_MAX - 1) + 1 + MAX_LAYOUT_TAG_LEN;
-/// The longest origin value read: the longest scheme, an ostree remote name (a file name in
-/// `remotes.d`, so at most `NAME_MAX`), and a reference.
+/// The longest origin value read: the longest scheme naming a remote, the remote's name (a file
+/// name in `remotes.d`, so at most `NAME_MAX`), and a reference.
 pub const MAX_ORIGIN_LEN: usize = "ostree-remote-registry:".len() + 255 + 1 + MAX_REFERENCE_LEN;
 
 /// Transports of containers-image and ostree-ext that we do not take, named so that
