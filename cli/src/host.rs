@@ -7,6 +7,7 @@ use anyhow::{Context, Result};
 use dnfimage_interfaces::deployer::{self, DeployerProxy, Deployment, StatusReply};
 use dnfimage_interfaces::fetcher::{self, FetcherProxy};
 use dnfimage_interfaces::importer::{self, ImportResult, ImporterProxy};
+use dnfimage_interfaces::reference::ImageRef;
 
 use crate::errors::service_error;
 use crate::{Cli, EXIT_UNCHANGED, Output, connect, image, progress};
@@ -75,13 +76,10 @@ impl Policy {
 }
 
 /// A reference as the services record it: a bare `host/name:tag` is a registry reference.
+/// One the shared parser refuses is passed on as given, for the fetcher to refuse with its
+/// typed error (which says why, about the text the user typed).
 fn normalize(image: &str) -> String {
-    const TRANSPORTS: [&str; 3] = ["docker://", "oci:", "oci-archive:"];
-    if TRANSPORTS.iter().any(|t| image.starts_with(t)) {
-        image.to_string()
-    } else {
-        format!("docker://{image}")
-    }
+    ImageRef::parse(image).map_or_else(|_| image.to_string(), |r| r.to_string())
 }
 
 /// The deployer's status, checked against `--sysroot`.
@@ -502,6 +500,9 @@ mod tests {
             ("docker://quay.io/os:1", "docker://quay.io/os:1"),
             ("oci:/x:1", "oci:/x:1"),
             ("oci-archive:/x.tar", "oci-archive:/x.tar"),
+            // Refused: sent as typed, for the fetcher to say why.
+            ("quay.io/Os:1", "quay.io/Os:1"),
+            ("containers-storage:os", "containers-storage:os"),
         ];
         for (input, want) in cases {
             assert_eq!(normalize(input), want);

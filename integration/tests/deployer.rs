@@ -970,6 +970,16 @@ fn bad_requests_get_typed_errors() -> Result<()> {
         ),
         (
             "Deploy",
+            json!({"commit": v1.commit, "image": "docker://quay.io/os@sha256:abcd"}),
+            "InvalidImageReference",
+        ),
+        (
+            "Deploy",
+            json!({"commit": v1.commit, "image": format!("docker://x.io/{}", "a".repeat(1 << 20))}),
+            "InvalidImageReference",
+        ),
+        (
+            "Deploy",
             json!({"commit": v1.commit, "image": IMAGE_V1, "kernelArguments": ["a\nb"]}),
             "InvalidKernelArgument",
         ),

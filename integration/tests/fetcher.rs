@@ -411,12 +411,26 @@ fn bad_references_and_missing_images_get_typed_errors() -> Result<()> {
         ("containers-storage:localhost/os", "InvalidImageReference"),
         ("oci:relative/dir", "InvalidImageReference"),
         ("quay.io/os tag", "InvalidImageReference"),
+        ("quay.io/os@sha256:0123", "InvalidImageReference"),
+        ("quay.io/OS:1", "InvalidImageReference"),
+        // skopeo refuses this layout tag; the fetcher says so before starting it.
+        ("oci:/nonexistent/layout:a__b", "InvalidImageReference"),
         (missing.as_str(), "ImageNotFound"),
         ("oci:/nonexistent/layout:v1", "ImageNotFound"),
     ];
     for (image, want) in cases {
         let (name, params) = call_error(&s.socket(), "Inspect", json!({ "image": image }))?;
         assert_eq!(name, format!("{FETCHER}.{want}"), "{image}: {params}");
+    }
+    // A reference past the length limit is refused for its length, and not echoed back whole.
+    let long = format!("docker://quay.io/{}", "a".repeat(100 << 10));
+    for method in ["Inspect", "CheckUpdate", "Fetch"] {
+        let (name, params) = call_error(&s.socket(), method, json!({ "image": long }))?;
+        assert_eq!(name, format!("{FETCHER}.InvalidImageReference"), "{params}");
+        let message = params["message"].as_str().context("message")?;
+        assert!(message.contains("bytes long"), "{message}");
+        let image = params["image"].as_str().context("image")?;
+        assert!(image.len() < 100, "{method}: {} bytes echoed", image.len());
     }
     let (name, _) = call_error(&s.socket(), "Fetch", json!({"image": s.refs.not_bootable}))?;
     assert_eq!(name, format!("{FETCHER}.NotBootable"));

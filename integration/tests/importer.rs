@@ -435,6 +435,17 @@ fn refuses_what_it_cannot_import_and_writes_nothing() -> Result<()> {
             "containers-storage:os",
             "InvalidImageReference",
         ),
+        // A digest must be whole: skopeo could never find this one.
+        (
+            fixture_source(tags::BASE_V1)?,
+            "registry.example/os@sha256:0123",
+            "InvalidImageReference",
+        ),
+        (
+            format!("oci:/{}", "a".repeat(100 << 10)),
+            image.as_str(),
+            "InvalidImageReference",
+        ),
         (
             fixture_source("no-such-tag")?,
             image.as_str(),

@@ -203,7 +203,7 @@ pub struct CancelReply {
 pub enum DeployerError {
     /// The image reference to record cannot be parsed.
     InvalidImageReference {
-        /// The reference as given.
+        /// The reference as given (only its start and length when it is over the length limit).
         image: String,
         /// Why it was refused.
         message: String,

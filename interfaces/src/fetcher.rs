@@ -231,7 +231,7 @@ pub struct CancelReply {
 pub enum FetcherError {
     /// The image reference cannot be parsed or uses a transport that is not supported.
     InvalidImageReference {
-        /// The reference as given.
+        /// The reference as given (only its start and length when it is over the length limit).
         image: String,
         /// Why it was refused.
         message: String,

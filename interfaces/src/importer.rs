@@ -205,7 +205,7 @@ pub struct CancelReply {
 pub enum ImporterError {
     /// A reference cannot be parsed, or `source` is not on local disk ("oci:", "oci-archive:").
     InvalidImageReference {
-        /// The reference as given.
+        /// The reference as given (only its start and length when it is over the length limit).
         image: String,
         /// Why it was refused.
         message: String,

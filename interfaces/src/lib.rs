@@ -7,6 +7,7 @@ pub mod fetcher;
 pub mod idl;
 pub mod importer;
 pub mod layerer;
+pub mod reference;
 
 use std::path::{Path, PathBuf};
 

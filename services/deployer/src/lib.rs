@@ -22,6 +22,7 @@ use dnfimage_interfaces::deployer::{
     DeployPhase, DeployProgress, DeployReply, DeployResult, DeployerError, Deployment,
     DeploymentReply, FilesystemSpace, IDL, LayeringRequest, Package, StatusReply,
 };
+use dnfimage_interfaces::reference::excerpt;
 use dnfimage_runtime::{Activation, Activity, JobSlot, Policy, ServiceArgs};
 use futures_util::Stream;
 use ostree_ext::gio;
@@ -323,8 +324,11 @@ impl Deployer {
     ) -> impl Stream<Item = Result<Reply<DeployReply>, DeployerError>> + Unpin + use<> {
         let image_ref = match ImageRef::parse(&image) {
             Ok(r) => r,
-            Err(message) => {
-                return one_error(DeployerError::InvalidImageReference { image, message });
+            Err(e) => {
+                return one_error(DeployerError::InvalidImageReference {
+                    image: excerpt(&image).into_owned(),
+                    message: e.to_string(),
+                });
             }
         };
         let path = self.path();

@@ -14,7 +14,7 @@
 //! ```
 
 use dnfimage_interfaces::deployer::{LayeringRequest, Package};
-use ostree_ext::container::{ImageReference, OstreeImageReference, SignatureSource, Transport};
+use dnfimage_interfaces::reference::OriginReference;
 use ostree_ext::glib;
 use ostree_ext::keyfileext::{KeyFileExt, map_keyfile_optional};
 
@@ -30,97 +30,8 @@ const INACTIVE: &str = "inactive";
 const OVERRIDE_REMOVE: &str = "override-remove";
 const OVERRIDE_REPLACE: &str = "override-replace";
 
-/// Transports of containers-image (and the deployer's own origin forms) that are not image
-/// references the deployer records.
-const OTHER_TRANSPORTS: &[&str] = &[
-    "containers-storage",
-    "docker-archive",
-    "docker-daemon",
-    "docker",
-    "dir",
-    "registry",
-];
-
-/// An image reference as the deployer takes it: `docker://NAME` (also a bare `NAME`),
-/// `oci:/PATH[:TAG]` or `oci-archive:/PATH[:TAG]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ImageRef(ImageReference);
-
-impl ImageRef {
-    /// Parses and checks a reference; the error says why it was refused.
-    pub fn parse(image: &str) -> Result<Self, String> {
-        let (transport, name) = if let Some(name) = image.strip_prefix("docker://") {
-            (Transport::Registry, name)
-        } else if let Some(name) = image.strip_prefix("oci-archive:") {
-            (Transport::OciArchive, name)
-        } else if let Some(name) = image.strip_prefix("oci:") {
-            (Transport::OciDir, name)
-        } else if image.contains("://")
-            || image.split_once(':').is_some_and(|(prefix, _)| {
-                OTHER_TRANSPORTS.contains(&prefix) || prefix.starts_with("ostree-")
-            })
-        {
-            return Err("Unsupported transport: use docker://, oci: or oci-archive:".into());
-        } else {
-            (Transport::Registry, image)
-        };
-        if name.is_empty() {
-            return Err("The image name is empty".into());
-        }
-        if name.chars().any(|c| c.is_control() || c.is_whitespace()) {
-            return Err("Whitespace and control characters are not allowed".into());
-        }
-        match transport {
-            Transport::Registry => {
-                let ok = |c: char| c.is_ascii_alphanumeric() || "._-/:@+".contains(c);
-                if let Some(c) = name.chars().find(|c| !ok(*c)) {
-                    return Err(format!(
-                        "Character {c:?} is not allowed in a registry reference"
-                    ));
-                }
-                if name.starts_with(['/', '-', '.', ':', '@']) || name.ends_with([':', '/', '@']) {
-                    return Err(
-                        "Not a registry reference (expected HOST/NAME[:TAG|@DIGEST])".into(),
-                    );
-                }
-            }
-            _ => {
-                if !name.starts_with('/') {
-                    return Err(
-                        "The path of an oci: or oci-archive: reference must be absolute".into(),
-                    );
-                }
-            }
-        }
-        Ok(Self(ImageReference {
-            transport,
-            name: name.to_string(),
-        }))
-    }
-
-    /// The value of `container-image-reference`, e.g. `ostree-unverified-registry:quay.io/os:1`.
-    pub fn to_origin(&self) -> String {
-        OstreeImageReference {
-            sigverify: SignatureSource::ContainerPolicyAllowInsecure,
-            imgref: self.0.clone(),
-        }
-        .to_string()
-    }
-
-    /// Reads the value of `container-image-reference` (any form ostree-ext writes).
-    pub fn from_origin(value: &str) -> Result<Self, String> {
-        OstreeImageReference::try_from(value)
-            .map(|r| Self(r.imgref))
-            .map_err(|e| format!("{e:#}"))
-    }
-}
-
-impl std::fmt::Display for ImageRef {
-    /// `docker://NAME`, `oci:PATH`, … (ostree-ext's form, which the other services use too).
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.0.fmt(f)
-    }
-}
+/// The image an origin records, parsed and checked as every service does.
+pub use dnfimage_interfaces::reference::ImageRef;
 
 /// `NAME-VERSION-RELEASE.ARCH` (with `EPOCH:` before the version when there is one).
 pub fn nevra(p: &Package) -> String {
@@ -211,8 +122,8 @@ pub fn read(origin: &glib::KeyFile) -> Result<Recorded, String> {
     let image = origin
         .optional_string(ORIGIN_GROUP, CONTAINER_KEY)
         .map_err(|e| format!("Reading {CONTAINER_KEY}: {e}"))?
-        .and_then(|v| match ImageRef::from_origin(&v) {
-            Ok(r) => Some(r.to_string()),
+        .and_then(|v| match OriginReference::parse(&v) {
+            Ok(r) => Some(r.image()),
             Err(e) => {
                 tracing::debug!("Origin image reference {v:?} unreadable, ignoring: {e}");
                 None
@@ -261,72 +172,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_image_references() {
-        // Input, and its display and origin forms when it is accepted.
-        type Case<'a> = (&'a str, Result<(&'a str, &'a str), ()>);
-        let cases: &[Case] = &[
-            (
-                "docker://127.0.0.1:5000/dnfimage/base:v1",
-                Ok((
-                    "docker://127.0.0.1:5000/dnfimage/base:v1",
-                    "ostree-unverified-registry:127.0.0.1:5000/dnfimage/base:v1",
-                )),
-            ),
-            (
-                "quay.io/fedora/fedora-bootc:41",
-                Ok((
-                    "docker://quay.io/fedora/fedora-bootc:41",
-                    "ostree-unverified-registry:quay.io/fedora/fedora-bootc:41",
-                )),
-            ),
-            (
-                "docker://quay.io/os@sha256:abcd",
-                Ok((
-                    "docker://quay.io/os@sha256:abcd",
-                    "ostree-unverified-registry:quay.io/os@sha256:abcd",
-                )),
-            ),
-            (
-                "oci:/var/cache/oci:base-v1",
-                Ok((
-                    "oci:/var/cache/oci:base-v1",
-                    "ostree-unverified-image:oci:/var/cache/oci:base-v1",
-                )),
-            ),
-            (
-                "oci-archive:/tmp/os.tar",
-                Ok((
-                    "oci-archive:/tmp/os.tar",
-                    "ostree-unverified-image:oci-archive:/tmp/os.tar",
-                )),
-            ),
-            ("", Err(())),
-            ("docker://", Err(())),
-            ("docker://has space/x", Err(())),
-            ("docker://x\ny", Err(())),
-            ("docker:///abs", Err(())),
-            ("docker://x/y:", Err(())),
-            ("http://example.com/x", Err(())),
-            ("oci:relative/dir", Err(())),
-            ("containers-storage:x", Err(())),
-            ("docker:quay.io/x", Err(())),
-            ("ostree-unverified-registry:quay.io/x", Err(())),
-        ];
-        for (input, want) in cases {
-            let got = ImageRef::parse(input);
-            match (got, want) {
-                (Ok(r), Ok((display, origin))) => {
-                    assert_eq!(r.to_string(), *display, "{input}");
-                    assert_eq!(r.to_origin(), *origin, "{input}");
-                    assert_eq!(ImageRef::from_origin(origin).as_ref(), Ok(&r), "{input}");
-                }
-                (Err(_), Err(())) => {}
-                (got, want) => panic!("{input:?}: got {got:?}, want {want:?}"),
-            }
-        }
-    }
-
-    #[test]
     fn reads_origins_other_tools_write() {
         let cases: &[(&str, Option<&str>)] = &[
             (
@@ -344,6 +189,15 @@ mod tests {
             (
                 "[origin]\ncontainer-image-reference=ostree-image-signed:oci:/srv/os\n",
                 Some("oci:/srv/os"),
+            ),
+            (
+                "[origin]\ncontainer-image-reference=ostree-remote-image:fedora:docker://quay.io/os:1\n",
+                Some("docker://quay.io/os:1"),
+            ),
+            // bootc switch --transport containers-storage: shown as written.
+            (
+                "[origin]\ncontainer-image-reference=ostree-unverified-image:containers-storage:localhost/os\n",
+                Some("containers-storage:localhost/os"),
             ),
             (
                 "[origin]\nrefspec=fedora:fedora/x86_64/coreos/stable\n",

@@ -17,6 +17,7 @@ use dnfimage_interfaces::fetcher::{
     FetcherError, IDL, ImageInfo, InspectReply, LastCheckReply, Layer, ListCachedReply, PruneReply,
     UpdateCheck,
 };
+use dnfimage_interfaces::reference::{ImageRef, excerpt};
 use dnfimage_runtime::{
     Activation, Activity, Caller, InstanceLock, Job, JobSlot, Policy, ServiceArgs,
 };
@@ -26,7 +27,6 @@ use tokio::sync::mpsc;
 use zlink::Reply;
 
 use cache::{BlobError, Cache, Descriptor, Entry, Manifest};
-use reference::ImageRef;
 use registry::{Opened, ProxySettings, classify, proxy_message};
 
 /// Methods that change state: only root (or `--allow-uid`) may call them.
@@ -160,9 +160,9 @@ fn failed(context: &str, e: impl std::fmt::Display) -> FetcherError {
 }
 
 fn parse_ref(image: &str) -> Result<ImageRef, FetcherError> {
-    ImageRef::parse(image).map_err(|message| FetcherError::InvalidImageReference {
-        image: image.to_string(),
-        message,
+    ImageRef::parse(image).map_err(|e| FetcherError::InvalidImageReference {
+        image: excerpt(image).into_owned(),
+        message: e.to_string(),
     })
 }
 
@@ -186,7 +186,9 @@ impl Fetcher {
     /// Refuses to let an unprivileged caller make the service read a local image: the service
     /// runs as root, so an `oci:` path would read what the caller itself may not.
     fn may_read(&self, image: &ImageRef, method: &str) -> Result<(), FetcherError> {
-        if image.transport == reference::Transport::Registry || self.caller.privileged {
+        if image.transport() == dnfimage_interfaces::reference::Transport::Registry
+            || self.caller.privileged
+        {
             return Ok(());
         }
         tracing::info!(
@@ -731,7 +733,7 @@ impl Fetcher {
             .map_err(|e| blob_error(&reference, e))?;
         let entry = Entry {
             reference: reference.clone(),
-            tag: image.cache_tag(),
+            tag: reference::cache_tag(image),
             digest: resolved.digest.clone(),
             manifest_digest,
             manifest_size: resolved.manifest_bytes.len() as u64,

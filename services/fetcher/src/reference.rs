@@ -1,92 +1,68 @@
-//! Image references as callers give them, checked before they reach skopeo.
+//! The name an image reference gets in the cache. References themselves are parsed by
+//! `dnfimage_interfaces::reference`, which every service shares.
 
-use std::fmt;
-
+use dnfimage_interfaces::reference::ImageRef;
 use sha2::{Digest, Sha256};
 
-/// The transports the fetcher accepts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Transport {
-    /// A registry: `docker://host/name:tag` (or a bare `host/name:tag`).
-    Registry,
-    /// An OCI layout directory: `oci:/path[:tag]`.
-    OciDir,
-    /// An OCI layout archive: `oci-archive:/path.tar[:tag]`.
-    OciArchive,
-}
+/// Bytes of the reference kept readable in a cache tag.
+const READABLE: usize = 80;
 
-/// A checked image reference.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ImageRef {
-    /// How the image is reached.
-    pub transport: Transport,
-    /// Everything after the transport prefix.
-    pub name: String,
-}
-
-impl fmt::Display for ImageRef {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let prefix = match self.transport {
-            Transport::Registry => "docker://",
-            Transport::OciDir => "oci:",
-            Transport::OciArchive => "oci-archive:",
-        };
-        write!(f, "{prefix}{}", self.name)
-    }
-}
-
-impl ImageRef {
-    /// Parses `s`; a reference without a transport is a registry reference.
-    pub fn parse(s: &str) -> Result<Self, String> {
-        if s.is_empty() {
-            return Err("the image reference is empty".into());
-        }
-        if let Some(c) = s.chars().find(|c| c.is_whitespace() || c.is_control()) {
-            return Err(format!("the image reference contains {c:?}"));
-        }
-        let (transport, name) = if let Some(rest) = s.strip_prefix("docker://") {
-            (Transport::Registry, rest)
-        } else if let Some(rest) = s.strip_prefix("oci:") {
-            (Transport::OciDir, rest)
-        } else if let Some(rest) = s.strip_prefix("oci-archive:") {
-            (Transport::OciArchive, rest)
-        } else if let Some((transport, _)) = s.split_once(':').filter(|(t, rest)| {
-            let port = rest.split('/').next().unwrap_or_default();
-            let is_port = !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit());
-            !rest.starts_with("//") && !t.contains(['/', '.']) && rest.contains('/') && !is_port
-        }) {
-            return Err(format!(
-                "the transport {transport:?} is not supported; use docker://, oci: or oci-archive:"
-            ));
-        } else if s.contains("://") {
-            return Err("only the docker:// transport takes \"://\"".into());
-        } else {
-            (Transport::Registry, s)
-        };
-        if name.is_empty() {
-            return Err("the image reference names no image".into());
-        }
-        if name.starts_with('-') {
-            return Err("an image name cannot start with '-'".into());
-        }
-        match transport {
-            Transport::Registry => check_registry_name(name)?,
-            Transport::OciDir | Transport::OciArchive => {
-                if !name.starts_with('/') {
-                    return Err("an oci: or oci-archive: path must be absolute".into());
-                }
+/// A tag naming `image` in the cache's OCI layout: readable, unique per reference, and one
+/// skopeo accepts in `oci:PATH:TAG` (letters and digits separated by one of `-`, `.`, `_` or
+/// `--`): other characters become `_`, a run of separators skopeo refuses becomes one `_`.
+pub fn cache_tag(image: &ImageRef) -> String {
+    let mapped: Vec<u8> = image
+        .name()
+        .trim_start_matches('/')
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b == b'.' || b == b'-' {
+                b
+            } else {
+                b'_'
             }
-        }
-        Ok(Self {
-            transport,
-            name: name.to_string(),
         })
+        .collect();
+    let mut readable = Vec::with_capacity(mapped.len().min(READABLE * 2));
+    for run in mapped.chunk_by(|a, b| a.is_ascii_alphanumeric() == b.is_ascii_alphanumeric()) {
+        if readable.len() >= READABLE {
+            break;
+        }
+        if run[0].is_ascii_alphanumeric() {
+            readable.extend_from_slice(run);
+        } else if !readable.is_empty() {
+            let valid = matches!(run, b"-" | b"." | b"_" | b"--");
+            readable.extend_from_slice(if valid { run } else { b"_" });
+        }
     }
+    readable.truncate(READABLE);
+    // The tag goes on with "-": a trailing "-" makes a valid "--", any other separator not.
+    let kept = readable
+        .iter()
+        .rposition(u8::is_ascii_alphanumeric)
+        .map_or(0, |last| last + 1);
+    if &readable[kept..] != b"-" {
+        readable.truncate(kept);
+    }
+    let hash = hex::encode(Sha256::digest(image.to_string().as_bytes()));
+    let hash = &hash[..12];
+    if readable.is_empty() {
+        return hash.to_string();
+    }
+    format!(
+        "{}-{hash}",
+        String::from_utf8(readable).expect("mapped to ASCII")
+    )
+}
 
-    /// A tag naming this reference in the cache's OCI layout: readable, unique per reference.
-    pub fn cache_tag(&self) -> String {
-        let readable: String = self
-            .name
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The tag before separators were checked, to show valid tags did not change.
+    fn unchecked_tag(image: &ImageRef) -> String {
+        let readable: String = image
+            .name()
             .trim_start_matches('/')
             .chars()
             .map(|c| {
@@ -96,112 +72,68 @@ impl ImageRef {
                     '_'
                 }
             })
-            .take(80)
+            .take(READABLE)
             .collect();
-        let hash = Sha256::digest(self.to_string().as_bytes());
+        let hash = Sha256::digest(image.to_string().as_bytes());
         format!("{readable}-{}", &hex::encode(hash)[..12])
-    }
-}
-
-/// Checks `host[:port]/path[:tag][@digest]` loosely: the registry decides the rest.
-fn check_registry_name(name: &str) -> Result<(), String> {
-    let (repo, digest) = match name.split_once('@') {
-        Some((repo, digest)) => (repo, Some(digest)),
-        None => (name, None),
-    };
-    if let Some(digest) = digest {
-        let valid = digest
-            .strip_prefix("sha256:")
-            .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()));
-        if !valid {
-            return Err(format!("{digest:?} is not a sha256 digest"));
-        }
-    }
-    let allowed = |c: char| c.is_ascii_alphanumeric() || "._-/:".contains(c);
-    if let Some(c) = repo.chars().find(|c| !allowed(*c)) {
-        return Err(format!("{c:?} is not allowed in an image name"));
-    }
-    if repo.split('/').any(str::is_empty) {
-        return Err("an image name has an empty path component".into());
-    }
-    if repo.chars().any(|c| c.is_ascii_uppercase()) && !repo.contains('/') {
-        return Err("a repository name must be lowercase".into());
-    }
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_references() {
-        let ok: &[(&str, Transport, &str)] = &[
-            (
-                "docker://127.0.0.1:5000/dnfimage/base:v1",
-                Transport::Registry,
-                "127.0.0.1:5000/dnfimage/base:v1",
-            ),
-            (
-                "quay.io/fedora/fedora-bootc:41",
-                Transport::Registry,
-                "quay.io/fedora/fedora-bootc:41",
-            ),
-            (
-                "localhost:5000/os@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
-                Transport::Registry,
-                "localhost:5000/os@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
-            ),
-            (
-                "oci:/var/tmp/layout:v2",
-                Transport::OciDir,
-                "/var/tmp/layout:v2",
-            ),
-            (
-                "oci-archive:/tmp/os.tar",
-                Transport::OciArchive,
-                "/tmp/os.tar",
-            ),
-        ];
-        for (input, transport, name) in ok {
-            let r = ImageRef::parse(input).unwrap_or_else(|e| panic!("{input}: {e}"));
-            assert_eq!(
-                (r.transport, r.name.as_str()),
-                (*transport, *name),
-                "{input}"
-            );
-        }
-        let bad = [
-            "",
-            "docker://",
-            "docker://--src-creds=x:y/foo",
-            "-v",
-            "quay.io/foo bar",
-            "quay.io/foo\n",
-            "containers-storage:localhost/foo",
-            "dir:/tmp/x",
-            "http://example.com/foo",
-            "oci:relative/path",
-            "quay.io//foo",
-            "quay.io/foo@sha256:abc",
-            "quay.io/foo;rm -rf",
-        ];
-        for input in bad {
-            assert!(ImageRef::parse(input).is_err(), "{input:?} was accepted");
-        }
     }
 
     #[test]
     fn cache_tags_are_valid_and_distinct() {
         let a = ImageRef::parse("docker://127.0.0.1:5000/dnfimage/base:v1").unwrap();
         let b = ImageRef::parse("oci:/127.0.0.1:5000/dnfimage/base:v1").unwrap();
-        let ta = a.cache_tag();
+        let ta = cache_tag(&a);
         assert!(ta.starts_with("127.0.0.1_5000_dnfimage_base_v1-"), "{ta}");
-        assert_ne!(ta, b.cache_tag());
-        assert!(
-            ta.chars()
-                .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
-        );
-        assert_eq!(ta, a.cache_tag());
+        assert_ne!(ta, cache_tag(&b));
+        assert_eq!(ta, cache_tag(&a));
+    }
+
+    #[test]
+    fn cache_tags_are_layout_tags_skopeo_accepts() {
+        let long = "a".repeat(78);
+        let references = [
+            "docker://127.0.0.1:5000/dnfimage/base:v1".to_string(),
+            "quay.io/fedora/fedora-bootc:41".to_string(),
+            "quay.io/os:v1.".to_string(),
+            "quay.io/os:v1-".to_string(),
+            "quay.io/os:_x".to_string(),
+            "quay.io/os:x__".to_string(),
+            "quay.io/a---b:1".to_string(),
+            "quay.io/a--b:1".to_string(),
+            "quay.io/a__b/c.d/e-f:1.0_2-3".to_string(),
+            format!("quay.io/os@sha256:{}", "ab".repeat(32)),
+            "[::1]:5000/os:1".to_string(),
+            format!("x.io/{long}:1"),
+            format!("x.io/{long}-b:1"),
+            format!("x.io/{long}--b:1"),
+            format!("x.io/{long}.b:1"),
+            format!("x.io/{long}b.c:1"),
+            "oci:/.hidden/x".to_string(),
+            "oci:/srv/é/layout:A--b+c@d".to_string(),
+            "oci:/__/x".to_string(),
+            "oci:/_".to_string(),
+            "oci-archive:/tmp/os.tar:v1".to_string(),
+        ];
+        for reference in &references {
+            let image = ImageRef::parse(reference).unwrap();
+            let tag = cache_tag(&image);
+            let layout = format!("oci:/var/lib/dnfimage/cache:{tag}");
+            assert!(
+                ImageRef::parse_local(&layout).is_ok(),
+                "{reference} -> {tag}: {:?}",
+                ImageRef::parse_local(&layout)
+            );
+            assert!(tag.len() <= READABLE + 13, "{tag}");
+            // A tag that was valid before stays the same: the cache finds its entries.
+            let before = unchecked_tag(&image);
+            if ImageRef::parse_local(&format!("oci:/cache:{before}")).is_ok() {
+                assert_eq!(tag, before, "{reference}");
+            }
+        }
+        let tags: std::collections::BTreeSet<String> = references
+            .iter()
+            .map(|r| cache_tag(&ImageRef::parse(r).unwrap()))
+            .collect();
+        assert_eq!(tags.len(), references.len());
     }
 }

@@ -4,8 +4,7 @@ use std::path::PathBuf;
 
 use containers_image_proxy::{ImageProxy, ImageProxyConfig, OpenedImage};
 use dnfimage_interfaces::fetcher::FetcherError;
-
-use crate::reference::ImageRef;
+use dnfimage_interfaces::reference::ImageRef;
 
 /// How skopeo is started.
 #[derive(Debug, Clone, Default)]

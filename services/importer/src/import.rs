@@ -13,6 +13,7 @@ use anyhow::{Context, Result};
 use dnfimage_interfaces::importer::{
     ImportPhase, ImportProgress, ImportResult, ImportWarning, ImporterError,
 };
+use dnfimage_interfaces::reference::ImageRef;
 use ostree_ext::container::store::{
     self as ext_store, ImageImporter, ImportProgress as LayerEvent, LayerProgress, PrepareResult,
 };
@@ -26,7 +27,7 @@ use ostree_ext::{gio, glib, ostree};
 use tokio::io::AsyncReadExt;
 
 use crate::journal::{self, Journal};
-use crate::reference::Source;
+use crate::reference;
 use crate::scan::{self, Rules};
 use crate::store;
 
@@ -61,7 +62,7 @@ impl Paths {
 #[derive(Debug, Clone)]
 pub struct Request {
     /// Where the image is read from.
-    pub source: Source,
+    pub source: ImageRef,
     /// The reference it is recorded under.
     pub image: ImageReference,
 }
@@ -127,7 +128,7 @@ fn proxy_config() -> ImageProxyConfig {
 }
 
 /// What skopeo said about the source, as a typed error.
-fn source_error(source: &Source, message: &str) -> ImporterError {
+fn source_error(source: &ImageRef, message: &str) -> ImporterError {
     let m = message.to_ascii_lowercase();
     let missing = [
         "no such file or directory",
@@ -187,7 +188,7 @@ struct Opened {
 }
 
 impl Opened {
-    async fn open(source: &Source) -> Result<Self, ImporterError> {
+    async fn open(source: &ImageRef) -> Result<Self, ImporterError> {
         let proxy = ImageProxy::new_with_config(proxy_config())
             .await
             .map_err(|e| {
@@ -638,7 +639,7 @@ async fn import_opened(
         });
     }
 
-    let mut importer = ImageImporter::new(repo, &source.ostree_ref(), proxy_config())
+    let mut importer = ImageImporter::new(repo, &reference::source_ref(source), proxy_config())
         .await
         .map_err(|e| failed_with(&format!("Opening {source}"), &e))?;
     importer.set_target(&OstreeImageReference {

@@ -25,13 +25,13 @@ use dnfimage_interfaces::importer::{
     ImportWarningKind, ImportedImage, ImporterError, ListImagesReply, PrunePhase, PruneProgress,
     PruneReply, PruneResult,
 };
+use dnfimage_interfaces::reference::{ImageRef, ReferenceError, excerpt};
 use dnfimage_runtime::{Activation, Activity, InstanceLock, Job, JobSlot, Policy, ServiceArgs};
 use futures_util::Stream;
 use tokio::sync::{mpsc, oneshot, watch};
 use zlink::Reply;
 
 use import::{Paths, Request};
-use reference::Source;
 
 /// Methods that change state: only root (or `--allow-uid`) may call them.
 pub const PRIVILEGED: &[&str] = &["Import", "Cancel", "Prune"];
@@ -377,10 +377,26 @@ fn list_images(paths: &Paths) -> Result<Vec<ImportedImage>> {
     store::images(&repo, &in_use)
 }
 
-fn parse_image(image: &str) -> Result<ostree_ext::container::ImageReference, ImporterError> {
-    reference::parse_image(image).map_err(|message| ImporterError::InvalidImageReference {
-        image: image.to_string(),
+fn invalid_reference(image: &str, message: String) -> ImporterError {
+    ImporterError::InvalidImageReference {
+        image: excerpt(image).into_owned(),
         message,
+    }
+}
+
+fn parse_image(image: &str) -> Result<ImageRef, ImporterError> {
+    ImageRef::parse(image).map_err(|e| invalid_reference(image, e.to_string()))
+}
+
+fn parse_source(source: &str) -> Result<ImageRef, ImporterError> {
+    ImageRef::parse_local(source).map_err(|e| {
+        let message = match e {
+            ReferenceError::NotLocal => "the source must be on local disk: \"oci:/path[:tag]\" or \
+                 \"oci-archive:/path.tar[:tag]\" (the fetcher's cacheReference)"
+                .to_string(),
+            e => e.to_string(),
+        };
+        invalid_reference(source, message)
     })
 }
 
@@ -414,17 +430,12 @@ impl Importer {
         source: String,
         image: String,
     ) -> impl Stream<Item = Result<Reply<ImportReply>, ImporterError>> + Unpin + use<> {
-        let parsed = Source::parse(&source)
-            .map_err(|message| ImporterError::InvalidImageReference {
-                image: source.clone(),
-                message,
+        let parsed = parse_source(&source).and_then(|source| {
+            Ok(Request {
+                source,
+                image: reference::to_ostree(&parse_image(&image)?),
             })
-            .and_then(|source| {
-                Ok(Request {
-                    source,
-                    image: parse_image(&image)?,
-                })
-            });
+        });
         let request = match parsed {
             Ok(r) => r,
             Err(e) => return error_stream(e),
