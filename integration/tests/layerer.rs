@@ -469,6 +469,56 @@ fn each_failure_is_typed_and_leaves_nothing() -> Result<()> {
     Ok(())
 }
 
+/// The service still answers: `GetInfo` replies.
+fn answers_get_info(l: &Layering) -> Result<()> {
+    let replies = raw_call(
+        &l.socket(),
+        &json!({"method": "org.varlink.service.GetInfo"}),
+    )?;
+    let last = replies.last().context("no GetInfo reply")?;
+    anyhow::ensure!(last.get("error").is_none(), "GetInfo failed: {last}");
+    Ok(())
+}
+
+#[test]
+fn commits_named_by_anything_but_a_checksum_are_not_found() -> Result<()> {
+    let l = Layering::start()?;
+    let base = l.v1.commit.clone();
+    // 64 bytes that are not 64 ASCII characters: byte 12 is inside a character, where the
+    // service once cut it for its status text (and panicked).
+    let wide = format!("a{}b", "é".repeat(31));
+    for bad in [wide.as_str(), "abc", "", &base.to_uppercase(), &base[..63]] {
+        let e = assert_failure_leaves_nothing(
+            &l,
+            json!({"baseCommit": bad, "install": [packages::HELLO]}),
+            "CommitNotFound",
+        )?;
+        assert_eq!(e["commit"], bad);
+        answers_get_info(&l)?;
+    }
+    let e = assert_failure_leaves_nothing(
+        &l,
+        json!({"baseCommit": base, "requestFrom": wide, "install": [packages::HELLO]}),
+        "CommitNotFound",
+    )?;
+    assert_eq!(e["commit"], wide.as_str());
+    for (method, params) in [
+        ("ListPackages", json!({"commit": wide})),
+        ("PackageDiff", json!({"fromCommit": base, "toCommit": wide})),
+        ("PackageDiff", json!({"fromCommit": "ß", "toCommit": base})),
+    ] {
+        let (_, outcome) = l.call(method, params.clone())?;
+        let (name, e) = outcome
+            .err()
+            .with_context(|| format!("{method} {params}"))?;
+        assert_eq!(name, "CommitNotFound", "{method} {params}: {e}");
+    }
+    answers_get_info(&l)?;
+    let (_, listed) = l.call("ListPackages", json!({"commit": base}))?;
+    assert!(listed.is_ok(), "{listed:?}");
+    Ok(())
+}
+
 #[test]
 fn the_request_is_applied_again_on_a_new_image() -> Result<()> {
     let l = Layering::start()?;
