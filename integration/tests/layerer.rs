@@ -520,6 +520,51 @@ fn commits_named_by_anything_but_a_checksum_are_not_found() -> Result<()> {
 }
 
 #[test]
+fn a_chatty_failing_scriptlet_gives_a_bounded_message() -> Result<()> {
+    use dnfimage_testimage::rpms::{KEY_USER_ID, Keyring, Spec};
+    let l = Layering::start()?;
+    let rpms = TestRpms::shared()?;
+    // A replacement for an image package whose %post prints 10 MiB (half on each stream),
+    // then fails.
+    let line = "0123456789".repeat(10);
+    let post = format!(
+        "i=0\nwhile [ $i -lt 50000 ]; do\n  echo \"out $i {line}\"\n  \
+         echo \"err $i {line}\" >&2\n  i=$((i+1))\ndone\n\
+         echo 'dnfimage-docs: failing on purpose' >&2\nexit 5"
+    );
+    let spec = Spec::new(packages::DOCS, "2.0")
+        .requires("/bin/sh")
+        .file(&format!("/{}", files::DOCS), "chatty docs\n")
+        .post(&post);
+    let out = l.scratch.path().join("chatty");
+    let rpm = spec.build(&l.scratch.path().join("rpmbuild"), &out)?;
+    Keyring::open(&rpms.gnupg_home)?.sign(KEY_USER_ID, std::slice::from_ref(&rpm))?;
+
+    let e = assert_failure_leaves_nothing(
+        &l,
+        json!({"baseCommit": l.v1.commit, "overrideReplace": [rpm.display().to_string()]}),
+        "ScriptletFailed",
+    )?;
+    assert_eq!(e["package"], json!("dnfimage-docs-2.0-1.noarch"));
+    assert_eq!(e["scriptlet"], json!("%post"));
+    let message = e["message"].as_str().context("message")?;
+    // The first and the last 64 KiB of each stream, and the marks of what was left out.
+    assert!(message.len() < 300 * 1024, "{} bytes", message.len());
+    for want in [
+        "out 0 0123",
+        "err 0 0123",
+        "out 49999 0123",
+        "failing on purpose",
+        "exit status 5",
+        " bytes omitted …]",
+    ] {
+        assert!(message.contains(want), "{want:?} missing");
+    }
+    answers_get_info(&l)?;
+    Ok(())
+}
+
+#[test]
 fn the_request_is_applied_again_on_a_new_image() -> Result<()> {
     let l = Layering::start()?;
     let v2 = l.import(tags::BASE_V2)?;
