@@ -85,6 +85,13 @@ pub fn describe(name: &str, params: &Value) -> String {
             get("image")
         ),
         "DigestMismatch" => format!("Digest mismatch: {}", get("message")),
+        "MetadataTooLarge" => format!(
+            "The {} of {} takes {}, more than the {} the fetcher reads; nothing was kept",
+            get("blob"),
+            get("image"),
+            bytes(num("size")),
+            bytes(num("limit"))
+        ),
         _ => generic(name, params),
     }
 }
@@ -157,6 +164,13 @@ mod tests {
                 json!({"limit": 128, "scope": "user"}),
                 "The service is busy: 128 connections of your user are open, its limit; wait for \
                  other clients to finish and try again",
+            ),
+            (
+                "MetadataTooLarge",
+                json!({"image": "oci:/x", "blob": "configuration", "size": 5 << 20,
+                       "limit": 4 << 20}),
+                "The configuration of oci:/x takes 5.0 MiB, more than the 4.0 MiB the fetcher \
+                 reads; nothing was kept",
             ),
             (
                 "InsufficientSpace",

@@ -96,9 +96,10 @@ fn deployment(d: &Deployment) {
     }
 }
 
+/// The first 12 characters of a digest's hex part (whole characters, whatever the text).
 fn short(digest: &str) -> &str {
     let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
-    &hex[..hex.len().min(12)]
+    hex.char_indices().nth(12).map_or(hex, |(i, _)| &hex[..i])
 }
 
 impl Output {
@@ -560,6 +561,21 @@ mod tests {
         ];
         for (n, want) in cases {
             assert_eq!(bytes(n), want);
+        }
+    }
+
+    #[test]
+    fn shortens_digests_by_characters() {
+        let cases = [
+            ("sha256:0123456789abcdef", "0123456789ab"),
+            ("0123456789abcdef", "0123456789ab"),
+            ("sha256:abc", "abc"),
+            ("", ""),
+            ("ééééééééééééé", "éééééééééééé"),
+            ("sha256:0123456789aé", "0123456789aé"),
+        ];
+        for (digest, want) in cases {
+            assert_eq!(short(digest), want, "{digest}");
         }
     }
 }

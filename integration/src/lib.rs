@@ -14,6 +14,7 @@ use serde_json::Value;
 pub mod deploy_support;
 pub mod host;
 pub mod importer_support;
+pub mod layout;
 pub mod proxy;
 pub mod rpm_support;
 pub mod sysroot;

@@ -318,6 +318,264 @@ fn stopped_registry_gives_registry_unreachable() -> Result<()> {
     Ok(())
 }
 
+/// A fetcher with no registry, for images in local layouts.
+fn local_fetcher() -> Result<(Scratch, ServiceProcess)> {
+    let scratch = Scratch::new()?;
+    let fetcher = ServiceProcess::fetcher(&scratch, &FetcherOptions::default())?;
+    Ok((scratch, fetcher))
+}
+
+/// The service still answers: `GetInfo` and `ListCached` reply. Returns the cached references.
+fn still_answers(socket: &Path) -> Result<Vec<String>> {
+    let info = raw_call(socket, &json!({"method": "org.varlink.service.GetInfo"}))?;
+    let last = info.last().context("no GetInfo reply")?;
+    anyhow::ensure!(error_name(last).is_none(), "GetInfo failed: {last}");
+    let listed = raw_call(socket, &json!({"method": format!("{FETCHER}.ListCached")}))?;
+    let last = listed.last().context("no ListCached reply")?;
+    anyhow::ensure!(error_name(last).is_none(), "ListCached failed: {last}");
+    Ok(last["parameters"]["images"]
+        .as_array()
+        .context("images")?
+        .iter()
+        .filter_map(|i| i["reference"].as_str().map(str::to_string))
+        .collect())
+}
+
+/// Bytes that compress badly, `n` of them.
+fn noise(n: usize, seed: u8) -> Vec<u8> {
+    let mut x = u32::from(seed) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect()
+}
+
+#[test]
+fn lying_manifests_get_typed_errors_and_keep_only_complete_blobs() -> Result<()> {
+    use dnfimage_integration::layout::{self, RawImage};
+    let (scratch, _fetcher) = local_fetcher()?;
+    let socket = scratch.socket(FETCHER);
+    let cache = scratch.state_dir().join("cache");
+    let layouts = scratch.path().join("layouts");
+    let write = |name: &str, image: &RawImage| -> Result<(String, String)> {
+        let digest = layout::write(&layouts.join(name), &["v1".to_string()], image)?;
+        Ok((format!("oci:{}:v1", layouts.join(name).display()), digest))
+    };
+    let honest = RawImage {
+        config: layout::bootable_config(&[("org.opencontainers.image.version", "1")]),
+        layers: vec![(noise(100_000, 1), None), (noise(50_000, 2), None)],
+        ..Default::default()
+    };
+    // A good image first: its blobs must stay intact through what follows.
+    let (good, _) = write("good", &honest)?;
+    let replies = raw_call(
+        &socket,
+        &json!({"method": format!("{FETCHER}.Fetch"), "parameters": {"image": good}}),
+    )?;
+    let last = replies.last().context("no reply")?;
+    assert!(error_name(last).is_none(), "{last}");
+    let stored = assert_blobs_intact(&cache)?;
+    assert_eq!(stored, 4, "two layers, the configuration, the manifest");
+
+    let expect = |image: &str, methods: &[&str], want: &str| -> Result<Vec<Value>> {
+        let mut all = Vec::new();
+        for method in methods {
+            let (name, params) = call_error(&socket, method, json!({ "image": image }))?;
+            assert_eq!(
+                name,
+                format!("{FETCHER}.{want}"),
+                "{method} {image}: {params}"
+            );
+            all.push(params);
+        }
+        assert_eq!(
+            assert_blobs_intact(&cache)?,
+            stored,
+            "{image}: the cache changed"
+        );
+        assert!(
+            std::fs::read_dir(cache.join("tmp"))?.next().is_none(),
+            "{image}: partial file left"
+        );
+        assert_eq!(still_answers(&socket)?, vec![good.clone()], "{image}");
+        Ok(all)
+    };
+
+    // A layer 3 MiB long whose manifest says 1 MiB: the write stops past 1 MiB.
+    let long_layer = noise(3 << 20, 3);
+    let (image, _) = write(
+        "long-layer",
+        &RawImage {
+            layers: vec![(long_layer.clone(), Some(1 << 20))],
+            ..honest.clone()
+        },
+    )?;
+    let params = expect(&image, &["Fetch"], "DigestMismatch")?;
+    assert_eq!(
+        params[0]["expected"],
+        layout::digest_of(&long_layer).as_str()
+    );
+    assert!(params[0]["actual"].is_null(), "{}", params[0]);
+    let message = params[0]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("longer than the 1048576 bytes"),
+        "{message}"
+    );
+
+    // A configuration longer than declared: refused while reading it, before any layer.
+    let config = honest.config.clone();
+    let (image, _) = write(
+        "long-config",
+        &RawImage {
+            config_size: Some(config.len() as i64 - 10),
+            ..honest.clone()
+        },
+    )?;
+    let params = expect(
+        &image,
+        &["Inspect", "CheckUpdate", "Fetch"],
+        "DigestMismatch",
+    )?;
+    assert_eq!(params[0]["expected"], layout::digest_of(&config).as_str());
+
+    // A configuration over the cap, declared as it is: refused unread.
+    let filler = "x".repeat(5 << 20);
+    let big_config = layout::bootable_config(&[("filler", &filler)]);
+    let (image, _) = write(
+        "big-config",
+        &RawImage {
+            config: big_config.clone(),
+            ..honest.clone()
+        },
+    )?;
+    for params in expect(
+        &image,
+        &["Inspect", "CheckUpdate", "Fetch"],
+        "MetadataTooLarge",
+    )? {
+        assert_eq!(params["image"], image.as_str());
+        assert_eq!(params["blob"], "configuration");
+        assert_eq!(params["size"], big_config.len());
+        assert_eq!(params["limit"], 4 << 20);
+    }
+
+    // A manifest over the cap.
+    let (image, _) = write(
+        "big-manifest",
+        &RawImage {
+            annotations: [("filler".to_string(), filler.clone())].into(),
+            ..honest.clone()
+        },
+    )?;
+    for params in expect(&image, &["Inspect", "Fetch"], "MetadataTooLarge")? {
+        assert_eq!(params["blob"], "manifest");
+        assert_eq!(params["limit"], 4 << 20);
+        assert!(params["size"].as_u64().unwrap_or(0) > 5 << 20, "{params}");
+    }
+
+    // A negative size.
+    let (image, _) = write(
+        "negative-size",
+        &RawImage {
+            layers: vec![(noise(10, 4), Some(-10))],
+            ..honest.clone()
+        },
+    )?;
+    let params = expect(&image, &["Inspect", "Fetch"], "Failed")?;
+    let message = params[0]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("Parsing the manifest"), "{message}");
+
+    // The CLI says what happened.
+    let stderr = cli_fails(scratch.cli().args([
+        "image",
+        "inspect",
+        &format!("oci:{}:v1", layouts.join("big-config").display()),
+    ]))?;
+    assert!(
+        stderr.contains("The configuration of") && stderr.contains("more than the 4.0 MiB"),
+        "{stderr}"
+    );
+    Ok(())
+}
+
+#[test]
+fn update_checks_stay_bounded_one_record_a_reference() -> Result<()> {
+    use dnfimage_integration::layout::{self, RawImage};
+    let (scratch, _fetcher) = local_fetcher()?;
+    let socket = scratch.socket(FETCHER);
+    let dir = scratch.path().join("layout");
+    // One image under many tags: each tag is a reference of its own.
+    const KEPT: usize = 64;
+    let tags: Vec<String> = (0..=KEPT + 6).map(|i| format!("t{i}")).collect();
+    layout::write(
+        &dir,
+        &tags,
+        &RawImage {
+            config: layout::bootable_config(&[]),
+            layers: vec![(noise(1000, 5), None)],
+            ..Default::default()
+        },
+    )?;
+    let reference = |i: usize| format!("oci:{}:t{i}", dir.display());
+    let check = |i: usize| -> Result<()> {
+        let replies = raw_call(
+            &socket,
+            &json!({"method": format!("{FETCHER}.CheckUpdate"),
+                    "parameters": {"image": reference(i)}}),
+        )?;
+        let last = replies.last().context("no reply")?;
+        anyhow::ensure!(error_name(last).is_none(), "CheckUpdate {i}: {last}");
+        Ok(())
+    };
+    let last_check = |i: usize| -> Result<Value> {
+        let replies = raw_call(
+            &socket,
+            &json!({"method": format!("{FETCHER}.LastCheck"),
+                    "parameters": {"image": reference(i)}}),
+        )?;
+        Ok(replies.last().context("no reply")?["parameters"]["check"].clone())
+    };
+    let recorded = || -> Result<Vec<String>> {
+        let path = scratch.state_dir().join("cache/dnfimage-checks.json");
+        let list: Vec<(String, Value)> = serde_json::from_slice(&std::fs::read(&path)?)
+            .with_context(|| format!("Parsing {}", path.display()))?;
+        Ok(list.into_iter().map(|(r, _)| r).collect())
+    };
+    for i in 0..KEPT + 6 {
+        check(i)?;
+    }
+    let references = recorded()?;
+    assert_eq!(references.len(), KEPT);
+    assert_eq!(
+        references.iter().collect::<BTreeSet<_>>().len(),
+        KEPT,
+        "one record a reference"
+    );
+    for i in 0..6 {
+        assert!(last_check(i)?.is_null(), "t{i} is remembered");
+    }
+    assert_eq!(
+        last_check(KEPT + 5)?["reference"],
+        reference(KEPT + 5).as_str()
+    );
+
+    // Checking one again keeps one record of it, now the most recent: the next new reference
+    // pushes out the next oldest.
+    check(6)?;
+    assert_eq!(recorded()?.len(), KEPT);
+    check(KEPT + 6)?;
+    let references = recorded()?;
+    assert_eq!(references.len(), KEPT);
+    assert_eq!(references.last(), Some(&reference(KEPT + 6)));
+    assert!(!last_check(6)?.is_null());
+    assert!(last_check(7)?.is_null());
+    Ok(())
+}
+
 /// Processes whose parent is `pid`, by command name.
 fn children(pid: u32) -> Result<Vec<String>> {
     let mut found = Vec::new();

@@ -469,6 +469,101 @@ fn each_failure_is_typed_and_leaves_nothing() -> Result<()> {
     Ok(())
 }
 
+/// The service still answers: `GetInfo` replies.
+fn answers_get_info(l: &Layering) -> Result<()> {
+    let replies = raw_call(
+        &l.socket(),
+        &json!({"method": "org.varlink.service.GetInfo"}),
+    )?;
+    let last = replies.last().context("no GetInfo reply")?;
+    anyhow::ensure!(last.get("error").is_none(), "GetInfo failed: {last}");
+    Ok(())
+}
+
+#[test]
+fn commits_named_by_anything_but_a_checksum_are_not_found() -> Result<()> {
+    let l = Layering::start()?;
+    let base = l.v1.commit.clone();
+    // 64 bytes that are not 64 ASCII characters: byte 12 is inside a character, where the
+    // service once cut it for its status text (and panicked).
+    let wide = format!("a{}b", "é".repeat(31));
+    for bad in [wide.as_str(), "abc", "", &base.to_uppercase(), &base[..63]] {
+        let e = assert_failure_leaves_nothing(
+            &l,
+            json!({"baseCommit": bad, "install": [packages::HELLO]}),
+            "CommitNotFound",
+        )?;
+        assert_eq!(e["commit"], bad);
+        answers_get_info(&l)?;
+    }
+    let e = assert_failure_leaves_nothing(
+        &l,
+        json!({"baseCommit": base, "requestFrom": wide, "install": [packages::HELLO]}),
+        "CommitNotFound",
+    )?;
+    assert_eq!(e["commit"], wide.as_str());
+    for (method, params) in [
+        ("ListPackages", json!({"commit": wide})),
+        ("PackageDiff", json!({"fromCommit": base, "toCommit": wide})),
+        ("PackageDiff", json!({"fromCommit": "ß", "toCommit": base})),
+    ] {
+        let (_, outcome) = l.call(method, params.clone())?;
+        let (name, e) = outcome
+            .err()
+            .with_context(|| format!("{method} {params}"))?;
+        assert_eq!(name, "CommitNotFound", "{method} {params}: {e}");
+    }
+    answers_get_info(&l)?;
+    let (_, listed) = l.call("ListPackages", json!({"commit": base}))?;
+    assert!(listed.is_ok(), "{listed:?}");
+    Ok(())
+}
+
+#[test]
+fn a_chatty_failing_scriptlet_gives_a_bounded_message() -> Result<()> {
+    use dnfimage_testimage::rpms::{KEY_USER_ID, Keyring, Spec};
+    let l = Layering::start()?;
+    let rpms = TestRpms::shared()?;
+    // A replacement for an image package whose %post prints 10 MiB (half on each stream),
+    // then fails.
+    let line = "0123456789".repeat(10);
+    let post = format!(
+        "i=0\nwhile [ $i -lt 50000 ]; do\n  echo \"out $i {line}\"\n  \
+         echo \"err $i {line}\" >&2\n  i=$((i+1))\ndone\n\
+         echo 'dnfimage-docs: failing on purpose' >&2\nexit 5"
+    );
+    let spec = Spec::new(packages::DOCS, "2.0")
+        .requires("/bin/sh")
+        .file(&format!("/{}", files::DOCS), "chatty docs\n")
+        .post(&post);
+    let out = l.scratch.path().join("chatty");
+    let rpm = spec.build(&l.scratch.path().join("rpmbuild"), &out)?;
+    Keyring::open(&rpms.gnupg_home)?.sign(KEY_USER_ID, std::slice::from_ref(&rpm))?;
+
+    let e = assert_failure_leaves_nothing(
+        &l,
+        json!({"baseCommit": l.v1.commit, "overrideReplace": [rpm.display().to_string()]}),
+        "ScriptletFailed",
+    )?;
+    assert_eq!(e["package"], json!("dnfimage-docs-2.0-1.noarch"));
+    assert_eq!(e["scriptlet"], json!("%post"));
+    let message = e["message"].as_str().context("message")?;
+    // The first and the last 64 KiB of each stream, and the marks of what was left out.
+    assert!(message.len() < 300 * 1024, "{} bytes", message.len());
+    for want in [
+        "out 0 0123",
+        "err 0 0123",
+        "out 49999 0123",
+        "failing on purpose",
+        "exit status 5",
+        " bytes omitted …]",
+    ] {
+        assert!(message.contains(want), "{want:?} missing");
+    }
+    answers_get_info(&l)?;
+    Ok(())
+}
+
 #[test]
 fn the_request_is_applied_again_on_a_new_image() -> Result<()> {
     let l = Layering::start()?;

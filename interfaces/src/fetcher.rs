@@ -266,6 +266,18 @@ pub enum FetcherError {
         /// What happened.
         message: String,
     },
+    /// The image's manifest or configuration is larger than the fetcher reads; nothing was
+    /// kept.
+    MetadataTooLarge {
+        /// The reference as given.
+        image: String,
+        /// Which one: "manifest" or "configuration".
+        blob: String,
+        /// Its size in bytes: as read (manifest) or as the manifest declares it (configuration).
+        size: u64,
+        /// The most bytes the fetcher reads of it.
+        limit: u64,
+    },
     /// The image has no bootable label ("containers.bootc=1" or "ostree.bootable").
     NotBootable {
         /// The reference as given.

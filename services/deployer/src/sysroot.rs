@@ -94,8 +94,12 @@ pub fn check_stateroot(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The first 12 characters of a commit id (whole characters: the id may be a caller's text).
 fn short(commit: &str) -> &str {
-    &commit[..commit.len().min(12)]
+    commit
+        .char_indices()
+        .nth(12)
+        .map_or(commit, |(i, _)| &commit[..i])
 }
 
 /// Free bytes and device of the filesystem holding `path`.
@@ -862,6 +866,20 @@ pub fn cleanup(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shortens_commits_by_characters() {
+        let hex = "0123456789abcdef".repeat(4);
+        for (commit, want) in [
+            (hex.as_str(), "0123456789ab"),
+            ("abc", "abc"),
+            ("", ""),
+            // Byte 12 is inside a character.
+            ("aéééééééééééééé", "aééééééééééé"),
+        ] {
+            assert_eq!(short(commit), want, "{commit}");
+        }
+    }
 
     #[test]
     fn finds_the_ostree_argument() {

@@ -7,6 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
@@ -21,6 +22,14 @@ const ANN_DIGEST: &str = "org.dnfimage.digest";
 const ANN_VERSION: &str = "org.dnfimage.version";
 const ANN_FETCHED: &str = "org.dnfimage.fetched";
 const ANN_SIZE: &str = "org.dnfimage.size";
+
+/// How many references the update checks remember: checking one more forgets the one checked
+/// least recently. (`CheckUpdate` is open to every caller; each distinct reference would
+/// otherwise add a record for good.)
+pub const MAX_CHECKS: usize = 64;
+/// The most bytes one recorded check may take (its reference and version label are the only
+/// parts of any length); a larger one is not kept.
+pub const MAX_CHECK_RECORD: usize = 16 * 1024;
 
 /// A content descriptor as OCI writes it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -60,6 +69,32 @@ pub struct Manifest {
     pub layers: Vec<Descriptor>,
 }
 
+impl Manifest {
+    /// Checks that the sizes the manifest declares can be true: each one and their sum
+    /// within int64 (the type OCI gives sizes, and what the interfaces carry), so that no
+    /// total or free-space check overflows. (Negative sizes do not parse.)
+    pub fn check_sizes(&self) -> Result<(), String> {
+        let mut total: u64 = 0;
+        for d in std::iter::once(&self.config).chain(&self.layers) {
+            total = total
+                .checked_add(d.size)
+                .filter(|t| *t <= MAX_BLOB_SIZE)
+                .ok_or_else(|| {
+                    format!(
+                        "blob {} declares {} bytes: the blobs would add up to more than {} \
+                         bytes",
+                        d.digest, d.size, MAX_BLOB_SIZE
+                    )
+                })?;
+        }
+        Ok(())
+    }
+}
+
+/// The most bytes a descriptor may declare, and all the blobs of an image together: OCI sizes
+/// are int64.
+pub const MAX_BLOB_SIZE: u64 = i64::MAX as u64;
+
 /// An image recorded in the cache.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
@@ -98,6 +133,14 @@ pub enum BlobError {
         /// How many were expected.
         size: u64,
     },
+    /// More bytes arrived than expected: the write stopped there.
+    #[error("blob {expected}: more than the {size} bytes expected arrived")]
+    TooLong {
+        /// The digest asked for.
+        expected: String,
+        /// How many were expected.
+        size: u64,
+    },
     /// Reading or writing failed.
     #[error(transparent)]
     Io(#[from] anyhow::Error),
@@ -118,6 +161,9 @@ pub struct PruneStats {
 #[derive(Debug, Clone)]
 pub struct Cache {
     root: PathBuf,
+    /// Held while the update checks are read, changed and written back, so that two checks
+    /// recorded at once both stay.
+    checks_lock: Arc<Mutex<()>>,
 }
 
 /// Checks that `digest` is "sha256:" and 64 lowercase hex digits; returns the hex part.
@@ -137,6 +183,7 @@ impl Cache {
     pub fn open(root: &Path) -> Result<Self> {
         let cache = Self {
             root: root.to_path_buf(),
+            checks_lock: Arc::new(Mutex::new(())),
         };
         std::fs::create_dir_all(cache.blobs_dir())
             .with_context(|| format!("Creating the cache at {}", root.display()))?;
@@ -195,6 +242,8 @@ impl Cache {
     }
 
     /// Streams a blob in, verifying digest and size; `progress` gets the bytes read so far.
+    /// Stops as soon as more than `size` bytes arrive (a source sending more than the manifest
+    /// declares never fills the disk).
     pub async fn write_blob(
         &self,
         digest: &str,
@@ -218,6 +267,13 @@ impl Cache {
                 .with_context(|| format!("Reading blob {digest}"))?;
             if n == 0 {
                 break;
+            }
+            if received + n as u64 > size {
+                // `tmp_path` removes the partial file when dropped.
+                return Err(BlobError::TooLong {
+                    expected: digest.to_string(),
+                    size,
+                });
             }
             hasher.update(&buf[..n]);
             // A plain write: it lands in the page cache, so it does not block this thread for
@@ -325,19 +381,57 @@ impl Cache {
 
     /// The recorded update checks, by reference.
     pub fn checks(&self) -> Result<BTreeMap<String, Value>> {
-        let path = self.checks_path();
-        match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .with_context(|| format!("Parsing {}", path.display())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
-            Err(e) => Err(e).with_context(|| format!("Reading {}", path.display())),
-        }
+        Ok(self.check_list()?.into_iter().collect())
     }
 
-    /// Records the check of `reference`, replacing the previous one.
+    /// The recorded update checks, the least recently checked first.
+    fn check_list(&self) -> Result<Vec<(String, Value)>> {
+        let path = self.checks_path();
+        let bytes = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e).with_context(|| format!("Reading {}", path.display())),
+        };
+        let file: ChecksFile = serde_json::from_slice(&bytes)
+            .with_context(|| format!("Parsing {}", path.display()))?;
+        Ok(match file {
+            ChecksFile::Ordered(list) => list,
+            ChecksFile::Keyed(map) => {
+                // Written before the order was kept: the time of each check orders them
+                // (to the second).
+                let mut list: Vec<(String, Value)> = map.into_iter().collect();
+                list.sort_by_cached_key(|(_, check)| {
+                    check
+                        .get("checked")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default()
+                        .to_string()
+                });
+                list
+            }
+        })
+    }
+
+    /// Records the check of `reference`, replacing the previous one, and forgets the least
+    /// recently checked references beyond [`MAX_CHECKS`]. Refuses a record larger than
+    /// [`MAX_CHECK_RECORD`].
     pub fn record_check(&self, reference: &str, check: Value) -> Result<()> {
-        let mut checks = self.checks()?;
-        checks.insert(reference.to_string(), check);
+        let size = reference.len()
+            + serde_json::to_vec(&check)
+                .context("Serializing an update check")?
+                .len();
+        anyhow::ensure!(
+            size <= MAX_CHECK_RECORD,
+            "The check takes {size} bytes, more than the {MAX_CHECK_RECORD} a record may"
+        );
+        // Whatever panicked while holding the lock left the file whole (it is replaced
+        // atomically): carry on.
+        let _guard = self.checks_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let mut checks = self.check_list()?;
+        checks.retain(|(r, _)| r != reference);
+        checks.push((reference.to_string(), check));
+        let excess = checks.len().saturating_sub(MAX_CHECKS);
+        checks.drain(..excess);
         let bytes = serde_json::to_vec_pretty(&checks).context("Serializing update checks")?;
         write_atomic(&self.checks_path(), &bytes, &self.tmp_dir())
     }
@@ -379,6 +473,15 @@ impl Cache {
         }
         Ok(stats)
     }
+}
+
+/// `dnfimage-checks.json`: `[[reference, check], …]`, the least recently checked first; older
+/// versions wrote `{reference: check, …}`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum ChecksFile {
+    Ordered(Vec<(String, Value)>),
+    Keyed(BTreeMap<String, Value>),
 }
 
 fn entry_of(d: &Descriptor) -> Option<Entry> {
@@ -473,6 +576,153 @@ mod tests {
             std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
             0
         );
+    }
+
+    #[tokio::test]
+    async fn stops_at_the_declared_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path()).unwrap();
+        // 3 MiB where 1 KiB was declared: refused after the first read, nothing kept.
+        let data = vec![7u8; 3 * 1024 * 1024];
+        let digest = digest_of(&data);
+        let mut seen = 0;
+        let err = cache
+            .write_blob(&digest, 1024, &data[..], |n| seen = n)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, BlobError::TooLong { size: 1024, ref expected } if *expected == digest),
+            "{err}"
+        );
+        assert_eq!(seen, 0, "nothing was counted as written");
+        assert!(!cache.has_blob(&digest, 1024));
+        assert!(!cache.blob_path(&digest).unwrap().exists());
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+            0
+        );
+        // One byte too many is too many.
+        let err = cache
+            .write_blob(&digest_of(b"abc"), 2, &b"abc"[..], |_| {})
+            .await
+            .unwrap_err();
+        assert!(matches!(err, BlobError::TooLong { size: 2, .. }), "{err}");
+    }
+
+    #[test]
+    fn checks_sizes_of_manifests() {
+        let d = |size: u64| Descriptor {
+            media_type: "m".into(),
+            digest: digest_of(b"x"),
+            size,
+            annotations: BTreeMap::new(),
+            other: BTreeMap::new(),
+        };
+        let manifest = |config: u64, layers: &[u64]| Manifest {
+            config: d(config),
+            layers: layers.iter().map(|s| d(*s)).collect(),
+        };
+        let cases: &[(Manifest, bool)] = &[
+            (manifest(10, &[]), true),
+            (manifest(10, &[1, 2, 3]), true),
+            (manifest(0, &[MAX_BLOB_SIZE]), true),
+            (manifest(1, &[MAX_BLOB_SIZE]), false),
+            (manifest(u64::MAX, &[]), false),
+            (
+                manifest(0, &[MAX_BLOB_SIZE / 2 + 1, MAX_BLOB_SIZE / 2 + 1]),
+                false,
+            ),
+            (manifest(0, &[u64::MAX, u64::MAX]), false),
+        ];
+        for (m, ok) in cases {
+            assert_eq!(m.check_sizes().is_ok(), *ok, "{m:?}");
+        }
+        // A negative size is refused by the parser.
+        let negative = serde_json::json!({
+            "config": {"mediaType": "c", "digest": digest_of(b"x"), "size": 1},
+            "layers": [{"mediaType": "l", "digest": digest_of(b"x"), "size": -5}],
+        });
+        assert!(serde_json::from_value::<Manifest>(negative).is_err());
+    }
+
+    fn check(reference: &str) -> Value {
+        serde_json::json!({"reference": reference, "checked": "2024-01-01T00:00:00Z"})
+    }
+
+    #[test]
+    fn update_checks_are_bounded_and_deduplicated() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path()).unwrap();
+        let name = |i: usize| format!("docker://r/img:{i}");
+        for i in 0..MAX_CHECKS + 6 {
+            cache.record_check(&name(i), check(&name(i))).unwrap();
+        }
+        let checks = cache.checks().unwrap();
+        assert_eq!(checks.len(), MAX_CHECKS);
+        // The first six went; the rest stayed.
+        for i in 0..6 {
+            assert!(!checks.contains_key(&name(i)), "{i} kept");
+        }
+        for i in 6..MAX_CHECKS + 6 {
+            assert_eq!(checks.get(&name(i)), Some(&check(&name(i))), "{i}");
+        }
+        // Checking one again replaces its record and makes it the most recent: the next new
+        // reference pushes out the next oldest instead.
+        let mut again = check(&name(6));
+        again["version"] = "2".into();
+        cache.record_check(&name(6), again.clone()).unwrap();
+        assert_eq!(cache.checks().unwrap().len(), MAX_CHECKS);
+        cache.record_check("docker://r/new", check("new")).unwrap();
+        let checks = Cache::open(dir.path()).unwrap().checks().unwrap();
+        assert_eq!(checks.len(), MAX_CHECKS);
+        assert_eq!(checks.get(&name(6)), Some(&again));
+        assert!(!checks.contains_key(&name(7)));
+        assert!(checks.contains_key("docker://r/new"));
+        // The file holds one entry a reference, nothing else.
+        let text = std::fs::read_to_string(dir.path().join("dnfimage-checks.json")).unwrap();
+        let list: Vec<(String, Value)> = serde_json::from_str(&text).unwrap();
+        assert_eq!(list.len(), MAX_CHECKS);
+        assert_eq!(list.last().map(|(r, _)| r.as_str()), Some("docker://r/new"));
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+            0
+        );
+
+        // A record of a huge version label is not kept; the others stay.
+        let mut huge = check("docker://r/huge");
+        huge["version"] = "9".repeat(MAX_CHECK_RECORD).into();
+        assert!(cache.record_check("docker://r/huge", huge).is_err());
+        let checks = cache.checks().unwrap();
+        assert_eq!(checks.len(), MAX_CHECKS);
+        assert!(!checks.contains_key("docker://r/huge"));
+    }
+
+    #[test]
+    fn reads_update_checks_of_earlier_versions() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path()).unwrap();
+        // The keyed form, with more references than are kept now.
+        let mut old = serde_json::Map::new();
+        for i in 0..MAX_CHECKS + 2 {
+            let reference = format!("docker://r/img:{i}");
+            let mut c = check(&reference);
+            c["checked"] = format!("2024-01-01T00:{:02}:{:02}Z", i / 60, i % 60).into();
+            old.insert(reference, c);
+        }
+        std::fs::write(
+            dir.path().join("dnfimage-checks.json"),
+            serde_json::to_vec(&old).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(cache.checks().unwrap().len(), MAX_CHECKS + 2);
+        cache.record_check("docker://r/new", check("new")).unwrap();
+        let checks = cache.checks().unwrap();
+        assert_eq!(checks.len(), MAX_CHECKS);
+        // The earliest checked went first.
+        for i in 0..3 {
+            assert!(!checks.contains_key(&format!("docker://r/img:{i}")), "{i}");
+        }
+        assert!(checks.contains_key(&format!("docker://r/img:{}", MAX_CHECKS + 1)));
     }
 
     #[tokio::test]

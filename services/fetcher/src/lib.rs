@@ -35,6 +35,16 @@ pub const PRIVILEGED: &[&str] = &["Fetch", "Cancel", "Prune"];
 pub use dnfimage_interfaces::fetcher::DEFAULT_CONCURRENCY;
 const MAX_CONCURRENCY: u64 = 32;
 
+/// The largest manifest the fetcher takes. containers/image, which skopeo (and podman, bootc)
+/// use, reads at most 4 MiB of a manifest (`iolimits.MaxManifestBodySize`), as the registry
+/// does (distribution's limit): an image any of them can pull fits. A chunked OS image's
+/// manifest is a few KiB.
+pub const MAX_MANIFEST_SIZE: u64 = 4 << 20;
+/// The largest configuration blob the fetcher reads: containers/image's
+/// `iolimits.MaxConfigBodySize`, 4 MiB, for the same reason. An OS image's configuration (its
+/// labels and one history entry a layer) is a few KiB; this one is held in memory whole.
+pub const MAX_CONFIG_SIZE: u64 = 4 << 20;
+
 /// Command line of `dnfimage-fetcher`.
 #[derive(Debug, Clone, clap::Parser)]
 #[command(version, about = "The dnfimage fetcher service (org.dnfimage.Fetcher)")]
@@ -224,13 +234,27 @@ impl Fetcher {
         let reference = image.to_string();
         let opened = self.shared.proxy.open(image).await?;
         let proxy_err = |e: containers_image_proxy::Error| classify(&reference, &proxy_message(&e));
+        // containers-image-proxy reads the manifest whole (it has no bounded read); skopeo
+        // reads at most 4 MiB from a registry, so only a local layout can make it larger.
+        // Refusing it here keeps it out of the cache and of every later parse.
         let (digest, manifest_bytes) = opened
             .proxy
             .fetch_manifest_raw_oci(&opened.image)
             .await
             .map_err(proxy_err)?;
+        if manifest_bytes.len() as u64 > MAX_MANIFEST_SIZE {
+            return Err(FetcherError::MetadataTooLarge {
+                image: reference,
+                blob: "manifest".into(),
+                size: manifest_bytes.len() as u64,
+                limit: MAX_MANIFEST_SIZE,
+            });
+        }
         let manifest: Manifest = serde_json::from_slice(&manifest_bytes)
             .map_err(|e| failed(&format!("Parsing the manifest of {reference}"), e))?;
+        manifest
+            .check_sizes()
+            .map_err(|e| failed(&format!("Checking the manifest of {reference}"), e))?;
         let config_bytes = self
             .config_blob(&opened, &reference, &manifest.config)
             .await?;
@@ -247,13 +271,22 @@ impl Fetcher {
     }
 
     /// The configuration blob as stored: from the cache when it is there, else from the source
-    /// (skopeo's GetFullConfig re-serializes it, which would change its digest).
+    /// (skopeo's GetFullConfig re-serializes it, which would change its digest). At most
+    /// [`MAX_CONFIG_SIZE`] bytes, and never more than the manifest declares.
     async fn config_blob(
         &self,
         opened: &Opened,
         reference: &str,
         config: &Descriptor,
     ) -> Result<Vec<u8>, FetcherError> {
+        if config.size > MAX_CONFIG_SIZE {
+            return Err(FetcherError::MetadataTooLarge {
+                image: reference.to_string(),
+                blob: "configuration".into(),
+                size: config.size,
+                limit: MAX_CONFIG_SIZE,
+            });
+        }
         let cache = &self.shared.cache;
         if cache.has_blob(&config.digest, config.size) {
             return cache
@@ -265,19 +298,107 @@ impl Fetcher {
             .digest
             .parse()
             .map_err(|e| failed(&format!("Parsing the config digest of {reference}"), e))?;
-        let (mut reader, finish) = opened
+        let (reader, finish) = opened
             .proxy
             .get_blob(&opened.image, &digest, config.size)
             .await
             .map_err(proxy_err)?;
-        let mut bytes = Vec::new();
-        let (read, finished) = tokio::join!(
-            tokio::io::AsyncReadExt::read_to_end(&mut reader, &mut bytes),
-            finish
-        );
-        read.map_err(|e| failed(&format!("Reading the configuration of {reference}"), e))?;
-        finished.map_err(proxy_err)?;
+        // One byte more than declared is enough to know the source sends too much.
+        let read = async move {
+            let mut bytes = Vec::new();
+            tokio::io::AsyncReadExt::read_to_end(
+                &mut tokio::io::AsyncReadExt::take(reader, config.size + 1),
+                &mut bytes,
+            )
+            .await
+            .map(|_| bytes)
+        };
+        let read_error =
+            |e: std::io::Error| failed(&format!("Reading the configuration of {reference}"), e);
+        let too_long = || FetcherError::DigestMismatch {
+            expected: config.digest.clone(),
+            actual: None,
+            message: format!(
+                "{reference}: the configuration {} is longer than the {} bytes its manifest \
+                 declares; nothing was kept",
+                config.digest, config.size
+            ),
+        };
+        tokio::pin!(read, finish);
+        // When it sends too much, skopeo never finishes writing: no waiting on it then.
+        let bytes = tokio::select! {
+            read = &mut read => {
+                let bytes = read.map_err(read_error)?;
+                if bytes.len() as u64 > config.size {
+                    return Err(too_long());
+                }
+                finish.await.map_err(proxy_err)?;
+                bytes
+            }
+            finished = &mut finish => {
+                // Our count says more than skopeo's error ("expected N bytes in blob").
+                let bytes = read.await.map_err(read_error)?;
+                if bytes.len() as u64 > config.size {
+                    return Err(too_long());
+                }
+                finished.map_err(proxy_err)?;
+                bytes
+            }
+        };
         Ok(bytes)
+    }
+
+    /// `CheckUpdate`; `record`: whether the answer is kept for `LastCheck` (bounded and one
+    /// record a reference, see [`cache::MAX_CHECKS`]).
+    async fn check(
+        &self,
+        image: String,
+        current_digest: Option<String>,
+        record: bool,
+    ) -> Result<CheckUpdateReply, FetcherError> {
+        let image_ref = parse_ref(&image)?;
+        self.may_read(&image_ref, "CheckUpdate")?;
+        let resolved = self.resolve(&image_ref).await?;
+        let current = match current_digest {
+            Some(d) => Some(d),
+            None => self
+                .shared
+                .cache
+                .lookup(&image_ref.to_string())
+                .map_err(|e| failed("Reading the cache index", e))?
+                .map(|e| e.digest),
+        };
+        let layers = self.layers(&resolved.manifest);
+        let missing: Vec<_> = layers.iter().filter(|l| !l.cached).collect();
+        let reply = CheckUpdateReply {
+            update_available: current.as_deref() != Some(resolved.digest.as_str()),
+            version: version_of(&resolved.config.labels()),
+            digest: resolved.digest,
+            layers_missing: missing.len() as u64,
+            bytes_missing: missing.iter().map(|l| l.size).sum(),
+            layers_total: layers.len() as u64,
+            bytes_total: layers.iter().map(|l| l.size).sum(),
+        };
+        if !record {
+            return Ok(reply);
+        }
+        let check = UpdateCheck {
+            reference: image_ref.to_string(),
+            checked: dnfimage_runtime::time::now_rfc3339(),
+            current_digest: current,
+            digest: reply.digest.clone(),
+            version: reply.version.clone(),
+            update_available: reply.update_available,
+            layers_missing: reply.layers_missing,
+            bytes_missing: reply.bytes_missing,
+        };
+        let recorded = serde_json::to_value(&check)
+            .map_err(anyhow::Error::from)
+            .and_then(|v| self.shared.cache.record_check(&check.reference, v));
+        if let Err(e) = recorded {
+            tracing::warn!("Recording the update check of {image_ref}: {e:#}");
+        }
+        Ok(reply)
     }
 
     fn layers(&self, manifest: &Manifest) -> Vec<Layer> {
@@ -338,50 +459,10 @@ impl Fetcher {
         image: String,
         #[zlink(rename = "currentDigest")] current_digest: Option<String>,
     ) -> Result<CheckUpdateReply, FetcherError> {
-        let image_ref = parse_ref(&image)?;
-        self.may_read(&image_ref, "CheckUpdate")?;
-        let resolved = self.resolve(&image_ref).await?;
-        let current = match current_digest {
-            Some(d) => Some(d),
-            None => self
-                .shared
-                .cache
-                .lookup(&image_ref.to_string())
-                .map_err(|e| failed("Reading the cache index", e))?
-                .map(|e| e.digest),
-        };
-        let layers = self.layers(&resolved.manifest);
-        let missing: Vec<_> = layers.iter().filter(|l| !l.cached).collect();
-        let reply = CheckUpdateReply {
-            update_available: current.as_deref() != Some(resolved.digest.as_str()),
-            version: version_of(&resolved.config.labels()),
-            digest: resolved.digest,
-            layers_missing: missing.len() as u64,
-            bytes_missing: missing.iter().map(|l| l.size).sum(),
-            layers_total: layers.len() as u64,
-            bytes_total: layers.iter().map(|l| l.size).sum(),
-        };
-        let check = UpdateCheck {
-            reference: image_ref.to_string(),
-            checked: dnfimage_runtime::time::now_rfc3339(),
-            current_digest: current,
-            digest: reply.digest.clone(),
-            version: reply.version.clone(),
-            update_available: reply.update_available,
-            layers_missing: reply.layers_missing,
-            bytes_missing: reply.bytes_missing,
-        };
         // What status shows as the host's available update: only privileged callers (the CLI
         // as root, the timer) write it, so other users cannot grow or rewrite it.
-        if self.caller.privileged {
-            let recorded = serde_json::to_value(&check)
-                .map_err(anyhow::Error::from)
-                .and_then(|v| self.shared.cache.record_check(&check.reference, v));
-            if let Err(e) = recorded {
-                tracing::warn!("Recording the update check of {image_ref}: {e:#}");
-            }
-        }
-        Ok(reply)
+        self.check(image, current_digest, self.caller.privileged)
+            .await
     }
 
     /// The last `CheckUpdate` answer for `image` (what `dnf-image status` shows as an available
@@ -613,9 +694,10 @@ impl Progress {
     }
 }
 
+/// The first 12 characters of a digest's hex part (whole characters, whatever the text).
 fn short(digest: &str) -> &str {
     let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
-    &hex[..hex.len().min(12)]
+    hex.char_indices().nth(12).map_or(hex, |(i, _)| &hex[..i])
 }
 
 /// Free bytes for an unprivileged writer on the filesystem holding `path`.
@@ -842,6 +924,32 @@ fn blob_error(reference: &str, e: BlobError) -> FetcherError {
             expected,
             actual: Some(actual),
         },
+        BlobError::TooLong { expected, size } => FetcherError::DigestMismatch {
+            message: format!(
+                "{reference}: blob {expected} is longer than the {size} bytes its manifest \
+                 declares; the registry's copy is damaged or was replaced, nothing was kept"
+            ),
+            expected,
+            actual: None,
+        },
         BlobError::Io(e) => failed(&format!("Storing a blob of {reference}"), e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shortens_digests_by_characters() {
+        for (digest, want) in [
+            ("sha256:0123456789abcdef", "0123456789ab"),
+            ("sha256:abc", "abc"),
+            ("", ""),
+            // Byte 12 is inside a character.
+            ("sha256:aééééééééééééé", "aééééééééééé"),
+        ] {
+            assert_eq!(short(digest), want, "{digest}");
+        }
     }
 }

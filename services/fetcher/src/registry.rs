@@ -203,6 +203,7 @@ pub fn classify(image: &str, message: &str) -> FetcherError {
         "digest mismatch",
         "corrupted blob",
         "does not match digest",
+        "bytes in blob",
     ]) {
         FetcherError::DigestMismatch {
             expected: String::new(),
@@ -259,6 +260,10 @@ mod tests {
             ),
             (
                 "FinishPipe: failed to invoke method FinishPipe: corrupted blob, expecting sha256:aa",
+                "DigestMismatch",
+            ),
+            (
+                "FinishPipe: failed to invoke method FinishPipe: expected 152 bytes in blob, got 162",
                 "DigestMismatch",
             ),
             ("something odd", "Failed"),

@@ -368,9 +368,10 @@ impl<'a> Tracker<'a> {
     }
 }
 
+/// The first 12 characters of a digest's hex part (whole characters, whatever the text).
 fn short(digest: &str) -> &str {
     let hex = digest.split_once(':').map_or(digest, |(_, h)| h);
-    &hex[..hex.len().min(12)]
+    hex.char_indices().nth(12).map_or(hex, |(i, _)| &hex[..i])
 }
 
 /// Removes what an unfinished import may have left half-written (see [`journal`]).
@@ -921,5 +922,6 @@ mod tests {
     fn short_digests() {
         assert_eq!(short("sha256:0123456789abcdef"), "0123456789ab");
         assert_eq!(short("abc"), "abc");
+        assert_eq!(short("sha256:aééééééééééééé"), "aééééééééééé");
     }
 }

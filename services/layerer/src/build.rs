@@ -17,7 +17,7 @@ use dnfimage_interfaces::layerer::{
 use crate::dnf::{self, Dnf, Download};
 use crate::overlay::Workspace;
 use crate::packages::diff;
-use crate::process::{self, Cancel};
+use crate::process::{self, Cancel, Stream};
 use crate::request::{self, Changes};
 use crate::rpm::{self, Rpm, run_error};
 use crate::sandbox::Sandbox;
@@ -164,8 +164,11 @@ fn failed_or_cancelled(cancel: &Cancel, context: &str, e: anyhow::Error) -> Laye
     }
 }
 
+/// The first 12 characters of a checksum (whole characters, whatever the text).
 fn short(csum: &str) -> &str {
-    &csum[..csum.len().min(12)]
+    csum.char_indices()
+        .nth(12)
+        .map_or(csum, |(i, _)| &csum[..i])
 }
 
 /// The file name a kept replacement package has in the overrides directory.
@@ -352,9 +355,20 @@ impl Context {
             "rpm",
             &args,
         );
-        let out = process::run(cmd, cancel, on_line).map_err(|e| run_error("Running rpm", e))?;
+        // Every line is looked at as it comes: what is kept of a long output may leave out
+        // the one saying a scriptlet failed (rpm exits 0 for that).
+        let mut failed = None;
+        let out = process::run(cmd, cancel, &mut |stream, line| {
+            if failed.is_none() {
+                failed = rpm::failed_scriptlet(line);
+            }
+            if stream == Stream::Stdout {
+                on_line(line);
+            }
+        })
+        .map_err(|e| run_error("Running rpm", e))?;
         tracing::debug!("rpm said: {}", out.text());
-        rpm::classify_transaction(&out)
+        rpm::classify_transaction(&out, failed)
     }
 }
 

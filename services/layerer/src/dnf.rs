@@ -12,7 +12,7 @@ use std::process::Command;
 
 use dnfimage_interfaces::layerer::LayererError;
 
-use crate::process::{self, Cancel, Output, version_line};
+use crate::process::{self, Cancel, Output, Stream, version_line};
 use crate::rpm::run_error;
 
 /// Which dnf.
@@ -152,8 +152,10 @@ impl Dnf {
             }
         }
         let mut lines = LineReader::default();
-        let out = process::run(cmd, cancel, &mut |line| {
-            if let Some(e) = lines.read(line) {
+        let out = process::run(cmd, cancel, &mut |stream, line| {
+            if stream == Stream::Stdout
+                && let Some(e) = lines.read(line)
+            {
                 on_event(e);
             }
         })

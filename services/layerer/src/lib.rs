@@ -90,8 +90,22 @@ pub(crate) fn failed(context: &str, e: impl std::fmt::Display) -> LayererError {
     }
 }
 
+/// The first 12 characters of `s` (whole characters, whatever the text).
 fn short(s: &str) -> &str {
-    &s[..s.len().min(12)]
+    s.char_indices().nth(12).map_or(s, |(i, _)| &s[..i])
+}
+
+/// Refuses a commit a caller names by anything but its checksum (64 hexadecimal digits, as
+/// the deployer reports commits): the repository has no such commit, and nothing else is
+/// looked up, sliced or handed to libostree.
+fn commit_id(commit: &str) -> Result<(), LayererError> {
+    if repo::is_checksum(commit) {
+        Ok(())
+    } else {
+        Err(LayererError::CommitNotFound {
+            commit: commit.to_string(),
+        })
+    }
 }
 
 /// Runs the service until idle or stopped.
@@ -216,6 +230,7 @@ impl Layerer {
     /// The packages of commit `commit`: its rpm database alone copied out of the repository
     /// and queried. Blocking.
     fn packages_of(&self, commit: &str) -> Result<Vec<Package>, LayererError> {
+        commit_id(commit)?;
         let ctx = &self.shared.ctx;
         let repo = repo::open(&ctx.repo).map_err(|e| failed("Opening the repository", e))?;
         let csum = repo::resolve(&repo, commit)
@@ -316,13 +331,21 @@ impl Layerer {
             override_reset: override_reset.unwrap_or_default(),
             repositories,
         };
-        let what = describe(&params);
-        match self.shared.jobs.try_start(&what) {
-            Err(running) => {
+        let started = commit_id(&params.base_commit)
+            .and_then(|()| params.request_from.as_deref().map_or(Ok(()), commit_id))
+            .and_then(|()| {
+                let what = describe(&params);
+                match self.shared.jobs.try_start(&what) {
+                    Ok(job) => Ok((job, what)),
+                    Err(running) => Err(LayererError::AlreadyInProgress { operation: running }),
+                }
+            });
+        match started {
+            Err(e) => {
                 // The receiver is still here, so this cannot fail.
-                let _ = tx.try_send(Err(LayererError::AlreadyInProgress { operation: running }));
+                let _ = tx.try_send(Err(e));
             }
-            Ok(job) => {
+            Ok((job, what)) => {
                 let shared = self.shared.clone();
                 tokio::spawn(async move {
                     let cancel = Cancel::new();
@@ -501,4 +524,65 @@ fn describe(p: &build::Params) -> String {
         what.push("rebuilding".to_string());
     }
     format!("Layering on {}: {}", short(&p.base_commit), what.join(", "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commits_are_named_by_checksum_only() {
+        let hex = "0123456789abcdef".repeat(4);
+        let cases: &[(&str, bool)] = &[
+            (&hex, true),
+            (&"f".repeat(64), true),
+            ("", false),
+            ("0123456789ab", false),
+            (&hex[..63], false),
+            (&format!("{hex}0"), false),
+            (&hex.to_uppercase(), false),
+            (&format!("{}g", &hex[..63]), false),
+            ("dnfimage/layered", false),
+            ("-v", false),
+            // 64 bytes, not 64 ASCII characters; byte 12 is inside one (the slicing that
+            // panicked).
+            (&"é".repeat(32), false),
+            (&format!("a{}b", "é".repeat(31)), false),
+            (&format!("{}é", &hex[..62]), false),
+            ("ééééééééééééé", false),
+        ];
+        for (commit, ok) in cases {
+            assert_eq!(commit_id(commit).is_ok(), *ok, "{commit:?}");
+            if !ok {
+                assert_eq!(
+                    commit_id(commit),
+                    Err(LayererError::CommitNotFound {
+                        commit: commit.to_string()
+                    })
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn describes_builds_on_any_text() {
+        let hex = "0123456789abcdef".repeat(4);
+        for (base, shown) in [
+            (hex.as_str(), "0123456789ab"),
+            ("ééééééééééééé", "éééééééééééé"),
+            ("aéééééééééééééé", "aééééééééééé"),
+            ("abc", "abc"),
+            ("", ""),
+        ] {
+            let params = build::Params {
+                base_commit: base.to_string(),
+                install: vec!["x".into()],
+                ..Default::default()
+            };
+            assert_eq!(
+                describe(&params),
+                format!("Layering on {shown}: installing x")
+            );
+        }
+    }
 }

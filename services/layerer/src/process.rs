@@ -1,6 +1,7 @@
 //! Running a tool as a cancellable child process: its own process group (killed as a whole on
-//! cancel), stdout read line by line while it runs, stderr collected. The modules that own a
-//! tool (`dnf`, `rpm`, `sandbox`, `rpmdb`) build the commands; this one only runs them.
+//! cancel), stdout and stderr read line by line while it runs, and of each only what a message
+//! needs kept (its first and last 64 KiB) unless the output is data to parse. The modules that
+//! own a tool (`dnf`, `rpm`, `sandbox`, `rpmdb`) build the commands; this one only runs them.
 
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::process::CommandExt;
@@ -52,14 +53,95 @@ impl Cancel {
     }
 }
 
+/// Which output stream a line came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    /// Standard output.
+    Stdout,
+    /// Standard error.
+    Stderr,
+}
+
+/// How much of a stream's output is kept for messages: its first and its last
+/// [`MESSAGE_END`] bytes (a scriptlet may print without end; what it printed first and why it
+/// stopped are what a person needs).
+pub const MESSAGE_END: usize = 64 * 1024;
+/// How much stdout of a tool whose output is read as data (package lists, signature checks)
+/// is kept: more fails the run rather than being parsed in part.
+pub const DATA_LIMIT: usize = 16 << 20;
+/// Lines longer than this reach the line callback in pieces of this length.
+pub const MAX_LINE: usize = 64 * 1024;
+
+/// What is kept of one output stream: its first `head` bytes and its last `tail` bytes, and
+/// how many were left out between them.
+#[derive(Debug, Clone)]
+pub struct Capture {
+    head: Vec<u8>,
+    tail: std::collections::VecDeque<u8>,
+    head_max: usize,
+    tail_max: usize,
+    omitted: u64,
+}
+
+impl Capture {
+    /// Keeps the first `head` and the last `tail` bytes.
+    pub fn new(head: usize, tail: usize) -> Self {
+        Capture {
+            head: Vec::new(),
+            tail: std::collections::VecDeque::new(),
+            head_max: head,
+            tail_max: tail,
+            omitted: 0,
+        }
+    }
+
+    /// Appends `bytes`.
+    pub fn push(&mut self, bytes: &[u8]) {
+        let to_head = bytes.len().min(self.head_max - self.head.len());
+        self.head.extend_from_slice(&bytes[..to_head]);
+        let rest = &bytes[to_head..];
+        // Only the last `tail_max` bytes of `rest` can stay.
+        let skipped = rest.len().saturating_sub(self.tail_max);
+        self.tail.extend(&rest[skipped..]);
+        let excess = self.tail.len().saturating_sub(self.tail_max);
+        self.tail.drain(..excess);
+        self.omitted += (skipped + excess) as u64;
+    }
+
+    /// How many bytes were left out.
+    pub fn omitted(&self) -> u64 {
+        self.omitted
+    }
+
+    /// What was kept, as text (invalid UTF-8 replaced), with a line saying how much was left
+    /// out where it was.
+    pub fn text(&self) -> String {
+        let head = String::from_utf8_lossy(&self.head);
+        let (front, back) = self.tail.as_slices();
+        let tail = String::from_utf8_lossy(&[front, back].concat()).into_owned();
+        if self.omitted == 0 {
+            return format!("{head}{tail}");
+        }
+        let (before, after) = (
+            if head.ends_with('\n') { "" } else { "\n" },
+            if tail.starts_with('\n') { "" } else { "\n" },
+        );
+        format!(
+            "{head}{before}[… {} bytes omitted …]{after}{tail}",
+            self.omitted
+        )
+    }
+}
+
 /// What a finished tool left.
 #[derive(Debug, Clone)]
 pub struct Output {
     /// Its exit status.
     pub status: ExitStatus,
-    /// Everything it wrote to stdout.
+    /// What it wrote to stdout: everything, or for a tool whose output only makes messages its
+    /// first and last [`MESSAGE_END`] bytes (see [`Capture::text`]).
     pub stdout: String,
-    /// Everything it wrote to stderr.
+    /// What it wrote to stderr: its first and last [`MESSAGE_END`] bytes.
     pub stderr: String,
 }
 
@@ -82,6 +164,8 @@ pub enum RunError {
     Cancelled,
     /// It could not be started or waited for.
     Io(String, std::io::Error),
+    /// It printed more than is read of its output (the program, the limit in bytes).
+    TooMuchOutput(String, usize),
 }
 
 impl std::fmt::Display for RunError {
@@ -89,6 +173,9 @@ impl std::fmt::Display for RunError {
         match self {
             RunError::Cancelled => write!(f, "Cancelled"),
             RunError::Io(what, e) => write!(f, "{what}: {e}"),
+            RunError::TooMuchOutput(program, limit) => {
+                write!(f, "{program} printed more than {limit} bytes")
+            }
         }
     }
 }
@@ -96,14 +183,65 @@ impl std::fmt::Display for RunError {
 impl std::error::Error for RunError {}
 
 const POLL: Duration = Duration::from_millis(50);
+/// Lines waiting for the loop that takes them: a tool printing faster than that waits.
+const QUEUED_LINES: usize = 256;
 
-/// Runs `cmd` to its end (stdin empty), calling `on_line` with each stdout line as it comes;
-/// kills its whole process group when `cancel` is cancelled.
+/// Sends the lines of `pipe` (split at [`MAX_LINE`], newline kept) to `tx` until it closes.
+fn read_lines(
+    pipe: impl Read,
+    stream: Stream,
+    tx: &std::sync::mpsc::SyncSender<(Stream, Vec<u8>)>,
+) {
+    let mut reader = BufReader::new(pipe);
+    loop {
+        let mut line = Vec::new();
+        match (&mut reader)
+            .take(MAX_LINE as u64)
+            .read_until(b'\n', &mut line)
+        {
+            Ok(0) => break,
+            Ok(_) => {
+                if tx.send((stream, line)).is_err() {
+                    break;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            // A read error ends what we keep; the exit status still tells.
+            Err(_) => break,
+        }
+    }
+}
+
+/// Runs `cmd` to its end (stdin empty), calling `on_line` with each line of stdout and stderr
+/// as it comes (lines longer than [`MAX_LINE`] in pieces, invalid UTF-8 replaced); keeps the
+/// first and last [`MESSAGE_END`] bytes of each stream; kills its whole process group when
+/// `cancel` is cancelled.
 pub fn run(
+    cmd: Command,
+    cancel: &Cancel,
+    on_line: &mut dyn FnMut(Stream, &str),
+) -> Result<Output, RunError> {
+    run_capturing(cmd, cancel, Capture::new(MESSAGE_END, MESSAGE_END), on_line).map(|(o, _)| o)
+}
+
+/// Runs `cmd` without streaming, keeping its stdout whole (up to [`DATA_LIMIT`] bytes, else
+/// [`RunError::TooMuchOutput`]) to be read as data; see [`run`].
+pub fn output(cmd: Command, cancel: &Cancel) -> Result<Output, RunError> {
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    let (out, omitted) = run_capturing(cmd, cancel, Capture::new(DATA_LIMIT, 0), &mut |_, _| {})?;
+    if omitted > 0 {
+        return Err(RunError::TooMuchOutput(program, DATA_LIMIT));
+    }
+    Ok(out)
+}
+
+/// [`run`] keeping stdout in `stdout`; also returns how many bytes of stdout were left out.
+fn run_capturing(
     mut cmd: Command,
     cancel: &Cancel,
-    on_line: &mut dyn FnMut(&str),
-) -> Result<Output, RunError> {
+    mut stdout_kept: Capture,
+    on_line: &mut dyn FnMut(Stream, &str),
+) -> Result<(Output, u64), RunError> {
     let program = cmd.get_program().to_string_lossy().into_owned();
     if cancel.is_cancelled() {
         return Err(RunError::Cancelled);
@@ -123,75 +261,76 @@ pub fn run(
             std::io::Error::other("no pipe"),
         ));
     };
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    let out_thread = std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            match line {
-                Ok(l) => {
-                    if tx.send(l).is_err() {
-                        break;
-                    }
-                }
-                Err(_) => break,
-            }
-        }
-    });
-    let err_thread = std::thread::spawn(move || {
-        let mut text = Vec::new();
-        let mut stderr = stderr;
-        // A read error ends what we keep of stderr; the exit status still tells.
-        let _ = stderr.read_to_end(&mut text);
-        String::from_utf8_lossy(&text).into_owned()
-    });
+    let (tx, rx) = std::sync::mpsc::sync_channel::<(Stream, Vec<u8>)>(QUEUED_LINES);
+    let err_tx = tx.clone();
+    let out_thread = std::thread::spawn(move || read_lines(stdout, Stream::Stdout, &tx));
+    let err_thread = std::thread::spawn(move || read_lines(stderr, Stream::Stderr, &err_tx));
     let pid = rustix::process::Pid::from_child(&child);
-    let mut stdout_text = String::new();
-    let mut take = |line: String, on_line: &mut dyn FnMut(&str)| {
-        on_line(&line);
-        stdout_text.push_str(&line);
-        stdout_text.push('\n');
+    let mut stderr_kept = Capture::new(MESSAGE_END, MESSAGE_END);
+    let mut take = |(stream, bytes): (Stream, Vec<u8>)| {
+        match stream {
+            Stream::Stdout => stdout_kept.push(&bytes),
+            Stream::Stderr => stderr_kept.push(&bytes),
+        }
+        let line = bytes.strip_suffix(b"\n").unwrap_or(&bytes);
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        on_line(stream, &String::from_utf8_lossy(line));
     };
-    let status = loop {
+    let kill = |child: &mut std::process::Child| {
+        if let Err(e) = rustix::process::kill_process_group(pid, rustix::process::Signal::Kill) {
+            tracing::debug!("Killing {program}, ignoring: {e}");
+        }
+        if let Err(e) = child.wait() {
+            tracing::debug!("Reaping {program}, ignoring: {e}");
+        }
+    };
+    let mut status = None;
+    // Until the tool has exited and both pipes are closed (by it and whatever it started).
+    loop {
         match rx.recv_timeout(POLL) {
-            Ok(line) => take(line, on_line),
+            Ok(line) => take(line),
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                if status.is_some() {
+                    break;
+                }
                 std::thread::sleep(Duration::from_millis(5));
             }
         }
         if cancel.is_cancelled() {
-            if let Err(e) = rustix::process::kill_process_group(pid, rustix::process::Signal::Kill)
+            if status.is_none() {
+                kill(&mut child);
+            } else if let Err(e) =
+                rustix::process::kill_process_group(pid, rustix::process::Signal::Kill)
             {
-                tracing::debug!("Killing {program}, ignoring: {e}");
-            }
-            if let Err(e) = child.wait() {
-                tracing::debug!("Reaping {program}, ignoring: {e}");
+                tracing::debug!("Killing what {program} left, ignoring: {e}");
             }
             return Err(RunError::Cancelled);
         }
-        match child.try_wait() {
-            Ok(Some(status)) => break status,
-            Ok(None) => {}
-            Err(e) => return Err(RunError::Io(format!("Waiting for {program}"), e)),
+        if status.is_none() {
+            match child.try_wait() {
+                Ok(Some(s)) => status = Some(s),
+                Ok(None) => {}
+                Err(e) => return Err(RunError::Io(format!("Waiting for {program}"), e)),
+            }
         }
-    };
-    if out_thread.join().is_err() {
-        tracing::debug!("The stdout reader of {program} panicked");
     }
-    for line in rx.try_iter() {
-        take(line, on_line);
+    let status = status.expect("the loop ends only once the tool exited");
+    for thread in [out_thread, err_thread] {
+        if thread.join().is_err() {
+            tracing::debug!("An output reader of {program} panicked");
+        }
     }
-    let stderr = err_thread.join().unwrap_or_default();
     tracing::debug!("{program} exited with {status}");
-    Ok(Output {
-        status,
-        stdout: stdout_text,
-        stderr,
-    })
-}
-
-/// Runs `cmd` without streaming; see [`run`].
-pub fn output(cmd: Command, cancel: &Cancel) -> Result<Output, RunError> {
-    run(cmd, cancel, &mut |_| {})
+    let omitted = stdout_kept.omitted();
+    Ok((
+        Output {
+            status,
+            stdout: stdout_kept.text(),
+            stderr: stderr_kept.text(),
+        },
+        omitted,
+    ))
 }
 
 /// The first line `program --version` prints, if it runs.
@@ -222,12 +361,121 @@ mod tests {
         let mut cmd = Command::new("sh");
         cmd.args(["-c", "echo one; echo two; echo oops >&2; exit 3"]);
         let mut lines = Vec::new();
-        let out = run(cmd, &Cancel::new(), &mut |l| lines.push(l.to_string())).expect("runs");
-        assert_eq!(lines, ["one", "two"]);
+        let out = run(cmd, &Cancel::new(), &mut |s, l| {
+            lines.push((s, l.to_string()))
+        })
+        .expect("runs");
+        let stdout: Vec<&str> = lines
+            .iter()
+            .filter(|(s, _)| *s == Stream::Stdout)
+            .map(|(_, l)| l.as_str())
+            .collect();
+        assert_eq!(stdout, ["one", "two"]);
+        assert!(lines.contains(&(Stream::Stderr, "oops".to_string())));
         assert_eq!(out.stdout, "one\ntwo\n");
         assert_eq!(out.stderr, "oops\n");
         assert_eq!(out.status.code(), Some(3));
         assert_eq!(out.text(), "one\ntwo\noops");
+    }
+
+    #[test]
+    fn captures_keep_both_ends() {
+        let marker = |n: u64| format!("[… {n} bytes omitted …]");
+        // (head, tail, pushes, text)
+        let xs = "x".repeat(100);
+        let cases: Vec<(usize, usize, Vec<&str>, String)> = vec![
+            (4, 4, vec![], String::new()),
+            (4, 4, vec!["abc"], "abc".into()),
+            (4, 4, vec!["abcdefgh"], "abcdefgh".into()),
+            (4, 4, vec!["abcd", "efgh"], "abcdefgh".into()),
+            (
+                4,
+                4,
+                vec!["abcdefghij"],
+                format!("abcd\n{}\nghij", marker(2)),
+            ),
+            (
+                4,
+                4,
+                vec!["ab", "cdef", "ghij", "kl"],
+                format!("abcd\n{}\nijkl", marker(4)),
+            ),
+            (
+                3,
+                3,
+                vec!["ab\n", &xs, "\nyz"],
+                format!("ab\n{}\nyz", marker(100)),
+            ),
+            (4, 0, vec!["abcdef"], format!("abcd\n{}\n", marker(2))),
+            (0, 3, vec!["abcdef"], format!("\n{}\ndef", marker(3))),
+        ];
+        for (head, tail, pushes, want) in cases {
+            let mut c = Capture::new(head, tail);
+            for p in &pushes {
+                c.push(p.as_bytes());
+            }
+            assert_eq!(c.text(), want, "{head}/{tail} {pushes:?}");
+            let total: usize = pushes.iter().map(|p| p.len()).sum();
+            assert_eq!(
+                c.omitted(),
+                total.saturating_sub(head + tail) as u64,
+                "{pushes:?}"
+            );
+        }
+        // A cut inside a character: replaced, never a panic.
+        let mut c = Capture::new(1, 1);
+        c.push("éé".as_bytes());
+        assert_eq!(c.text(), format!("\u{fffd}\n{}\n\u{fffd}", marker(2)));
+    }
+
+    #[test]
+    fn output_of_a_chatty_tool_is_bounded() {
+        let mut cmd = Command::new("sh");
+        // 10 MiB on each stream, one line without end on stdout, bytes that are not UTF-8.
+        cmd.args([
+            "-c",
+            "printf 'first\\n'; printf 'err-first\\n' >&2; \
+             head -c 10485760 /dev/zero | tr '\\0' x; \
+             head -c 10485760 /dev/zero | tr '\\0' '\\377' >&2; \
+             printf '\\nlast\\n'; printf '\\nerr-last\\n' >&2; exit 4",
+        ]);
+        let (mut lines, mut longest) = (0usize, 0usize);
+        let out = run(cmd, &Cancel::new(), &mut |_, l| {
+            lines += 1;
+            longest = longest.max(l.len());
+        })
+        .expect("runs");
+        assert_eq!(out.status.code(), Some(4));
+        for (text, first, last) in [
+            (&out.stdout, "first\n", "\nlast\n"),
+            (&out.stderr, "err-first\n", "\nerr-last\n"),
+        ] {
+            assert!(text.starts_with(first), "{}", &text[..40]);
+            assert!(text.ends_with(last));
+            assert!(text.contains(" bytes omitted …]"));
+            // Replacement characters take 3 bytes for 1.
+            assert!(text.len() < 7 * MESSAGE_END, "{}", text.len());
+        }
+        // Lines came in pieces of at most MAX_LINE bytes (as replaced text: 3 a byte).
+        assert!(lines >= 2 * 10 * 1024 * 1024 / MAX_LINE, "{lines}");
+        assert!(longest <= 3 * MAX_LINE, "{longest}");
+    }
+
+    #[test]
+    fn data_output_is_whole_or_refused() {
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "seq 1 200000"]);
+        let out = output(cmd, &Cancel::new()).expect("runs");
+        assert_eq!(out.stdout.lines().count(), 200_000);
+        assert!(out.stdout.ends_with("200000\n"));
+
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", &format!("head -c {} /dev/zero", DATA_LIMIT + 1)]);
+        let result = output(cmd, &Cancel::new());
+        assert!(
+            matches!(result, Err(RunError::TooMuchOutput(ref p, DATA_LIMIT)) if p == "sh"),
+            "{result:?}"
+        );
     }
 
     #[test]

@@ -37,6 +37,11 @@ pub fn open(path: &Path) -> Result<ostree::Repo> {
     Ok(repo)
 }
 
+/// Whether `s` is an ostree commit checksum: 64 lowercase hexadecimal digits.
+pub fn is_checksum(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
 /// The checksum `rev` (a checksum or a ref) names, if the repository has that commit.
 pub fn resolve(repo: &ostree::Repo, rev: &str) -> Result<Option<String>> {
     if rev.is_empty() || rev.starts_with('-') {

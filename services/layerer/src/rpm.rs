@@ -28,7 +28,7 @@ pub fn run_error(what: &str, e: RunError) -> LayererError {
         RunError::Cancelled => LayererError::Cancelled {
             operation: what.to_string(),
         },
-        RunError::Io(..) => failed(what, e),
+        RunError::Io(..) | RunError::TooMuchOutput(..) => failed(what, e),
     }
 }
 
@@ -371,24 +371,32 @@ pub fn classify_signature(label: &str, text: &str, success: bool) -> Result<(), 
     Ok(())
 }
 
+/// The package and the scriptlet a line of rpm says failed:
+/// "warning: %post(pkg-1.0-1.noarch) scriptlet failed, exit status 3",
+/// "error: %prein(pkg-1.0-1.noarch) scriptlet failed, exit status 1".
+pub fn failed_scriptlet(line: &str) -> Option<(String, String)> {
+    let i = line.find(") scriptlet failed")?;
+    let open = line[..i].rfind('(')?;
+    let pct = line[..open].rfind('%')?;
+    Some((line[open + 1..i].to_string(), line[pct..open].to_string()))
+}
+
 /// Reads what a failed (or warning) rpm transaction printed into the service's error; `Ok`
 /// when it succeeded without a failed scriptlet. A failed scriptlet is fatal even though rpm
-/// exits 0 for it.
-pub fn classify_transaction(out: &Output) -> Result<(), LayererError> {
+/// exits 0 for it. `failed` is the first failed scriptlet seen while rpm ran (the output kept
+/// may have left its line out), else the output kept is searched for one.
+pub fn classify_transaction(
+    out: &Output,
+    failed: Option<(String, String)>,
+) -> Result<(), LayererError> {
     let text = out.text();
-    for line in text.lines().map(str::trim) {
-        // "warning: %post(pkg-1.0-1.noarch) scriptlet failed, exit status 3"
-        // "error: %prein(pkg-1.0-1.noarch) scriptlet failed, exit status 1"
-        if let Some(i) = line.find(") scriptlet failed")
-            && let Some(open) = line[..i].rfind('(')
-            && let Some(pct) = line[..open].rfind('%')
-        {
-            return Err(LayererError::ScriptletFailed {
-                package: line[open + 1..i].to_string(),
-                scriptlet: line[pct..open].to_string(),
-                message: text.trim().to_string(),
-            });
-        }
+    let failed = failed.or_else(|| text.lines().find_map(|l| failed_scriptlet(l.trim())));
+    if let Some((package, scriptlet)) = failed {
+        return Err(LayererError::ScriptletFailed {
+            package,
+            scriptlet,
+            message: text.trim().to_string(),
+        });
     }
     if out.status.success() {
         return Ok(());
@@ -528,7 +536,7 @@ mod tests {
             "\tfile /usr/lib/os-release from install of dnfimage-conflict-1.0-1.noarch conflicts \
              with file from package dnfimage-base-1.0-1.noarch\n",
         );
-        match classify_transaction(&conflict) {
+        match classify_transaction(&conflict, None) {
             Err(LayererError::FileConflict {
                 path,
                 package,
@@ -548,7 +556,7 @@ mod tests {
             "Updating / installing...\nbadpost-1.0-1   ####\n",
             "oops\nwarning: %post(dnfimage-badpost-1.0-1.noarch) scriptlet failed, exit status 3\n",
         );
-        match classify_transaction(&scriptlet) {
+        match classify_transaction(&scriptlet, None) {
             Err(LayererError::ScriptletFailed {
                 package,
                 scriptlet,
@@ -560,6 +568,34 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+        // A failure seen while rpm ran counts even when the output kept lost its line.
+        let kept = out(0, "Updating / installing...\n[… 9 bytes omitted …]\n", "");
+        assert!(classify_transaction(&kept, None).is_ok());
+        let seen =
+            failed_scriptlet("xxwarning: %pretrans(a-1-1.noarch) scriptlet failed, exit status 1");
+        assert_eq!(
+            seen,
+            Some(("a-1-1.noarch".to_string(), "%pretrans".to_string()))
+        );
+        match classify_transaction(&kept, seen) {
+            Err(LayererError::ScriptletFailed {
+                package, message, ..
+            }) => {
+                assert_eq!(package, "a-1-1.noarch");
+                assert!(message.contains("bytes omitted"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+        for line in [
+            "",
+            "scriptlet failed",
+            ") scriptlet failed",
+            "%post) scriptlet failed",
+            "(pkg) scriptlet failed",
+            "é(%é) scriptlet failed",
+        ] {
+            assert_eq!(failed_scriptlet(line), None, "{line}");
+        }
 
         let deps = out(
             1,
@@ -567,7 +603,7 @@ mod tests {
             "error: Failed dependencies:\n\tdnfimage-busybox is needed by (installed) \
              dnfimage-base-1.0-1.noarch\n",
         );
-        match classify_transaction(&deps) {
+        match classify_transaction(&deps, None) {
             Err(LayererError::DependencyProblem { packages, problems }) => {
                 assert_eq!(packages, ["dnfimage-busybox", "dnfimage-base"]);
                 assert_eq!(
@@ -580,14 +616,14 @@ mod tests {
 
         let missing = out(1, "", "error: package nosuch is not installed\n");
         assert!(matches!(
-            classify_transaction(&missing),
+            classify_transaction(&missing, None),
             Err(LayererError::PackageNotFound { packages, .. }) if packages == ["nosuch"]
         ));
         assert!(matches!(
-            classify_transaction(&out(1, "", "something else\n")),
+            classify_transaction(&out(1, "", "something else\n"), None),
             Err(LayererError::Failed { .. })
         ));
-        assert!(classify_transaction(&out(0, "Preparing...\n", "")).is_ok());
+        assert!(classify_transaction(&out(0, "Preparing...\n", ""), None).is_ok());
     }
 
     #[test]
