@@ -176,7 +176,7 @@ pub(crate) async fn deploy(
 ) -> Result<deployer::DeployResult> {
     let mut conn = connect(cli, deployer::INTERFACE).await?;
     let stream = conn
-        .deploy(commit, image, stateroot, None, None)
+        .deploy(commit, image, stateroot, None, None, None)
         .await
         .context("Calling Deploy")?;
     progress::drive(stream, out.progress("Deploying"), || {
@@ -349,7 +349,7 @@ pub(crate) async fn upgrade(cli: &Cli, out: &Output, opts: &UpgradeOptions) -> R
 pub(crate) async fn rollback(cli: &Cli, out: &Output) -> Result<u8> {
     let (mut conn, _) = status_of(cli).await?;
     let reply = conn
-        .rollback()
+        .rollback(None)
         .await
         .context("Calling Rollback")?
         .map_err(service_error)?;
@@ -371,7 +371,7 @@ pub(crate) async fn pin(cli: &Cli, out: &Output, index: u64, pinned: bool) -> Re
 pub(crate) async fn cleanup(cli: &Cli, out: &Output, pending: bool, rollback: bool) -> Result<u8> {
     let (mut conn, _) = status_of(cli).await?;
     let stream = conn
-        .cleanup(Some(pending), Some(rollback))
+        .cleanup(Some(pending), Some(rollback), None)
         .await
         .context("Calling Cleanup")?;
     let result = progress::drive(stream, out.progress("Cleaning"), || {
@@ -408,6 +408,7 @@ pub(crate) async fn kargs(
             append.as_deref(),
             delete.as_deref(),
             replace.as_deref(),
+            None,
         )
         .await
         .context("Calling SetKernelArguments")?;
