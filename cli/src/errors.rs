@@ -3,6 +3,7 @@
 //! Every service error serializes as `{"error": "org.dnfimage.X.Name", "parameters": {…}}`; one
 //! formatter covers all of them, with hints for the conditions people meet most.
 
+use dnfimage_interfaces::deployer::Deployment;
 use serde::Serialize;
 use serde_json::Value;
 
@@ -13,8 +14,18 @@ use crate::output::bytes;
 pub struct ServiceError {
     /// The unqualified error name, e.g. "ImageNotFound".
     pub name: String,
+    /// Its parameters as they came over the wire.
+    pub parameters: Value,
     /// The text shown to people.
     pub text: String,
+}
+
+impl ServiceError {
+    /// The service error `e` carries, if it is one named `name`.
+    pub fn named<'a>(e: &'a anyhow::Error, name: &str) -> Option<&'a ServiceError> {
+        e.downcast_ref::<ServiceError>()
+            .filter(|se| se.name == name)
+    }
 }
 
 impl std::fmt::Display for ServiceError {
@@ -24,6 +35,15 @@ impl std::fmt::Display for ServiceError {
 }
 
 impl std::error::Error for ServiceError {}
+
+/// Whether `e` says that another change ran at the same time (the deployments moved since the
+/// command read them, or a service was busy with another change): nothing was changed, and the
+/// same command later may succeed.
+pub fn another_change_ran(e: &anyhow::Error) -> bool {
+    ["StateChanged", "AlreadyInProgress"]
+        .iter()
+        .any(|name| ServiceError::named(e, name).is_some())
+}
 
 /// Turns any service error into an `anyhow::Error` with a readable message.
 pub fn service_error<E: Serialize + std::fmt::Debug>(e: E) -> anyhow::Error {
@@ -35,7 +55,12 @@ pub fn service_error<E: Serialize + std::fmt::Debug>(e: E) -> anyhow::Error {
         .unwrap_or_else(|| format!("{e:?}"));
     let params = value.get("parameters").cloned().unwrap_or(Value::Null);
     let text = describe(&name, &params);
-    ServiceError { name, text }.into()
+    ServiceError {
+        name,
+        parameters: params,
+        text,
+    }
+    .into()
 }
 
 fn field<'a>(params: &'a Value, key: &str) -> Option<&'a str> {
@@ -92,8 +117,59 @@ pub fn describe(name: &str, params: &Value) -> String {
             bytes(num("size")),
             bytes(num("limit"))
         ),
+        "StateChanged" => state_changed(params, None, None),
         _ => generic(name, params),
     }
+}
+
+/// The deployer's `StateChanged` as a sentence; `then` and `now` are the deployments its
+/// `expected` and `actual` name, when the caller knows them.
+pub fn state_changed(
+    params: &Value,
+    then: Option<&Deployment>,
+    now: Option<&Deployment>,
+) -> String {
+    let expected = field(params, "expected").unwrap_or_default();
+    let then = if expected.is_empty() {
+        "a sysroot without deployments".to_string()
+    } else {
+        deployment(expected, then)
+    };
+    let now = match field(params, "actual") {
+        Some(actual) => format!(
+            "{} is now the deployment changes start from",
+            deployment(actual, now)
+        ),
+        None => "no deployment is left".to_string(),
+    };
+    format!(
+        "The deployments changed while this command ran: it prepared its change on {then}, but \
+         another command changed them meanwhile and {now}. Nothing was changed; run the command \
+         again."
+    )
+}
+
+/// A deployment in a sentence: its id ("STATEROOT/COMMIT.SERIAL", the commit shortened), with
+/// its image, version and layered packages when `d` is given.
+pub fn deployment(id: &str, d: Option<&Deployment>) -> String {
+    let short = match id.split_once('/').zip(id.rsplit_once('.')) {
+        Some(((stateroot, _), (rest, serial))) if rest.len() > stateroot.len() => {
+            let commit = &rest[stateroot.len() + 1..];
+            format!("{stateroot}/{}.{serial}", &commit[..commit.len().min(12)])
+        }
+        _ => id.to_string(),
+    };
+    let Some(d) = d else {
+        return short;
+    };
+    let mut about = vec![d.image.clone().unwrap_or_else(|| "no image".to_string())];
+    if let Some(v) = &d.version {
+        about.push(format!("version {v}"));
+    }
+    if !d.layering.packages.is_empty() {
+        about.push(format!("with {}", d.layering.packages.join(" ")));
+    }
+    format!("{short} ({})", about.join(", "))
 }
 
 /// "Name: message (key: value, …)".
@@ -173,6 +249,22 @@ mod tests {
                  reads; nothing was kept",
             ),
             (
+                "StateChanged",
+                json!({"expected": format!("os/{}.0", "a".repeat(64)),
+                       "actual": format!("os/{}.1", "b".repeat(64)), "message": "moved"}),
+                "The deployments changed while this command ran: it prepared its change on \
+                 os/aaaaaaaaaaaa.0, but another command changed them meanwhile and \
+                 os/bbbbbbbbbbbb.1 is now the deployment changes start from. Nothing was \
+                 changed; run the command again.",
+            ),
+            (
+                "StateChanged",
+                json!({"expected": "", "actual": null, "message": "moved"}),
+                "The deployments changed while this command ran: it prepared its change on a \
+                 sysroot without deployments, but another command changed them meanwhile and no \
+                 deployment is left. Nothing was changed; run the command again.",
+            ),
+            (
                 "InsufficientSpace",
                 json!({"path": "/boot", "needed": 2048, "available": 1024}),
                 "Not enough space in /boot: 2.0 KiB needed, 1.0 KiB available; free some space \
@@ -182,6 +274,37 @@ mod tests {
         for (name, params, want) in cases {
             assert_eq!(describe(name, &params), want);
         }
+    }
+
+    #[test]
+    fn names_deployments_with_what_they_hold() {
+        let d: Deployment = serde_json::from_value(json!({
+            "index": 0, "stateroot": "os", "commit": "c".repeat(64), "serial": 2,
+            "baseCommit": "b", "image": "docker://r/os:latest", "imageDigest": null,
+            "version": "2", "timestamp": "", "kernelVersion": "", "kernelArguments": [],
+            "booted": false, "staged": false, "default": true, "rollback": false,
+            "pinned": false, "finalizationLocked": false,
+            "layering": {"packages": ["hello"], "inactive": [], "overrideRemove": [],
+                         "overrideReplace": []},
+        }))
+        .expect("a valid deployment");
+        let id = d.id();
+        assert_eq!(deployment(&id, None), "os/cccccccccccc.2");
+        assert_eq!(
+            deployment(&id, Some(&d)),
+            "os/cccccccccccc.2 (docker://r/os:latest, version 2, with hello)"
+        );
+        // Not an id: as given.
+        assert_eq!(deployment("c0", None), "c0");
+        let params = json!({"expected": "", "actual": id});
+        assert!(
+            state_changed(&params, None, Some(&d)).contains(
+                "on a sysroot without deployments, but another command changed them meanwhile \
+                 and os/cccccccccccc.2 (docker://r/os:latest, version 2, with hello) is now"
+            ),
+            "{}",
+            state_changed(&params, None, Some(&d))
+        );
     }
 
     #[test]

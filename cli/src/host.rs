@@ -2,6 +2,7 @@
 //! the services: the fetcher downloads, the importer commits, the deployer deploys.
 
 use std::path::Path;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use dnfimage_interfaces::deployer::{self, DeployerProxy, Deployment, StatusReply};
@@ -9,8 +10,21 @@ use dnfimage_interfaces::fetcher::{self, FetcherProxy};
 use dnfimage_interfaces::importer::{self, ImportResult, ImporterProxy};
 use dnfimage_interfaces::reference::ImageRef;
 
-use crate::errors::service_error;
+use crate::errors::{ServiceError, service_error};
+use crate::progress::{Call, Stopped};
 use crate::{Cli, EXIT_UNCHANGED, Output, connect, image, progress};
+
+/// How long the deployer may take to answer `Status` again after a change failed.
+const STATUS_AGAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Flags of `rebase`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RebaseOptions<'a> {
+    pub stateroot: Option<&'a str>,
+    pub concurrency: Option<u64>,
+    pub force: bool,
+    pub unchanged_exit_77: bool,
+}
 
 /// Flags of `upgrade`.
 #[derive(Debug, Clone, Copy)]
@@ -127,6 +141,98 @@ pub(crate) fn current(status: &StatusReply) -> Option<&Deployment> {
         .or_else(|| booted_or_default(status))
 }
 
+/// What a change prepared on `status` passes as `expectedDeployment`: the deployment it starts
+/// from ([`current`], the deployer's rule too), "" when nothing is deployed.
+pub(crate) fn expected(status: &StatusReply) -> String {
+    current(status).map(Deployment::id).unwrap_or_default()
+}
+
+/// The deployment that boots next: the pending one, else the booted one.
+fn next_boot(status: &StatusReply) -> Option<&Deployment> {
+    status
+        .deployments
+        .iter()
+        .find(|d| d.default)
+        .or_else(|| status.deployments.first())
+}
+
+/// The deployer's status read again after a change failed; `None` when it does not answer.
+async fn status_again(cli: &Cli) -> Option<StatusReply> {
+    let read = async {
+        let mut conn = connect(cli, deployer::INTERFACE).await.ok()?;
+        conn.status().await.ok()?.ok()
+    };
+    tokio::time::timeout(STATUS_AGAIN_TIMEOUT, read)
+        .await
+        .ok()
+        .flatten()
+}
+
+/// What differs between the deployments of `before` and `now`, for people.
+fn what_changed(before: &StatusReply, now: &StatusReply) -> String {
+    if before.deployments == now.deployments {
+        return "the deployments were not changed".to_string();
+    }
+    let ids =
+        |s: &StatusReply| -> Vec<String> { s.deployments.iter().map(Deployment::id).collect() };
+    let (then_ids, now_ids) = (ids(before), ids(now));
+    let mut parts: Vec<String> = now
+        .deployments
+        .iter()
+        .filter(|d| !then_ids.contains(&d.id()))
+        .map(|d| format!("{} was added", crate::errors::deployment(&d.id(), Some(d))))
+        .collect();
+    parts.extend(
+        before
+            .deployments
+            .iter()
+            .filter(|d| !now_ids.contains(&d.id()))
+            .map(|d| {
+                format!(
+                    "{} was removed",
+                    crate::errors::deployment(&d.id(), Some(d))
+                )
+            }),
+    );
+    if parts.is_empty() {
+        parts.push("their order or flags changed".to_string());
+    }
+    format!(
+        "the deployments changed: {} (`dnf-image status` shows them)",
+        parts.join(", ")
+    )
+}
+
+/// A failed change of the deployments prepared on `before`, explained further after a look at
+/// the deployer: for `StateChanged`, what the deployment changes now start from holds; when the
+/// deployer stopped, whether the deployments changed.
+async fn explained<T>(cli: &Cli, before: &StatusReply, result: Result<T>) -> Result<T> {
+    let Err(mut e) = result else {
+        return result;
+    };
+    let stopped = e
+        .downcast_ref::<Stopped>()
+        .is_some_and(|s| s.interface == deployer::INTERFACE);
+    let moved = ServiceError::named(&e, "StateChanged").is_some();
+    if !(stopped || moved) {
+        return Err(e);
+    }
+    let Some(now) = status_again(cli).await else {
+        return Err(e);
+    };
+    if let Some(s) = e.downcast_mut::<Stopped>() {
+        s.outcome = Some(what_changed(before, &now));
+    } else if let Some(se) = e.downcast_mut::<ServiceError>() {
+        let find = |status: &StatusReply, key: &str| {
+            let id = se.parameters.get(key)?.as_str()?;
+            status.deployments.iter().find(|d| d.id() == id).cloned()
+        };
+        let (then, current) = (find(before, "expected"), find(&now, "actual"));
+        se.text = crate::errors::state_changed(&se.parameters, then.as_ref(), current.as_ref());
+    }
+    Err(e)
+}
+
 pub(crate) async fn status(cli: &Cli, out: &Output, booted_only: bool) -> Result<u8> {
     let (_, mut status) = status_of(cli).await?;
     let update = available_update(cli, &status).await;
@@ -154,8 +260,15 @@ async fn available_update(cli: &Cli, status: &StatusReply) -> Option<fetcher::Up
 
 async fn import(cli: &Cli, out: &Output, source: &str, image: &str) -> Result<ImportResult> {
     let mut conn = connect(cli, importer::INTERFACE).await?;
-    let stream = conn.import(source, image).await.context("Calling Import")?;
-    let result = progress::drive(stream, out.progress("Importing"), || {
+    let call = Call {
+        interface: importer::INTERFACE,
+        doing: "importing",
+    };
+    let stream = conn
+        .import(source, image)
+        .await
+        .map_err(|e| progress::call_failed(call, "Calling Import", false, e))?;
+    let result = progress::drive(call, stream, out.progress("Importing"), || {
         progress::cancel(cli, importer::INTERFACE)
     })
     .await?;
@@ -165,28 +278,41 @@ async fn import(cli: &Cli, out: &Output, source: &str, image: &str) -> Result<Im
     Ok(result)
 }
 
+/// Deploys `commit` as a change prepared on `before`: refused with `StateChanged` when the
+/// deployments moved since.
 pub(crate) async fn deploy(
     cli: &Cli,
     out: &Output,
+    before: &StatusReply,
     commit: &str,
     image: &str,
     stateroot: Option<&str>,
 ) -> Result<deployer::DeployResult> {
-    let mut conn = connect(cli, deployer::INTERFACE).await?;
-    let stream = conn
-        .deploy(commit, image, stateroot, None, None)
+    let expected = expected(before);
+    let call = Call {
+        interface: deployer::INTERFACE,
+        doing: "deploying",
+    };
+    let result = async {
+        let mut conn = connect(cli, deployer::INTERFACE).await?;
+        let stream = conn
+            .deploy(commit, image, stateroot, None, None, Some(&expected))
+            .await
+            .map_err(|e| progress::call_failed(call, "Calling Deploy", false, e))?;
+        progress::drive(call, stream, out.progress("Deploying"), || {
+            progress::cancel(cli, deployer::INTERFACE)
+        })
         .await
-        .context("Calling Deploy")?;
-    progress::drive(stream, out.progress("Deploying"), || {
-        progress::cancel(cli, deployer::INTERFACE)
-    })
-    .await
+    }
+    .await;
+    explained(cli, before, result).await
 }
 
-/// Fetch → import → deploy.
+/// Fetch → import → deploy, as a change prepared on `before`.
 async fn fetch_import_deploy(
     cli: &Cli,
     out: &Output,
+    before: &StatusReply,
     image: &str,
     stateroot: Option<&str>,
     concurrency: Option<u64>,
@@ -209,7 +335,7 @@ async fn fetch_import_deploy(
     if !deploy_it {
         return Ok((imported, None));
     }
-    let deployed = deploy(cli, out, &imported.commit, image, stateroot).await?;
+    let deployed = deploy(cli, out, before, &imported.commit, image, stateroot).await?;
     Ok((imported, Some(deployed)))
 }
 
@@ -218,16 +344,79 @@ fn short(id: &str) -> &str {
     &id[..id.len().min(12)]
 }
 
+/// The deployment that boots next and `image`'s digest, when that deployment already is
+/// `image` at that digest, as built (nothing layered), in `stateroot` if one is asked: then a
+/// rebase to `image` would deploy the same again. Asks the fetcher for the digest (manifest only,
+/// nothing downloaded) only when the rest already matches.
+async fn same_image<'a>(
+    cli: &Cli,
+    status: &'a StatusReply,
+    image: &str,
+    stateroot: Option<&str>,
+) -> Result<Option<(&'a Deployment, String)>> {
+    let Some(next) = next_boot(status) else {
+        return Ok(None);
+    };
+    let Some(deployed) = next.image_digest.as_deref() else {
+        return Ok(None);
+    };
+    if next.image.as_deref() != Some(image)
+        || next.base_commit.is_some()
+        || crate::layer::has_layering(next)
+        || stateroot.is_some_and(|s| s != next.stateroot)
+    {
+        return Ok(None);
+    }
+    let mut fetcher = connect(cli, fetcher::INTERFACE).await?;
+    let info = fetcher
+        .inspect(image)
+        .await
+        .context("Calling Inspect")?
+        .map_err(service_error)?;
+    Ok((info.image.digest == deployed).then_some((next, info.image.digest)))
+}
+
 pub(crate) async fn rebase(
     cli: &Cli,
     out: &Output,
     image: &str,
-    stateroot: Option<&str>,
-    concurrency: Option<u64>,
+    opts: &RebaseOptions<'_>,
 ) -> Result<u8> {
     let image = normalize(image);
     let (_, status) = status_of(cli).await?;
-    let (_, deployed) = fetch_import_deploy(cli, out, &image, stateroot, concurrency, true).await?;
+    if !opts.force
+        && let Some((next, digest)) = same_image(cli, &status, &image, opts.stateroot).await?
+    {
+        out.note(&format!(
+            "No change: the image specification is unchanged. Deployment {} already is {image} \
+             at {digest}; `--force` deploys it again.",
+            next.index
+        ));
+        if cli.json {
+            out.deployed(
+                &status,
+                &deployer::DeployResult {
+                    changed: false,
+                    deployment: next.clone(),
+                },
+            )?;
+        }
+        return Ok(if opts.unchanged_exit_77 {
+            EXIT_UNCHANGED
+        } else {
+            0
+        });
+    }
+    let (_, deployed) = fetch_import_deploy(
+        cli,
+        out,
+        &status,
+        &image,
+        opts.stateroot,
+        opts.concurrency,
+        true,
+    )
+    .await?;
     let deployed = deployed.context("The deploy step gave no result")?;
     out.deployed(&status, &deployed)?;
     Ok(0)
@@ -278,7 +467,7 @@ pub(crate) async fn upgrade(cli: &Cli, out: &Output, opts: &UpgradeOptions) -> R
         } else {
             downloaded.commit.clone()
         };
-        let deployed = deploy(cli, out, &commit, &image, None).await?;
+        let deployed = deploy(cli, out, &status, &commit, &image, None).await?;
         out.deployed(&status, &deployed)?;
         return Ok(0);
     }
@@ -319,7 +508,7 @@ pub(crate) async fn upgrade(cli: &Cli, out: &Output, opts: &UpgradeOptions) -> R
         return Ok(unchanged);
     }
     let (imported, _) =
-        fetch_import_deploy(cli, out, &image, None, opts.concurrency, false).await?;
+        fetch_import_deploy(cli, out, &status, &image, None, opts.concurrency, false).await?;
     if opts.download_only {
         if opts.preview {
             let base = from.base_commit.as_deref().unwrap_or(&from.commit);
@@ -339,18 +528,23 @@ pub(crate) async fn upgrade(cli: &Cli, out: &Output, opts: &UpgradeOptions) -> R
     } else {
         imported.commit.clone()
     };
-    let deployed = deploy(cli, out, &commit, &image, None).await?;
+    let deployed = deploy(cli, out, &status, &commit, &image, None).await?;
     out.deployed(&status, &deployed)?;
     Ok(0)
 }
 
 pub(crate) async fn rollback(cli: &Cli, out: &Output) -> Result<u8> {
-    let (mut conn, _) = status_of(cli).await?;
-    let reply = conn
-        .rollback()
+    let (mut conn, status) = status_of(cli).await?;
+    let call = Call {
+        interface: deployer::INTERFACE,
+        doing: "rolling back",
+    };
+    let result = conn
+        .rollback(Some(&expected(&status)))
         .await
-        .context("Calling Rollback")?
-        .map_err(service_error)?;
+        .map_err(|e| progress::call_failed(call, "Calling Rollback", true, e))
+        .and_then(|r| r.map_err(service_error));
+    let reply = explained(cli, &status, result).await?;
     out.next_boot("Rolled back", &reply.deployment)?;
     Ok(0)
 }
@@ -367,15 +561,24 @@ pub(crate) async fn pin(cli: &Cli, out: &Output, index: u64, pinned: bool) -> Re
 }
 
 pub(crate) async fn cleanup(cli: &Cli, out: &Output, pending: bool, rollback: bool) -> Result<u8> {
-    let (mut conn, _) = status_of(cli).await?;
-    let stream = conn
-        .cleanup(Some(pending), Some(rollback))
+    let (mut conn, status) = status_of(cli).await?;
+    let call = Call {
+        interface: deployer::INTERFACE,
+        doing: "cleaning up",
+    };
+    let expected = expected(&status);
+    let result = async {
+        let stream = conn
+            .cleanup(Some(pending), Some(rollback), Some(&expected))
+            .await
+            .map_err(|e| progress::call_failed(call, "Calling Cleanup", false, e))?;
+        progress::drive(call, stream, out.progress("Cleaning"), || {
+            progress::cancel(cli, deployer::INTERFACE)
+        })
         .await
-        .context("Calling Cleanup")?;
-    let result = progress::drive(stream, out.progress("Cleaning"), || {
-        progress::cancel(cli, deployer::INTERFACE)
-    })
-    .await?;
+    }
+    .await;
+    let result = explained(cli, &status, result).await?;
     out.cleaned(&result)?;
     Ok(0)
 }
@@ -400,19 +603,29 @@ pub(crate) async fn kargs(
     }
     let opt = |v: &[String]| (!v.is_empty()).then(|| v.to_vec());
     let (append, delete, replace) = (opt(append), opt(delete), opt(replace));
-    let stream = conn
-        .set_kernel_arguments(
-            None,
-            append.as_deref(),
-            delete.as_deref(),
-            replace.as_deref(),
-        )
+    let call = Call {
+        interface: deployer::INTERFACE,
+        doing: "changing the kernel arguments",
+    };
+    let expected = expected(&status);
+    let result = async {
+        let stream = conn
+            .set_kernel_arguments(
+                None,
+                append.as_deref(),
+                delete.as_deref(),
+                replace.as_deref(),
+                Some(&expected),
+            )
+            .await
+            .map_err(|e| progress::call_failed(call, "Calling SetKernelArguments", false, e))?;
+        progress::drive(call, stream, out.progress("Deploying"), || {
+            progress::cancel(cli, deployer::INTERFACE)
+        })
         .await
-        .context("Calling SetKernelArguments")?;
-    let result = progress::drive(stream, out.progress("Deploying"), || {
-        progress::cancel(cli, deployer::INTERFACE)
-    })
-    .await?;
+    }
+    .await;
+    let result = explained(cli, &status, result).await?;
     out.deployed(&status, &result)?;
     Ok(0)
 }
@@ -474,6 +687,63 @@ mod tests {
             assert_eq!(current(&s).map(|d| d.index), change);
             assert_eq!(booted_or_default(&s).map(|d| d.index), booted);
         }
+    }
+
+    #[test]
+    fn names_what_changed_in_the_deployments() {
+        let status = |deployments| StatusReply {
+            sysroot: "/".into(),
+            booted: false,
+            deployments,
+            operation: None,
+        };
+        let (d0, d1) = (
+            deployment(0, false, false, true),
+            deployment(1, false, false, false),
+        );
+        let before = status(vec![d0.clone(), d1.clone()]);
+        assert_eq!(
+            what_changed(&before, &before),
+            "the deployments were not changed"
+        );
+        // Deployed: a new one in front, the oldest gone.
+        let mut new = deployment(0, false, false, true);
+        new.commit = "c9".into();
+        let after = status(vec![new, d0.clone()]);
+        assert_eq!(
+            what_changed(&before, &after),
+            "the deployments changed: default/c9.0 (docker://r/os:latest) was added, \
+             default/c1.0 (docker://r/os:latest) was removed (`dnf-image status` shows them)"
+        );
+        // Rolled back: the same ones in another order.
+        let after = status(vec![d1, d0]);
+        assert_eq!(
+            what_changed(&before, &after),
+            "the deployments changed: their order or flags changed (`dnf-image status` shows \
+             them)"
+        );
+    }
+
+    #[test]
+    fn a_change_names_the_deployment_it_starts_from() {
+        let status = |deployments| StatusReply {
+            sysroot: "/".into(),
+            booted: true,
+            deployments,
+            operation: None,
+        };
+        let staged = status(vec![
+            deployment(0, false, true, true),
+            deployment(1, true, false, false),
+        ]);
+        assert_eq!(expected(&staged), "default/c0.0");
+        let booted = status(vec![
+            deployment(0, false, false, true),
+            deployment(1, true, false, false),
+        ]);
+        assert_eq!(expected(&booted), "default/c1.0");
+        assert_eq!(next_boot(&booted).map(|d| d.index), Some(0));
+        assert_eq!(expected(&status(vec![])), "");
     }
 
     #[test]

@@ -107,11 +107,15 @@ pub(crate) async fn fetch(
     image: &str,
     concurrency: Option<u64>,
 ) -> Result<FetchResult> {
+    let call = progress::Call {
+        interface: fetcher::INTERFACE,
+        doing: "fetching",
+    };
     let stream = conn
         .fetch(image, concurrency)
         .await
-        .context("Calling Fetch")?;
-    progress::drive(stream, out.progress("Fetching"), || {
+        .map_err(|e| progress::call_failed(call, "Calling Fetch", false, e))?;
+    progress::drive(call, stream, out.progress("Fetching"), || {
         progress::cancel(cli, fetcher::INTERFACE)
     })
     .await

@@ -3,7 +3,7 @@
 
 use anyhow::{Context, Result};
 use clap::Subcommand;
-use dnfimage_interfaces::deployer::Deployment;
+use dnfimage_interfaces::deployer::{Deployment, StatusReply};
 use dnfimage_interfaces::layerer::{self, BuildResult, LayererProxy, PackageChanges};
 
 use crate::errors::service_error;
@@ -65,6 +65,10 @@ pub(crate) async fn build(
     let (remove, replace) = (opt(&change.override_remove), opt(&change.override_replace));
     let (reset, repos) = (opt(&change.override_reset), opt(&change.repositories));
     let mut conn = connect(cli, layerer::INTERFACE).await?;
+    let call = progress::Call {
+        interface: layerer::INTERFACE,
+        doing: "building the layered commit",
+    };
     let stream = conn
         .build(
             base,
@@ -77,8 +81,8 @@ pub(crate) async fn build(
             repos.as_deref(),
         )
         .await
-        .context("Calling Build")?;
-    progress::drive(stream, out.progress("Layering"), || {
+        .map_err(|e| progress::call_failed(call, "Calling Build", false, e))?;
+    progress::drive(call, stream, out.progress("Layering"), || {
         progress::cancel(cli, layerer::INTERFACE)
     })
     .await
@@ -87,8 +91,14 @@ pub(crate) async fn build(
 /// Changes this machine's layering and deploys the result.
 pub(crate) async fn apply(cli: &Cli, out: &Output, change: Change) -> Result<u8> {
     let (_, status) = status_of(cli).await?;
+    apply_on(cli, out, &status, change).await
+}
+
+/// [`apply`] as a change prepared on `status`: the deploy is refused if the deployments moved
+/// since it was read.
+async fn apply_on(cli: &Cli, out: &Output, status: &StatusReply, change: Change) -> Result<u8> {
     let from =
-        current(&status).context("Nothing is deployed yet: `dnf-image rebase IMAGE` first")?;
+        current(status).context("Nothing is deployed yet: `dnf-image rebase IMAGE` first")?;
     let image = from
         .image
         .clone()
@@ -100,8 +110,8 @@ pub(crate) async fn apply(cli: &Cli, out: &Output, change: Change) -> Result<u8>
         out.note("Nothing to do: the deployment already has that.");
         return Ok(0);
     }
-    let deployed = deploy(cli, out, &built.commit, &image, None).await?;
-    out.deployed(&status, &deployed)?;
+    let deployed = deploy(cli, out, status, &built.commit, &image, None).await?;
+    out.deployed(status, &deployed)?;
     Ok(0)
 }
 
@@ -123,22 +133,29 @@ pub(crate) async fn override_command(cli: &Cli, out: &Output, cmd: &OverrideComm
             override_remove: packages.clone(),
             ..Default::default()
         },
-        OverrideCommand::Reset { packages, all } => {
-            let packages = if *all {
-                let (_, status) = status_of(cli).await?;
-                let from = current(&status).context("Nothing is deployed yet")?;
-                let l = &from.layering;
-                l.override_remove
-                    .iter()
-                    .cloned()
-                    .chain(l.override_replace.iter().map(|p| p.name.clone()))
-                    .collect()
-            } else {
-                packages.clone()
+        OverrideCommand::Reset { all: true, .. } => {
+            // The overrides to reset and the change are read from one status, so that the
+            // deploy is refused if other overrides were made meanwhile.
+            let (_, status) = status_of(cli).await?;
+            let from = current(&status).context("Nothing is deployed yet")?;
+            let l = &from.layering;
+            let packages: Vec<String> = l
+                .override_remove
+                .iter()
+                .cloned()
+                .chain(l.override_replace.iter().map(|p| p.name.clone()))
+                .collect();
+            anyhow::ensure!(!packages.is_empty(), "No overrides to reset");
+            let change = Change {
+                override_reset: packages,
+                ..Default::default()
             };
+            return apply_on(cli, out, &status, change).await;
+        }
+        OverrideCommand::Reset { packages, .. } => {
             anyhow::ensure!(!packages.is_empty(), "No overrides to reset");
             Change {
-                override_reset: packages,
+                override_reset: packages.clone(),
                 ..Default::default()
             }
         }
@@ -158,7 +175,7 @@ pub(crate) async fn reset(cli: &Cli, out: &Output) -> Result<u8> {
         .image
         .clone()
         .context("The deployment does not follow an image")?;
-    let deployed = deploy(cli, out, &base, &image, None).await?;
+    let deployed = deploy(cli, out, &status, &base, &image, None).await?;
     out.deployed(&status, &deployed)?;
     Ok(0)
 }

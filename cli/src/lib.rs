@@ -17,6 +17,9 @@ pub use output::Output;
 
 /// Exit code when there is nothing to do and `--unchanged-exit-77` was given.
 pub const EXIT_UNCHANGED: u8 = 77;
+/// Exit code of `upgrade --auto` when another change to the deployments ran at the same time
+/// (sysexits.h's EX_TEMPFAIL): nothing was changed, the next timer run tries again.
+pub const EXIT_TEMPFAIL: u8 = 75;
 
 /// Container-native OS updates for ostree-based systems.
 #[derive(Debug, Parser)]
@@ -45,6 +48,10 @@ pub enum Command {
         booted: bool,
     },
     /// Switch the host to another image (also the first deployment on a fresh sysroot).
+    ///
+    /// When the deployment that boots next already is that image at the digest the reference
+    /// names now (nothing layered on it), nothing is deployed: "the image specification is
+    /// unchanged".
     Rebase {
         /// The image: docker://host/name:tag (default transport), oci:/dir[:tag], oci-archive:/file.
         image: String,
@@ -54,6 +61,12 @@ pub enum Command {
         /// Layers fetched at once.
         #[arg(long)]
         concurrency: Option<u64>,
+        /// Deploy the image again even when the deployment that boots next already is it.
+        #[arg(long)]
+        force: bool,
+        /// Exit with 77 when the image specification is unchanged (nothing deployed).
+        #[arg(long, conflicts_with = "force")]
+        unchanged_exit_77: bool,
     },
     /// Fetch, import and stage the newest version of the image the host follows.
     Upgrade {
@@ -77,7 +90,8 @@ pub enum Command {
         concurrency: Option<u64>,
         /// Do what the `[upgrade] policy` of /etc/dnfimage/dnfimage.conf says: none, check
         /// (record the update, which `status` then shows) or stage (also download and stage it).
-        /// For dnfimage-upgrade.timer.
+        /// For dnfimage-upgrade.timer. Exits with 75 (EX_TEMPFAIL) when another change to the
+        /// deployments ran at the same time: nothing was changed, the next run tries again.
         #[arg(long, conflicts_with_all = ["check", "download_only", "from_downloaded"])]
         auto: bool,
     },
@@ -166,7 +180,17 @@ pub async fn run(cli: Cli) -> Result<u8> {
             image,
             stateroot,
             concurrency,
-        } => host::rebase(&cli, &out, image, stateroot.as_deref(), *concurrency).await,
+            force,
+            unchanged_exit_77,
+        } => {
+            let opts = host::RebaseOptions {
+                stateroot: stateroot.as_deref(),
+                concurrency: *concurrency,
+                force: *force,
+                unchanged_exit_77: *unchanged_exit_77,
+            };
+            host::rebase(&cli, &out, image, &opts).await
+        }
         Command::Upgrade {
             check,
             download_only,
@@ -194,7 +218,18 @@ pub async fn run(cli: Cli) -> Result<u8> {
                     host::Policy::Stage => {}
                 }
             }
-            host::upgrade(&cli, &out, &opts).await
+            let result = host::upgrade(&cli, &out, &opts).await;
+            match result {
+                Err(e) if *auto && errors::another_change_ran(&e) => {
+                    eprintln!("error: {e:#}");
+                    eprintln!(
+                        "The automatic upgrade stops here; dnfimage-upgrade.timer tries again at \
+                         its next run."
+                    );
+                    Ok(EXIT_TEMPFAIL)
+                }
+                other => other,
+            }
         }
         Command::Rollback => host::rollback(&cli, &out).await,
         Command::Pin { index, unpin } => host::pin(&cli, &out, *index, !unpin).await,

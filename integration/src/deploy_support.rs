@@ -64,6 +64,27 @@ pub fn commit_overlay(repo: &Path, base: &str, overlay: &Path, subject: &str) ->
     Ok(out.trim().to_string())
 }
 
+/// A commit of `base` with `dirs` × `files` small files more (under `scratch`'s "many-files"),
+/// in the repository at `repo`: slow enough to check out that a test can act while it deploys.
+pub fn commit_with_many_files(
+    repo: &Path,
+    scratch: &Path,
+    base: &str,
+    dirs: usize,
+    files: usize,
+) -> Result<String> {
+    let overlay = scratch.join("many-files");
+    for d in 0..dirs {
+        let dir = overlay.join(format!("usr/share/dnfimage-many/{d:04}"));
+        std::fs::create_dir_all(&dir)?;
+        for f in 0..files {
+            // One content: one object in the repository, many links in a checkout.
+            std::fs::write(dir.join(format!("{f:04}")), b"many\n")?;
+        }
+    }
+    commit_overlay(repo, base, &overlay, "many files")
+}
+
 /// The content of `path` in commit `commit` of the repository at `repo`.
 pub fn cat(repo: &Path, commit: &str, path: &str) -> Result<Vec<u8>> {
     let out = Command::new("ostree")

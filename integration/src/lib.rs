@@ -214,6 +214,36 @@ impl ServiceProcess {
         )
     }
 
+    /// Starts the service binary `dnfimage-<name>` as systemd starts it for a socket unit:
+    /// `listener`, which the caller keeps open (bound to the service's socket in `scratch`), is
+    /// its fd 3 with `LISTEN_FDS=1`. While no service runs, clients still connect and wait in the
+    /// listener's queue; a service started again on it answers them.
+    pub fn activated(
+        scratch: &Scratch,
+        name: &str,
+        interface: &str,
+        listener: &std::os::unix::net::UnixListener,
+        args: &[&std::ffi::OsStr],
+    ) -> Result<Self> {
+        use std::os::fd::AsRawFd;
+        // `LISTEN_PID` must be the service's pid: a shell sets it and execs the service.
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", r#"LISTEN_PID=$$; export LISTEN_PID; exec "$0" "$@""#])
+            .arg(bin(&format!("dnfimage-{name}")))
+            .arg("--runtime-dir")
+            .arg(scratch.runtime_dir())
+            .args(["--idle-timeout", "0"])
+            .args(args)
+            .env("LISTEN_FDS", "1")
+            .env("LISTEN_FDNAMES", "varlink");
+        pass_as_fd3(&mut cmd, listener.as_raw_fd());
+        Self::spawn(
+            cmd,
+            scratch.socket(interface),
+            scratch.path().join(format!("logs/{name}.log")),
+        )
+    }
+
     fn spawn(mut cmd: Command, socket: PathBuf, log: PathBuf) -> Result<Self> {
         let out = std::fs::OpenOptions::new()
             .create(true)
@@ -301,6 +331,28 @@ impl ServiceProcess {
             std::thread::sleep(Duration::from_millis(50));
         }
         None
+    }
+}
+
+/// Makes `fd` the command's fd 3, inherited across exec.
+#[allow(unsafe_code)]
+fn pass_as_fd3(cmd: &mut Command, fd: std::os::fd::RawFd) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs between fork and exec and only makes async-signal-safe system
+    // calls on descriptors the child inherited.
+    unsafe {
+        cmd.pre_exec(move || {
+            // dup2 onto itself would keep close-on-exec: clear it instead.
+            let r = if fd == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(fd, 3)
+            };
+            if r == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
 }
 

@@ -730,16 +730,7 @@ fn deploy_that_does_not_fit_in_boot_changes_nothing() -> Result<()> {
 /// A commit of v1 with `dirs` × `files` small files more, slow enough to check out that a
 /// second call arrives while it deploys.
 fn commit_with_many_files(s: &Setup, base: &str, dirs: usize, files: usize) -> Result<String> {
-    let overlay = s.scratch.path().join("many-files");
-    for d in 0..dirs {
-        let dir = overlay.join(format!("usr/share/dnfimage-many/{d:04}"));
-        std::fs::create_dir_all(&dir)?;
-        for f in 0..files {
-            // One content: one object in the repository, many links in a checkout.
-            std::fs::write(dir.join(format!("{f:04}")), b"many\n")?;
-        }
-    }
-    deploy_support::commit_overlay(&s.repo(), base, &overlay, "v1 with many files")
+    deploy_support::commit_with_many_files(&s.repo(), s.scratch.path(), base, dirs, files)
 }
 
 #[test]
@@ -766,7 +757,7 @@ fn one_change_at_a_time_and_cancel_or_kill_leaves_nothing_behind() -> Result<()>
     rt.block_on(async {
         let mut conn = dnfimage_interfaces::connect(&s.scratch.runtime_dir(), DEPLOYER).await?;
         let mut other = dnfimage_interfaces::connect(&s.scratch.runtime_dir(), DEPLOYER).await?;
-        let mut stream = conn.deploy(&slow, IMAGE_V1, None, None, None).await?;
+        let mut stream = conn.deploy(&slow, IMAGE_V1, None, None, None, None).await?;
         // The call is sent; once Status names it, it runs (it takes the job slot before it
         // answers anything).
         let mut polls = 0;
@@ -910,6 +901,105 @@ fn one_change_at_a_time_and_cancel_or_kill_leaves_nothing_behind() -> Result<()>
     );
     drop(lock);
     s.call("Pin", json!({"index": 0, "pinned": true}))?.1.ok()?;
+    Ok(())
+}
+
+/// The lost update, played out on the deployer alone: two changes prepared against the same
+/// `Status` (as two `dnf-image` commands started together read it). The first one is written;
+/// the second names a deployment that is no longer the one changes start from and is refused
+/// with `StateChanged`, writing nothing. Each method that writes deployments checks it.
+#[test]
+fn a_change_prepared_against_moved_deployments_is_refused() -> Result<()> {
+    let s = setup()?;
+    let (v1, v2) = (s.import(tags::BASE_V1)?, s.import(tags::BASE_V2)?);
+    let derived = s.import(tags::DERIVED)?;
+
+    // An empty sysroot is named "": a second first deploy prepared on it is refused.
+    let (_, first) = s.deploy(
+        &v1.commit,
+        IMAGE_V1,
+        json!({"stateroot": STATEROOT, "expectedDeployment": ""}),
+    )?;
+    let (_, outcome) = s.call(
+        "Deploy",
+        json!({"commit": v2.commit, "image": IMAGE_V2, "expectedDeployment": ""}),
+    )?;
+    let (name, p) = outcome.err()?;
+    assert_eq!(name, "StateChanged", "{p}");
+    assert_eq!(p["expected"], "");
+    assert_eq!(p["actual"], first.deployment.id());
+    assert_eq!(s.deployments()?.len(), 1);
+
+    // Both changes read this.
+    let read = s.status()?;
+    let x = read.deployments[0].id();
+    assert_eq!(x, format!("{STATEROOT}/{}.0", v1.commit));
+
+    // A (the upgrade) is written.
+    let (_, a) = s.deploy(&v2.commit, IMAGE_V2, json!({"expectedDeployment": x}))?;
+    assert_eq!(a.deployment.commit, v2.commit);
+    let after_a = s.status()?;
+    let dirs = s.deployment_dirs()?;
+    let entries = s.sysroot.boot_entries()?;
+
+    // B (the install, built on v1) is refused, and writes nothing.
+    let (progress, outcome) = s.call(
+        "Deploy",
+        json!({"commit": derived.commit, "image": IMAGE_DERIVED, "expectedDeployment": x}),
+    )?;
+    let (name, p) = outcome.err()?;
+    assert_eq!(name, "StateChanged", "{p}");
+    assert_eq!(p["expected"], x.as_str());
+    assert_eq!(p["actual"], a.deployment.id());
+    let message = p["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains(&x) && message.contains(&a.deployment.id()),
+        "{message}"
+    );
+    assert!(progress.is_empty(), "it started: {progress:?}");
+    assert_eq!(s.status()?.deployments, after_a.deployments);
+    assert_eq!(s.deployment_dirs()?, dirs);
+    assert_eq!(s.sysroot.boot_entries()?, entries);
+
+    // The same for every other method that writes deployments, each also run with the right
+    // expectation to show that it is the expectation that refuses it.
+    let stale = json!(x);
+    let mut current = json!(a.deployment.id());
+    let calls = [
+        ("SetKernelArguments", json!({"append": ["dnfimage.test=1"]})),
+        ("Rollback", json!({})),
+        ("Cleanup", json!({"rollback": true})),
+    ];
+    for (method, params) in &calls {
+        let mut with = params.clone();
+        with["expectedDeployment"] = stale.clone();
+        let before = s.status()?;
+        let dirs = s.deployment_dirs()?;
+        let (_, outcome) = s.call(method, with)?;
+        let (name, p) = outcome.err()?;
+        assert_eq!(name, "StateChanged", "{method}: {p}");
+        assert_eq!(p["expected"], stale, "{method}");
+        assert_eq!(s.status()?.deployments, before.deployments, "{method}");
+        assert_eq!(s.deployment_dirs()?, dirs, "{method}");
+
+        let mut with = params.clone();
+        with["expectedDeployment"] = current.clone();
+        s.call(method, with)?.1.ok().context(*method)?;
+        // On a sysroot that is not booted, changes start from the first deployment.
+        let now = s.status()?;
+        current = json!(now.deployments.first().context("no deployment")?.id());
+    }
+
+    // Null or absent: no check, as before.
+    let before = s.status()?;
+    let (_, outcome) = s.call(
+        "SetKernelArguments",
+        json!({"append": ["dnfimage.other=1"], "expectedDeployment": null}),
+    )?;
+    let result: DeployResult = serde_json::from_value(outcome.ok()?["result"].clone())?;
+    assert!(result.changed);
+    assert_ne!(s.status()?.deployments, before.deployments);
+    s.sysroot.fsck()?;
     Ok(())
 }
 

@@ -144,6 +144,68 @@ fn rebase_upgrade_rollback_pin_cleanup_kargs() -> Result<()> {
     Ok(())
 }
 
+/// `rebase` to the image and digest the deployment that boots next already has deploys nothing
+/// (repeating a command whose client was killed after the deploy must not push the rollback
+/// out), and asks the registry for the digest only: no layer is downloaded. `--force` deploys it
+/// again; a new digest behind the same reference is a real rebase.
+#[test]
+fn rebase_to_the_deployed_image_is_a_no_op_unless_forced() -> Result<()> {
+    let host = Host::new()?;
+    let v1 = Fixtures::shared()?.image(tags::BASE_V1)?;
+    host.ok(&["rebase", &host.latest])?;
+    let before = host.deployments()?;
+    let entries = host.sysroot.boot_entries()?;
+
+    let pos = host.registry.log_position()?;
+    let out = run(host.cli().args(["rebase", &host.latest]))?;
+    assert!(out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("the image specification is unchanged"),
+        "{stderr}"
+    );
+    assert!(stderr.contains(&v1.digest), "{stderr}");
+    assert!(stderr.contains("--force"), "{stderr}");
+    assert_eq!(host.deployments()?, before);
+    assert_eq!(host.sysroot.boot_entries()?, entries);
+    let layers = v1.layer_digests();
+    let fetched = host.registry.blob_requests_since(pos)?;
+    assert!(
+        fetched.iter().all(|b| !layers.contains(b)),
+        "layers were downloaded for a no-op: {fetched:?}"
+    );
+
+    // The same reference without "docker://", for scripts: 77, and a result in JSON.
+    let bare = host.latest.trim_start_matches("docker://");
+    let out = run(host.cli().args(["rebase", "--unchanged-exit-77", bare]))?;
+    assert_eq!(out.status.code(), Some(77), "{out:?}");
+    let out = run(host.cli().args(["--json", "rebase", bare]))?;
+    assert!(out.status.success(), "{out:?}");
+    let doc: Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(doc["changed"], false, "{doc}");
+    assert_eq!(
+        doc["deployment"]["imageDigest"],
+        v1.digest.as_str(),
+        "{doc}"
+    );
+    assert_eq!(host.deployments()?, before);
+
+    // --force: a fresh deployment of the same commit, the old one the rollback.
+    host.ok(&["rebase", "--force", &host.latest])?;
+    let deps = host.deployments()?;
+    assert_eq!(deps.len(), 2, "{deps:?}");
+    assert_eq!(deps[0]["commit"], before[0]["commit"]);
+    assert_ne!(deps[0]["serial"], before[0]["serial"]);
+    assert!(flags(&deps[1]).contains(&"rollback"), "{deps:?}");
+
+    // The tag moved: the same reference is a new image, and is deployed.
+    host.publish(tags::BASE_V2)?;
+    host.ok(&["rebase", &host.latest])?;
+    let deps = host.deployments()?;
+    assert_eq!(deps[0]["version"], "2");
+    Ok(())
+}
+
 #[test]
 fn download_only_then_deploy_without_the_registry() -> Result<()> {
     let mut host = Host::new()?;
@@ -245,18 +307,21 @@ fn killed_import_leaves_status_and_repo_unchanged() -> Result<()> {
     )?;
 
     host.publish(tags::BASE_V2)?;
-    // Start the upgrade and kill the importer as soon as it is importing.
+    // Start the upgrade and kill the importer as soon as it is importing (the log already
+    // holds the rebase's import: only what follows counts).
+    let importer_log = host.scratch.path().join("logs/importer.log");
+    let log_start = std::fs::read_to_string(&importer_log)?.len();
     let child = host
         .cli()
         .arg("upgrade")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()?;
-    let importer_log = host.scratch.path().join("logs/importer.log");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while !std::fs::read_to_string(&importer_log)
         .unwrap_or_default()
-        .contains("Importing")
+        .get(log_start..)
+        .is_some_and(|new| new.contains("Importing"))
     {
         anyhow::ensure!(
             std::time::Instant::now() < deadline,
@@ -269,6 +334,15 @@ fn killed_import_leaves_status_and_repo_unchanged() -> Result<()> {
     assert!(
         !out.status.success(),
         "the upgrade succeeded without its importer"
+    );
+    // Which service, what it means, what to do; not a protocol error.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(
+            "The importer (org.dnfimage.Importer) stopped while importing: nothing was \
+             deployed. Run the command again."
+        ),
+        "{stderr}"
     );
 
     assert_eq!(host.status()?["deployments"], before);

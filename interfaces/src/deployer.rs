@@ -60,6 +60,20 @@ pub struct Deployment {
     pub layering: LayeringRequest,
 }
 
+impl Deployment {
+    /// How `expectedDeployment` names it: [`deployment_id`].
+    pub fn id(&self) -> String {
+        deployment_id(&self.stateroot, &self.commit, self.serial)
+    }
+}
+
+/// How the `expectedDeployment` parameter of the methods that write deployments, and the
+/// `StateChanged` error, name a deployment: "STATEROOT/COMMIT.SERIAL", as its directory under
+/// "ostree/deploy" is named.
+pub fn deployment_id(stateroot: &str, commit: &str, serial: u64) -> String {
+    format!("{stateroot}/{commit}.{serial}")
+}
+
 /// Reply of `Status`.
 #[derive(Debug, Clone, Serialize, Deserialize, introspect::Type)]
 #[serde(rename_all = "camelCase")]
@@ -256,6 +270,18 @@ pub enum DeployerError {
         /// What is running, e.g. "Deploying docker://…".
         operation: String,
     },
+    /// The deployments changed since the caller read them: the deployment a change starts from
+    /// is no longer the one `expectedDeployment` named. Nothing was written; read `Status` and
+    /// prepare the change again.
+    StateChanged {
+        /// The deployment the caller named, as given.
+        expected: String,
+        /// The deployment a change starts from now, "STATEROOT/COMMIT.SERIAL"; null when the
+        /// sysroot has none.
+        actual: Option<String>,
+        /// What changed, for people.
+        message: String,
+    },
     /// The operation was cancelled before it changed the boot entries; nothing changed.
     Cancelled {
         /// What was cancelled.
@@ -303,6 +329,7 @@ pub trait DeployerProxy {
         stateroot: Option<&str>,
         kernel_arguments: Option<&[String]>,
         lock_finalization: Option<bool>,
+        expected_deployment: Option<&str>,
     ) -> zlink::Result<impl Stream<Item = zlink::Result<Result<DeployReply, DeployerError>>>>;
     /// Writes a new deployment with changed kernel arguments.
     #[zlink(more)]
@@ -312,11 +339,15 @@ pub trait DeployerProxy {
         append: Option<&[String]>,
         delete: Option<&[String]>,
         replace: Option<&[String]>,
+        expected_deployment: Option<&str>,
     ) -> zlink::Result<impl Stream<Item = zlink::Result<Result<DeployReply, DeployerError>>>>;
     /// Lets the staged deployment be finished at the next shutdown.
     async fn unlock_staged(&mut self) -> zlink::Result<Result<DeploymentReply, DeployerError>>;
     /// Makes the next boot start the previous deployment.
-    async fn rollback(&mut self) -> zlink::Result<Result<DeploymentReply, DeployerError>>;
+    async fn rollback(
+        &mut self,
+        expected_deployment: Option<&str>,
+    ) -> zlink::Result<Result<DeploymentReply, DeployerError>>;
     /// Pins or unpins a deployment.
     async fn pin(
         &mut self,
@@ -329,6 +360,7 @@ pub trait DeployerProxy {
         &mut self,
         pending: Option<bool>,
         rollback: Option<bool>,
+        expected_deployment: Option<&str>,
     ) -> zlink::Result<impl Stream<Item = zlink::Result<Result<CleanupReply, DeployerError>>>>;
     /// Cancels the running deploy, kernel argument change or cleanup.
     async fn cancel(&mut self) -> zlink::Result<Result<CancelReply, DeployerError>>;
@@ -356,7 +388,8 @@ mod tests {
 
     /// Owns the ostree sysroot: lists its deployments and writes, orders, pins and removes
     /// them. It is the only writer of deployments; a second change while one runs is refused,
-    /// and a failed one leaves the deployments as they were.
+    /// and so is one prepared against deployments that changed since (`expectedDeployment`); a
+    /// failed one leaves the deployments as they were.
     #[zlink::service(
         interface = "org.dnfimage.Deployer",
         types = [
@@ -392,8 +425,13 @@ mod tests {
         /// `lockFinalization` is ignored. The booted (or default) deployment stays as the
         /// rollback, pinned ones stay too, and older ones are removed. Checks free space first
         /// and writes nothing when it lacks. Streams progress records, then one record with the
-        /// result.
+        /// result. `expectedDeployment` (default null: no check) names the deployment the caller
+        /// prepared the change against, "STATEROOT/COMMIT.SERIAL" of the one a change starts from:
+        /// the staged one, else the booted one, else the one that boots next ("" for a sysroot
+        /// without deployments). When that is no longer so once the sysroot lock is held, nothing is
+        /// written and the call fails with `StateChanged`.
         #[zlink(more)]
+        #[allow(clippy::too_many_arguments)]
         async fn deploy(
             &self,
             more: bool,
@@ -402,6 +440,7 @@ mod tests {
             stateroot: Option<String>,
             #[zlink(rename = "kernelArguments")] kernel_arguments: Option<Vec<String>>,
             #[zlink(rename = "lockFinalization")] lock_finalization: Option<bool>,
+            #[zlink(rename = "expectedDeployment")] expected_deployment: Option<String>,
         ) -> impl Stream<Item = Result<Reply<DeployReply>, DeployerError>> + Unpin + use<> {
             let _ = (
                 more,
@@ -410,6 +449,7 @@ mod tests {
                 stateroot,
                 kernel_arguments,
                 lock_finalization,
+                expected_deployment,
             );
             stream::iter([Err(unimplemented())])
         }
@@ -421,7 +461,8 @@ mod tests {
         /// arguments ("K" or "K=V"); each defaults to none. Like `Deploy` it checks out a
         /// deployment and writes boot entries, seconds of work, so it streams the same progress
         /// records and result; the result's `changed` is false, and nothing is written, when
-        /// the arguments already are as asked.
+        /// the arguments already are as asked. `expectedDeployment` is checked first, as by
+        /// `Deploy`.
         #[zlink(more)]
         async fn set_kernel_arguments(
             &self,
@@ -430,8 +471,9 @@ mod tests {
             append: Option<Vec<String>>,
             delete: Option<Vec<String>>,
             replace: Option<Vec<String>>,
+            #[zlink(rename = "expectedDeployment")] expected_deployment: Option<String>,
         ) -> impl Stream<Item = Result<Reply<DeployReply>, DeployerError>> + Unpin + use<> {
-            let _ = (more, index, append, delete, replace);
+            let _ = (more, index, append, delete, replace, expected_deployment);
             stream::iter([Err(unimplemented())])
         }
 
@@ -444,8 +486,13 @@ mod tests {
         /// Makes the next boot start the previous deployment again: the booted one when a
         /// pending deployment would boot next (a staged one is dropped), else the rollback one.
         /// It only reorders the deployments and rewrites the boot entries, which takes well
-        /// under a second, so it is not a 'more' method.
-        async fn rollback(&self) -> Result<DeploymentReply, DeployerError> {
+        /// under a second, so it is not a 'more' method. `expectedDeployment` is checked first, as
+        /// by `Deploy`.
+        async fn rollback(
+            &self,
+            #[zlink(rename = "expectedDeployment")] expected_deployment: Option<String>,
+        ) -> Result<DeploymentReply, DeployerError> {
+            let _ = expected_deployment;
             Err(unimplemented())
         }
 
@@ -462,16 +509,18 @@ mod tests {
         /// every deployment no longer listed. When one of them is pinned nothing is removed;
         /// when one does not exist that is not an error. Deleting a deployment takes seconds,
         /// hence progress records, then one record with the result. The repository objects
-        /// left unused are freed by org.dnfimage.Importer.Prune.
+        /// left unused are freed by org.dnfimage.Importer.Prune. `expectedDeployment` is checked
+        /// first, as by `Deploy`.
         #[zlink(more)]
         async fn cleanup(
             &self,
             more: bool,
             pending: Option<bool>,
             rollback: Option<bool>,
+            #[zlink(rename = "expectedDeployment")] expected_deployment: Option<String>,
         ) -> impl Stream<Item = Result<Reply<CleanupReply>, DeployerError>> + Unpin + use<>
         {
-            let _ = (more, pending, rollback);
+            let _ = (more, pending, rollback, expected_deployment);
             stream::iter([Err(unimplemented())])
         }
 
@@ -555,6 +604,12 @@ mod tests {
     }
 
     #[test]
+    fn names_a_deployment_as_its_directory() {
+        assert_eq!(deployment().id(), "default/3a5c.0");
+        assert_eq!(deployment_id("fedora", "ab", 12), "fedora/ab.12");
+    }
+
+    #[test]
     fn proxy_calls_fit_the_description() {
         let arguments = vec!["quiet".to_string()];
         check_proxy_call!(IDL, DeployerError, |c| c.status());
@@ -564,6 +619,7 @@ mod tests {
             "docker://r/i:1",
             None,
             None,
+            None,
             None
         ));
         check_proxy_call!(more IDL, DeployerError, |c| c.deploy(
@@ -571,21 +627,28 @@ mod tests {
             "docker://r/i:1",
             Some("default"),
             Some(&arguments),
-            Some(true)
+            Some(true),
+            Some("default/3a5c.0")
         ));
         check_proxy_call!(more IDL, DeployerError, |c| c.set_kernel_arguments(
             Some(1),
             Some(&arguments),
             Some(&arguments),
-            Some(&arguments)
+            Some(&arguments),
+            Some("")
         ));
         check_proxy_call!(more IDL, DeployerError, |c| c
-            .set_kernel_arguments(None, None, None, None));
+            .set_kernel_arguments(None, None, None, None, None));
         check_proxy_call!(IDL, DeployerError, |c| c.unlock_staged());
-        check_proxy_call!(IDL, DeployerError, |c| c.rollback());
+        check_proxy_call!(IDL, DeployerError, |c| c.rollback(None));
+        check_proxy_call!(IDL, DeployerError, |c| c.rollback(Some("default/3a5c.0")));
         check_proxy_call!(IDL, DeployerError, |c| c.pin(2, true));
-        check_proxy_call!(more IDL, DeployerError, |c| c.cleanup(Some(true), Some(false)));
-        check_proxy_call!(more IDL, DeployerError, |c| c.cleanup(None, None));
+        check_proxy_call!(more IDL, DeployerError, |c| c.cleanup(
+            Some(true),
+            Some(false),
+            Some("default/3a5c.0")
+        ));
+        check_proxy_call!(more IDL, DeployerError, |c| c.cleanup(None, None, None));
         check_proxy_call!(IDL, DeployerError, |c| c.cancel());
     }
 }

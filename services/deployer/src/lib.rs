@@ -260,7 +260,8 @@ impl Deployer {
 
 /// Owns the ostree sysroot: lists its deployments and writes, orders, pins and removes
 /// them. It is the only writer of deployments; a second change while one runs is refused,
-/// and a failed one leaves the deployments as they were.
+/// and so is one prepared against deployments that changed since (`expectedDeployment`); a
+/// failed one leaves the deployments as they were.
 #[zlink::service(
     interface = "org.dnfimage.Deployer",
     types = [
@@ -311,8 +312,13 @@ impl Deployer {
     /// `lockFinalization` is ignored. The booted (or default) deployment stays as the
     /// rollback, pinned ones stay too, and older ones are removed. Checks free space first
     /// and writes nothing when it lacks. Streams progress records, then one record with the
-    /// result.
+    /// result. `expectedDeployment` (default null: no check) names the deployment the caller
+    /// prepared the change against, "STATEROOT/COMMIT.SERIAL" of the one a change starts from:
+    /// the staged one, else the booted one, else the one that boots next ("" for a sysroot
+    /// without deployments). When that is no longer so once the sysroot lock is held, nothing is
+    /// written and the call fails with `StateChanged`.
     #[zlink(more)]
+    #[allow(clippy::too_many_arguments)]
     async fn deploy(
         &self,
         more: bool,
@@ -321,6 +327,7 @@ impl Deployer {
         stateroot: Option<String>,
         #[zlink(rename = "kernelArguments")] kernel_arguments: Option<Vec<String>>,
         #[zlink(rename = "lockFinalization")] lock_finalization: Option<bool>,
+        #[zlink(rename = "expectedDeployment")] expected_deployment: Option<String>,
     ) -> impl Stream<Item = Result<Reply<DeployReply>, DeployerError>> + Unpin + use<> {
         let image_ref = match ImageRef::parse(&image) {
             Ok(r) => r,
@@ -339,6 +346,7 @@ impl Deployer {
             stateroot,
             kernel_arguments,
             lock_finalization: lock_finalization.unwrap_or(false),
+            expected: expected_deployment,
         };
         self.streamed(more, what, move |progress, cancellable, operation| {
             sysroot::deploy(&path, request, progress, cancellable, operation)
@@ -352,7 +360,8 @@ impl Deployer {
     /// arguments ("K" or "K=V"); each defaults to none. Like `Deploy` it checks out a
     /// deployment and writes boot entries, seconds of work, so it streams the same progress
     /// records and result; the result's `changed` is false, and nothing is written, when
-    /// the arguments already are as asked.
+    /// the arguments already are as asked. `expectedDeployment` is checked first, as by
+    /// `Deploy`.
     #[zlink(more)]
     async fn set_kernel_arguments(
         &self,
@@ -361,6 +370,7 @@ impl Deployer {
         append: Option<Vec<String>>,
         delete: Option<Vec<String>>,
         replace: Option<Vec<String>>,
+        #[zlink(rename = "expectedDeployment")] expected_deployment: Option<String>,
     ) -> impl Stream<Item = Result<Reply<DeployReply>, DeployerError>> + Unpin + use<> {
         let path = self.path();
         let edits = kargs::Edits {
@@ -370,7 +380,15 @@ impl Deployer {
         };
         let what = "Changing kernel arguments".to_string();
         self.streamed(more, what, move |progress, cancellable, operation| {
-            sysroot::set_kernel_arguments(&path, index, &edits, progress, cancellable, operation)
+            sysroot::set_kernel_arguments(
+                &path,
+                index,
+                &edits,
+                expected_deployment.as_deref(),
+                progress,
+                cancellable,
+                operation,
+            )
         })
     }
 
@@ -389,11 +407,17 @@ impl Deployer {
     /// Makes the next boot start the previous deployment again: the booted one when a
     /// pending deployment would boot next (a staged one is dropped), else the rollback one.
     /// It only reorders the deployments and rewrites the boot entries, which takes well
-    /// under a second, so it is not a 'more' method.
-    async fn rollback(&self) -> Result<DeploymentReply, DeployerError> {
+    /// under a second, so it is not a 'more' method. `expectedDeployment` is checked first, as
+    /// by `Deploy`.
+    async fn rollback(
+        &self,
+        #[zlink(rename = "expectedDeployment")] expected_deployment: Option<String>,
+    ) -> Result<DeploymentReply, DeployerError> {
         let path = self.path();
         let deployment = self
-            .exclusive("Rolling back", move || sysroot::rollback(&path))
+            .exclusive("Rolling back", move || {
+                sysroot::rollback(&path, expected_deployment.as_deref())
+            })
             .await?;
         Ok(DeploymentReply { deployment })
     }
@@ -419,19 +443,29 @@ impl Deployer {
     /// every deployment no longer listed. When one of them is pinned nothing is removed;
     /// when one does not exist that is not an error. Deleting a deployment takes seconds,
     /// hence progress records, then one record with the result. The repository objects
-    /// left unused are freed by org.dnfimage.Importer.Prune.
+    /// left unused are freed by org.dnfimage.Importer.Prune. `expectedDeployment` is checked
+    /// first, as by `Deploy`.
     #[zlink(more)]
     async fn cleanup(
         &self,
         more: bool,
         pending: Option<bool>,
         rollback: Option<bool>,
+        #[zlink(rename = "expectedDeployment")] expected_deployment: Option<String>,
     ) -> impl Stream<Item = Result<Reply<CleanupReply>, DeployerError>> + Unpin + use<> {
         let path = self.path();
         let (pending, rollback) = (pending.unwrap_or(false), rollback.unwrap_or(false));
         let what = "Cleaning up deployments".to_string();
         self.streamed(more, what, move |progress, cancellable, operation| {
-            sysroot::cleanup(&path, pending, rollback, progress, cancellable, operation)
+            sysroot::cleanup(
+                &path,
+                pending,
+                rollback,
+                expected_deployment.as_deref(),
+                progress,
+                cancellable,
+                operation,
+            )
         })
     }
 

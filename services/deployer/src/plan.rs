@@ -37,6 +37,60 @@ pub fn pending(slots: &[Slot]) -> Option<usize> {
     (first.staged || booted.is_some_and(|b| b != 0)).then_some(0)
 }
 
+/// The deployment a change starts from, as the CLI chooses it: the staged one (a change already
+/// pending), else the booted one, else the one that boots next.
+pub fn current(slots: &[Slot]) -> Option<usize> {
+    slots
+        .iter()
+        .position(|s| s.staged)
+        .or_else(|| slots.iter().position(|s| s.booted))
+        .or_else(|| (!slots.is_empty()).then_some(0))
+}
+
+/// A change prepared against a deployment that is no longer the one a change starts from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Moved {
+    /// The deployment the caller named.
+    pub expected: String,
+    /// The one a change starts from now; `None` when there is no deployment.
+    pub actual: Option<String>,
+}
+
+impl Moved {
+    /// What changed, for people.
+    pub fn message(&self) -> String {
+        let then = if self.expected.is_empty() {
+            "on a sysroot without deployments".to_string()
+        } else {
+            format!("on deployment {}", self.expected)
+        };
+        let now = match &self.actual {
+            Some(actual) => format!("deployment {actual} is the one a change starts from now"),
+            None => "the sysroot has no deployment now".to_string(),
+        };
+        format!(
+            "The change was prepared {then}, but {now}: the deployments changed since it was \
+             prepared"
+        )
+    }
+}
+
+/// Checks that the deployment a change starts from is still `expected` (its id, "" for none);
+/// `ids` are the ids of the deployments `slots` describe. `None` checks nothing.
+pub fn check_expected(expected: Option<&str>, slots: &[Slot], ids: &[String]) -> Result<(), Moved> {
+    let Some(expected) = expected else {
+        return Ok(());
+    };
+    let actual = current(slots).and_then(|i| ids.get(i));
+    if actual.map_or("", String::as_str) == expected {
+        return Ok(());
+    }
+    Err(Moved {
+        expected: expected.to_string(),
+        actual: actual.cloned(),
+    })
+}
+
 /// The deployment whose `/etc` a new deployment in `stateroot` merges: the booted one when it is
 /// in that stateroot, else the first one of that stateroot that is not staged.
 pub fn merge(slots: &[Slot], stateroot: &str) -> Option<usize> {
@@ -160,6 +214,77 @@ mod tests {
             assert_eq!(rollback(&s), *r, "rollback {spec}");
             assert_eq!(merge(&s, "os"), *m, "merge {spec}");
         }
+    }
+
+    #[test]
+    fn a_change_starts_from_the_staged_else_the_booted_else_the_first() {
+        let cases: &[(&str, Option<usize>)] = &[
+            ("", None),
+            ("d", Some(0)),
+            ("dd", Some(0)),
+            ("bd", Some(0)),
+            ("db", Some(1)),
+            ("sbd", Some(0)),
+            ("sd", Some(0)),
+            ("pb", Some(1)),
+            ("od", Some(0)),
+        ];
+        for (spec, want) in cases {
+            assert_eq!(current(&slots(spec)), *want, "{spec}");
+        }
+    }
+
+    #[test]
+    fn refuses_a_change_prepared_against_another_deployment() {
+        let ids =
+            |spec: &str| -> Vec<String> { (0..spec.len()).map(|i| format!("os/c{i}.0")).collect() };
+        let moved = |expected: &str, actual: Option<&str>| {
+            Err(Moved {
+                expected: expected.to_string(),
+                actual: actual.map(str::to_string),
+            })
+        };
+        // (deployments, expected, outcome)
+        let cases: &[(&str, Option<&str>, Result<(), Moved>)] = &[
+            // No expectation: never refused.
+            ("", None, Ok(())),
+            ("sbd", None, Ok(())),
+            // Still the one a change starts from.
+            ("d", Some("os/c0.0"), Ok(())),
+            ("db", Some("os/c1.0"), Ok(())),
+            ("sbd", Some("os/c0.0"), Ok(())),
+            ("", Some(""), Ok(())),
+            // Something was deployed meanwhile: the first one (unbooted) or the staged one.
+            ("dd", Some("os/c1.0"), moved("os/c1.0", Some("os/c0.0"))),
+            ("sb", Some("os/c1.0"), moved("os/c1.0", Some("os/c0.0"))),
+            ("d", Some(""), moved("", Some("os/c0.0"))),
+            // Everything was removed.
+            ("", Some("os/c0.0"), moved("os/c0.0", None)),
+            // The staged one was removed meanwhile.
+            ("b", Some("os/c9.0"), moved("os/c9.0", Some("os/c0.0"))),
+            // Same commit, another serial: another deployment (e.g. new kernel arguments).
+            ("d", Some("os/c0.1"), moved("os/c0.1", Some("os/c0.0"))),
+            // Not an id at all: never matches.
+            ("d", Some("c0"), moved("c0", Some("os/c0.0"))),
+        ];
+        for (spec, expected, want) in cases {
+            let got = check_expected(*expected, &slots(spec), &ids(spec));
+            assert_eq!(got, *want, "{spec} {expected:?}");
+        }
+        let message = |expected: &str, actual: Option<&str>| {
+            Moved {
+                expected: expected.into(),
+                actual: actual.map(str::to_string),
+            }
+            .message()
+        };
+        assert_eq!(
+            message("os/a.0", Some("os/b.0")),
+            "The change was prepared on deployment os/a.0, but deployment os/b.0 is the one a \
+             change starts from now: the deployments changed since it was prepared"
+        );
+        assert!(message("", Some("os/b.0")).contains("on a sysroot without deployments"));
+        assert!(message("os/a.0", None).contains("the sysroot has no deployment now"));
     }
 
     #[test]

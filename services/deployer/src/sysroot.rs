@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use dnfimage_interfaces::deployer::{
     CheckSpaceReply, CleanupPhase, CleanupResult, DeployPhase, DeployResult, DeployerError,
-    Deployment, FilesystemSpace,
+    Deployment, FilesystemSpace, deployment_id,
 };
 use ostree_ext::glib;
 use ostree_ext::ostree;
@@ -200,6 +200,30 @@ impl Loaded {
                 pinned: d.is_pinned(),
             })
             .collect()
+    }
+
+    /// Refuses a change prepared against other deployments: unless the deployment a change
+    /// starts from is still `expected` (`None`: no check), `StateChanged`. Called right after
+    /// loading with the sysroot lock held; the lock is kept until the change is written, so the
+    /// deployments cannot move between this check and the write.
+    fn check_expected(&self, expected: Option<&str>) -> Result<(), DeployerError> {
+        let ids: Vec<String> = self
+            .deployments
+            .iter()
+            .map(|d| {
+                let serial = u64::try_from(d.deployserial()).unwrap_or_default();
+                deployment_id(d.osname().as_str(), d.csum().as_str(), serial)
+            })
+            .collect();
+        plan::check_expected(expected, &self.slots(), &ids).map_err(|moved| {
+            let message = moved.message();
+            tracing::info!("Refusing the change: {message}");
+            DeployerError::StateChanged {
+                expected: moved.expected,
+                actual: moved.actual,
+                message,
+            }
+        })
     }
 
     /// Whether the running system was booted from this sysroot.
@@ -657,6 +681,8 @@ pub struct DeployRequest {
     pub kernel_arguments: Option<Vec<String>>,
     /// Lock the finalization of the staged deployment.
     pub lock_finalization: bool,
+    /// The deployment the change was prepared against (`expectedDeployment`).
+    pub expected: Option<String>,
 }
 
 /// `Deploy`.
@@ -676,6 +702,7 @@ pub fn deploy(
         }
     }
     let loaded = Loaded::open(path, true)?;
+    loaded.check_expected(request.expected.as_deref())?;
     progress(
         DeployPhase::Checking,
         format!(
@@ -715,11 +742,13 @@ pub fn set_kernel_arguments(
     path: &Path,
     index: Option<u64>,
     edits: &Edits,
+    expected: Option<&str>,
     progress: Progress<'_, DeployPhase>,
     cancellable: &gio::Cancellable,
     operation: &str,
 ) -> Result<DeployResult, DeployerError> {
     let loaded = Loaded::open(path, true)?;
+    loaded.check_expected(expected)?;
     let i = loaded.index(index)?;
     let d = &loaded.deployments[i];
     let current = Loaded::kernel_arguments(d);
@@ -760,8 +789,9 @@ pub fn set_kernel_arguments(
 }
 
 /// `Rollback`: returns the deployment that now boots next.
-pub fn rollback(path: &Path) -> Result<Deployment, DeployerError> {
+pub fn rollback(path: &Path, expected: Option<&str>) -> Result<Deployment, DeployerError> {
     let loaded = Loaded::open(path, true)?;
+    loaded.check_expected(expected)?;
     let slots = loaded.slots();
     let (order, target) = plan::after_rollback(&slots).ok_or(DeployerError::NoRollback)?;
     let drops_staged = slots.iter().any(|s| s.staged);
@@ -823,11 +853,13 @@ pub fn cleanup(
     path: &Path,
     pending: bool,
     rollback: bool,
+    expected: Option<&str>,
     progress: Progress<'_, CleanupPhase>,
     cancellable: &gio::Cancellable,
     operation: &str,
 ) -> Result<CleanupResult, DeployerError> {
     let loaded = Loaded::open(path, true)?;
+    loaded.check_expected(expected)?;
     let slots = loaded.slots();
     let (keep, remove) =
         plan::cleanup(&slots, pending, rollback).map_err(|plan::CleanupRefused::Pinned(i)| {
