@@ -336,7 +336,7 @@ impl ServiceProcess {
 
 /// Makes `fd` the command's fd 3, inherited across exec.
 #[allow(unsafe_code)]
-fn pass_as_fd3(cmd: &mut Command, fd: std::os::fd::RawFd) {
+pub fn pass_as_fd3(cmd: &mut Command, fd: std::os::fd::RawFd) {
     use std::os::unix::process::CommandExt;
     // SAFETY: the closure runs between fork and exec and only makes async-signal-safe system
     // calls on descriptors the child inherited.

@@ -882,25 +882,30 @@ fn one_change_at_a_time_and_cancel_or_kill_leaves_nothing_behind() -> Result<()>
     assert_eq!(s.deployment_dirs()?, listed);
     s.sysroot.fsck()?;
 
-    // Another program holding the sysroot lock (as `ostree admin` does) also means "busy".
-    let lock = std::fs::File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(s.sysroot.path().join("ostree/lock"))?;
-    lock_like_libostree(&lock)?;
-    let (_, outcome) = s.call("Pin", json!({"index": 0, "pinned": true}))?;
-    let (name, p) = outcome.err()?;
-    assert_eq!(name, "AlreadyInProgress");
-    assert!(
-        p["operation"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("sysroot lock"),
-        "{p}"
-    );
+    // Another program holding the sysroot lock (as `ostree admin` does): the change waits
+    // for it, as `ostree admin` would, while Status is answered; then it goes through.
+    let lock = s.sysroot.hold_lock()?;
+    let pin = std::thread::spawn({
+        let socket = s.socket();
+        move || {
+            raw_call(
+                &socket,
+                &json!({"method": format!("{DEPLOYER}.Pin"), "parameters": {"index": 0, "pinned": true}}),
+            )
+        }
+    });
+    while !s.service.log_text().contains("Waiting for another program") {
+        anyhow::ensure!(!pin.is_finished(), "Pin ended without waiting for the lock");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    s.status()?;
+    assert!(!pin.is_finished(), "Pin did not wait for the sysroot lock");
     drop(lock);
-    s.call("Pin", json!({"index": 0, "pinned": true}))?.1.ok()?;
+    let replies = pin
+        .join()
+        .map_err(|_| anyhow::anyhow!("the Pin caller panicked"))??;
+    assert!(error_name(&replies[0]).is_none(), "{replies:?}");
+    assert!(s.status()?.deployments[0].pinned);
     Ok(())
 }
 
@@ -1003,28 +1008,6 @@ fn a_change_prepared_against_moved_deployments_is_refused() -> Result<()> {
     Ok(())
 }
 
-/// Takes the exclusive open-file-description lock libostree's `glnx_make_lock_file` takes on
-/// `file` (released when it is closed; flock(2) locks would not conflict with it).
-fn lock_like_libostree(file: &std::fs::File) -> Result<()> {
-    use std::os::fd::AsRawFd;
-    let lock = libc::flock {
-        l_type: libc::F_WRLCK as libc::c_short,
-        l_whence: libc::SEEK_SET as libc::c_short,
-        l_start: 0,
-        l_len: 0,
-        l_pid: 0,
-    };
-    #[allow(unsafe_code)]
-    // SAFETY: F_OFD_SETLK reads the flock struct we pass for the duration of the call only.
-    let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &lock) };
-    anyhow::ensure!(
-        r == 0,
-        "fcntl(F_OFD_SETLK): {}",
-        std::io::Error::last_os_error()
-    );
-    Ok(())
-}
-
 #[test]
 fn bad_requests_get_typed_errors() -> Result<()> {
     let s = setup()?;
@@ -1065,7 +1048,7 @@ fn bad_requests_get_typed_errors() -> Result<()> {
         ),
         (
             "Deploy",
-            json!({"commit": v1.commit, "image": format!("docker://x.io/{}", "a".repeat(1 << 20))}),
+            json!({"commit": v1.commit, "image": format!("docker://x.io/{}", "a".repeat(300 << 10))}),
             "InvalidImageReference",
         ),
         (

@@ -1296,7 +1296,8 @@ fn varlinkctl_introspects_calls_with_more_and_execs_the_service() -> Result<()> 
                 "org.varlink.service.GetInfo",
                 "{}",
             ])
-            .env("DNFIMAGE_STATE_DIR", state))
+            .env("DNFIMAGE_STATE_DIR", state)
+            .env("DNFIMAGE_LOG", "debug"))
     };
     let out = exec(&s.scratch.path().join("exec-state"))?;
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -774,11 +774,14 @@ fn restart_waits_for_an_orphaned_layer_commit_and_removes_what_it_left() -> Resu
             "completed": [],
         }))?,
     )?;
-    // Its orphan: still running, it commits part of the layer in a second.
+    // The importer is killed; its orphan, which inherited the importer's lock (as ostree-ext's
+    // `ostree commit` children do), still runs and commits part of the layer in a second.
+    s.service.kill();
+    let lock = hold_importer_lock_of_a_dead_process(&s.repo())?;
     let partial = s.scratch.path().join("partial");
     std::fs::create_dir_all(partial.join("usr/share"))?;
-    let mut orphan = Command::new("bash")
-        .arg("-c")
+    let mut cmd = Command::new("bash");
+    cmd.arg("-c")
         .arg(concat!(
             r#"exec -a ostree perl -e 'sleep 1; exec "ostree", "--repo=$ENV{REPO}", "commit", "#,
             r#""--branch", $ARGV[2], "--tree=dir=$ENV{TREE}" or die' commit --branch "$0""#
@@ -786,15 +789,13 @@ fn restart_waits_for_an_orphaned_layer_commit_and_removes_what_it_left() -> Resu
         .arg(&layer_ref)
         .env("REPO", s.repo())
         .env("TREE", &partial)
-        .stdout(std::process::Stdio::null())
-        .spawn()?;
-    std::thread::sleep(Duration::from_millis(100));
-    assert!(
-        orphan.try_wait()?.is_none(),
-        "the stand-in orphan is not running"
-    );
+        .stdout(std::process::Stdio::null());
+    dnfimage_integration::pass_as_fd3(&mut cmd, std::os::fd::AsRawFd::as_raw_fd(&lock));
+    let mut orphan = cmd.spawn()?;
+    drop(lock);
 
-    s.restart()?;
+    // The new importer waits for the lock, i.e. for the orphan, before it serves.
+    s.service = start(&s.scratch, s.sysroot.path())?;
     let status = orphan.try_wait()?;
     if status.is_none() {
         // Our own child: stop it before failing.
@@ -805,7 +806,11 @@ fn restart_waits_for_an_orphaned_layer_commit_and_removes_what_it_left() -> Resu
     assert!(status.is_some_and(|s| s.success()), "{status:?}");
     assert!(!s.refs()?.contains(&layer_ref), "{:?}", s.refs()?);
     assert!(!journal.exists());
-    assert!(s.service.log_text().contains("left by a killed import"));
+    assert!(
+        s.service.log_text().contains("Waiting for the processes"),
+        "{}",
+        s.service.log_text()
+    );
     let r = s
         .import(&fixture_source(tags::DERIVED)?, &registry_ref("derived"))?
         .result()?;
@@ -1127,4 +1132,26 @@ fn state_changing_methods_are_for_root_and_bad_calls_get_errors() -> Result<()> 
         Some("org.varlink.service.MethodNotFound")
     );
     Ok(())
+}
+
+/// The importer's lock, taken as by an importer that has since died (its record names a process
+/// that is gone): what a killed importer's children hold.
+fn hold_importer_lock_of_a_dead_process(repo: &std::path::Path) -> Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    let path = repo.join("dnfimage-importer.lock");
+    let lock = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)?;
+    #[allow(unsafe_code)]
+    // SAFETY: flock only reads the descriptor we pass.
+    let r = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    anyhow::ensure!(r == 0, "flock: {}", std::io::Error::last_os_error());
+    let mut gone = Command::new("true").spawn()?;
+    let pid = gone.id();
+    gone.wait()?;
+    std::fs::write(&path, format!("dnfimage-importer (pid {pid})\n"))?;
+    Ok(lock)
 }

@@ -244,6 +244,96 @@ fn layerer_answers_everyone_while_a_build_waits_on_a_silent_repository() -> Resu
     Ok(())
 }
 
+/// A Deploy and a Rollback waiting for the sysroot lock another program holds do not keep 50
+/// callers from their Status; each goes through once the lock is free, and a deployer told to
+/// wait less gives up with AlreadyInProgress.
+#[test]
+fn deployer_answers_everyone_while_changes_wait_for_the_sysroot_lock() -> Result<()> {
+    let host = Host::new()?;
+    host.ok(&["rebase", &host.latest])?;
+    let commit = host.deployments()?[0]["commit"]
+        .as_str()
+        .context("commit")?
+        .to_string();
+    let socket = host.scratch.socket(deployer::INTERFACE);
+    let calls = [
+        get_info(),
+        json!({"method": format!("{}.Status", deployer::INTERFACE), "parameters": {}}),
+    ];
+
+    let lock = host.sysroot.hold_lock()?;
+    let mut deploy = Call::start(
+        &socket,
+        &format!("{}.Deploy", deployer::INTERFACE),
+        json!({"commit": commit, "image": host.latest}),
+        true,
+    )?;
+    loop {
+        let reply = deploy.next_reply()?.context("the deploy ended")?;
+        anyhow::ensure!(error_name(&reply).is_none(), "{reply}");
+        let message = reply["parameters"]["progress"]["message"].as_str();
+        if message.is_some_and(|m| m.contains("sysroot lock")) {
+            break;
+        }
+    }
+    answered_by_all(&socket, &calls, 50)?;
+    assert!(!deploy.finished_yet()?, "the deploy ended early");
+    drop(lock);
+    let last = deploy.rest()?.pop().context("no result")?;
+    assert!(last["parameters"]["result"]["changed"] == true, "{last}");
+    assert_eq!(host.deployments()?.len(), 2);
+
+    let lock = host.sysroot.hold_lock()?;
+    let log = || host.services[2].log_text();
+    let waits_before = log().matches("Waiting for another program").count();
+    let mut rollback = Call::start(
+        &socket,
+        &format!("{}.Rollback", deployer::INTERFACE),
+        json!({}),
+        false,
+    )?;
+    while log().matches("Waiting for another program").count() == waits_before {
+        anyhow::ensure!(!rollback.finished_yet()?, "the rollback did not wait");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    answered_by_all(&socket, &calls, 50)?;
+    assert!(!rollback.finished_yet()?, "the rollback ended early");
+    drop(lock);
+    let reply = rollback.next_reply()?.context("no reply")?;
+    assert!(error_name(&reply).is_none(), "{reply}");
+
+    // A deployer that waits at most a second gives up, saying why.
+    let other = Scratch::new()?;
+    let _impatient = ServiceProcess::start(
+        &other,
+        "deployer",
+        deployer::INTERFACE,
+        &[
+            OsStr::new("--sysroot"),
+            host.sysroot.path().as_os_str(),
+            OsStr::new("--lock-timeout"),
+            OsStr::new("1"),
+        ],
+    )?;
+    let _lock = host.sysroot.hold_lock()?;
+    let replies = raw_call(
+        &other.socket(deployer::INTERFACE),
+        &json!({"method": format!("{}.Pin", deployer::INTERFACE), "parameters": {"index": 0, "pinned": true}}),
+    )?;
+    assert_eq!(
+        error_name(&replies[0]),
+        Some(format!("{}.AlreadyInProgress", deployer::INTERFACE).as_str()),
+        "{replies:?}"
+    );
+    assert!(
+        replies[0]["parameters"]["operation"]
+            .as_str()
+            .is_some_and(|o| o.contains("held the sysroot lock for over 1 s")),
+        "{replies:?}"
+    );
+    Ok(())
+}
+
 /// What hostile clients send: each gets an error reply or a closed connection, and the service
 /// answers GetInfo afterwards.
 fn hostile_inputs(

@@ -56,6 +56,10 @@ pub struct Args {
     /// The ostree sysroot whose deployments the service manages.
     #[arg(long, env = "DNFIMAGE_SYSROOT", default_value = "/")]
     pub sysroot: PathBuf,
+    /// Seconds a change waits for the sysroot lock while another program (ostree admin,
+    /// rpm-ostree, bootc) holds it, before it fails with AlreadyInProgress.
+    #[arg(long, default_value_t = 300)]
+    pub lock_timeout: u64,
 }
 
 /// Runs the service until idle or stopped.
@@ -69,6 +73,7 @@ pub async fn run(args: Args, activation: Option<Activation>) -> Result<()> {
             args.sysroot.display()
         );
     }
+    sysroot::set_lock_timeout(std::time::Duration::from_secs(args.lock_timeout));
     let deployer = Deployer::new(args.sysroot.clone(), jobs.clone());
     let policy = Policy::new(IDL, PRIVILEGED)?;
     dnfimage_runtime::serve(
@@ -165,11 +170,12 @@ impl Deployer {
         self.shared.sysroot.clone()
     }
 
-    /// Runs a quick change (well under a second) as the one running job.
+    /// Runs a quick change (well under a second once it holds the sysroot lock) as the one
+    /// running job; `Cancel` stops it while it waits for the lock.
     async fn exclusive<T: Send + 'static>(
         &self,
         what: &str,
-        work: impl FnOnce() -> Result<T, DeployerError> + Send + 'static,
+        work: impl FnOnce(&sysroot::LockWait<'_>) -> Result<T, DeployerError> + Send + 'static,
     ) -> Result<T, DeployerError> {
         let job = self
             .shared
@@ -177,7 +183,26 @@ impl Deployer {
             .try_start(what)
             .map_err(|running| DeployerError::AlreadyInProgress { operation: running })
             .inspect_err(|e| tracing::warn!("{what} refused: {e:?}"))?;
-        let result = blocking(work).await;
+        let cancellable = gio::Cancellable::new();
+        let operation = what.to_string();
+        let task = blocking({
+            let cancellable = cancellable.clone();
+            move || {
+                work(&sysroot::LockWait {
+                    cancellable: &cancellable,
+                    operation: &operation,
+                    waiting: &|_| {},
+                })
+            }
+        });
+        tokio::pin!(task);
+        let result = tokio::select! {
+            r = &mut task => r,
+            () = job.cancelled() => {
+                cancellable.cancel();
+                task.await
+            }
+        };
         drop(job);
         if let Err(e) = &result {
             tracing::warn!("{what} failed: {e:?}");
@@ -397,8 +422,8 @@ impl Deployer {
     async fn unlock_staged(&self) -> Result<DeploymentReply, DeployerError> {
         let path = self.path();
         let deployment = self
-            .exclusive("Unlocking the staged deployment", move || {
-                sysroot::unlock_staged(&path)
+            .exclusive("Unlocking the staged deployment", move |lock| {
+                sysroot::unlock_staged(&path, lock)
             })
             .await?;
         Ok(DeploymentReply { deployment })
@@ -415,8 +440,8 @@ impl Deployer {
     ) -> Result<DeploymentReply, DeployerError> {
         let path = self.path();
         let deployment = self
-            .exclusive("Rolling back", move || {
-                sysroot::rollback(&path, expected_deployment.as_deref())
+            .exclusive("Rolling back", move |lock| {
+                sysroot::rollback(&path, expected_deployment.as_deref(), lock)
             })
             .await?;
         Ok(DeploymentReply { deployment })
@@ -432,7 +457,7 @@ impl Deployer {
             format!("Unpinning deployment {index}")
         };
         let deployment = self
-            .exclusive(&what, move || sysroot::pin(&path, index, pinned))
+            .exclusive(&what, move |lock| sysroot::pin(&path, index, pinned, lock))
             .await?;
         Ok(DeploymentReply { deployment })
     }

@@ -58,6 +58,63 @@ fn ostree_failed(context: &str, e: glib::Error, operation: &str) -> DeployerErro
     }
 }
 
+/// How long a change waits for the sysroot lock another program holds; set once at start.
+static LOCK_TIMEOUT: std::sync::OnceLock<std::time::Duration> = std::sync::OnceLock::new();
+/// How often a waiting change looks at the sysroot lock again.
+const LOCK_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Sets how long changes wait for the sysroot lock (the service's `--lock-timeout`).
+pub fn set_lock_timeout(timeout: std::time::Duration) {
+    let _ = LOCK_TIMEOUT.set(timeout);
+}
+
+/// How a change waits for the sysroot lock while another program (`ostree admin`, rpm-ostree,
+/// bootc) holds it: as `ostree admin` does, but cancellable and for a limited time.
+pub struct LockWait<'a> {
+    /// Stops the wait (`Cancel`, SIGTERM).
+    pub cancellable: &'a gio::Cancellable,
+    /// The change, for the `Cancelled` error.
+    pub operation: &'a str,
+    /// Called once, when the change starts waiting.
+    pub waiting: &'a dyn Fn(String),
+}
+
+impl LockWait<'_> {
+    fn take(&self, sysroot: &ostree::Sysroot) -> Result<(), DeployerError> {
+        let timeout = LOCK_TIMEOUT
+            .get()
+            .copied()
+            .unwrap_or(std::time::Duration::from_secs(300));
+        let deadline = std::time::Instant::now() + timeout;
+        let mut told = false;
+        loop {
+            match sysroot.try_lock() {
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
+                Err(e) => return Err(failed("Locking the sysroot", e)),
+            }
+            check_cancelled(self.cancellable, self.operation)?;
+            if std::time::Instant::now() >= deadline {
+                return Err(DeployerError::AlreadyInProgress {
+                    operation: format!(
+                        "Another program (ostree admin, rpm-ostree or bootc) has held the \
+                         sysroot lock for over {} s",
+                        timeout.as_secs()
+                    ),
+                });
+            }
+            if !told {
+                told = true;
+                let message = "Waiting for another program (ostree admin, rpm-ostree or bootc) \
+                               to release the sysroot lock";
+                tracing::info!("{}: {message}", self.operation);
+                (self.waiting)(message.to_string());
+            }
+            std::thread::sleep(LOCK_POLL);
+        }
+    }
+}
+
 fn check_cancelled(cancellable: &gio::Cancellable, operation: &str) -> Result<(), DeployerError> {
     if cancellable.is_cancelled() {
         return Err(DeployerError::Cancelled {
@@ -145,24 +202,17 @@ struct NewDeployment {
 }
 
 impl Loaded {
-    /// Loads the sysroot at `path`; with `lock`, takes the sysroot lock first (another holder
-    /// means another change is running: `AlreadyInProgress`).
-    pub fn open(path: &Path, lock: bool) -> Result<Self, DeployerError> {
+    /// Loads the sysroot at `path`; with `lock`, takes the sysroot lock first, waiting as it
+    /// says while another program holds it.
+    pub fn open(path: &Path, lock: Option<&LockWait<'_>>) -> Result<Self, DeployerError> {
         let sysroot = ostree::Sysroot::new(Some(&gio::File::for_path(path)));
-        let mut locked = false;
-        if lock {
-            match sysroot.try_lock() {
-                Ok(true) => locked = true,
-                Ok(false) => {
-                    return Err(DeployerError::AlreadyInProgress {
-                        operation: "Another program (ostree admin, rpm-ostree or bootc) holds \
-                                    the sysroot lock"
-                            .into(),
-                    });
-                }
-                Err(e) => return Err(failed("Locking the sysroot", e)),
+        let locked = match lock {
+            Some(wait) => {
+                wait.take(&sysroot)?;
+                true
             }
-        }
+            None => false,
+        };
         let unlock = |sysroot: &ostree::Sysroot| {
             if locked {
                 sysroot.unlock();
@@ -598,7 +648,7 @@ impl Loaded {
             self.remove_unlisted_or_warn();
             deployment
         };
-        let fresh = Loaded::open(&self.path, false)?;
+        let fresh = Loaded::open(&self.path, None)?;
         let index = fresh
             .deployments
             .iter()
@@ -657,13 +707,13 @@ fn find_booted(
 
 /// `Status`: whether the sysroot is booted, and its deployments.
 pub fn status(path: &Path) -> Result<(bool, Vec<Deployment>), DeployerError> {
-    let loaded = Loaded::open(path, false)?;
+    let loaded = Loaded::open(path, None)?;
     Ok((loaded.is_booted(), loaded.views()))
 }
 
 /// `CheckSpace`.
 pub fn check_space(path: &Path, commit: &str) -> Result<CheckSpaceReply, DeployerError> {
-    let loaded = Loaded::open(path, false)?;
+    let loaded = Loaded::open(path, None)?;
     let summary = loaded.inspect(commit)?;
     loaded.space(&summary, &loaded.default_stateroot())
 }
@@ -701,7 +751,14 @@ pub fn deploy(
             })?;
         }
     }
-    let loaded = Loaded::open(path, true)?;
+    let loaded = Loaded::open(
+        path,
+        Some(&LockWait {
+            cancellable,
+            operation,
+            waiting: &|m| progress(DeployPhase::Checking, m),
+        }),
+    )?;
     loaded.check_expected(request.expected.as_deref())?;
     progress(
         DeployPhase::Checking,
@@ -747,7 +804,14 @@ pub fn set_kernel_arguments(
     cancellable: &gio::Cancellable,
     operation: &str,
 ) -> Result<DeployResult, DeployerError> {
-    let loaded = Loaded::open(path, true)?;
+    let loaded = Loaded::open(
+        path,
+        Some(&LockWait {
+            cancellable,
+            operation,
+            waiting: &|m| progress(DeployPhase::Checking, m),
+        }),
+    )?;
     loaded.check_expected(expected)?;
     let i = loaded.index(index)?;
     let d = &loaded.deployments[i];
@@ -789,8 +853,12 @@ pub fn set_kernel_arguments(
 }
 
 /// `Rollback`: returns the deployment that now boots next.
-pub fn rollback(path: &Path, expected: Option<&str>) -> Result<Deployment, DeployerError> {
-    let loaded = Loaded::open(path, true)?;
+pub fn rollback(
+    path: &Path,
+    expected: Option<&str>,
+    lock: &LockWait<'_>,
+) -> Result<Deployment, DeployerError> {
+    let loaded = Loaded::open(path, Some(lock))?;
     loaded.check_expected(expected)?;
     let slots = loaded.slots();
     let (order, target) = plan::after_rollback(&slots).ok_or(DeployerError::NoRollback)?;
@@ -804,12 +872,17 @@ pub fn rollback(path: &Path, expected: Option<&str>) -> Result<Deployment, Deplo
         remove_staged_lock()?;
         loaded.remove_unlisted_or_warn();
     }
-    Loaded::open(path, false)?.view_after_change(0)
+    Loaded::open(path, None)?.view_after_change(0)
 }
 
 /// `Pin`.
-pub fn pin(path: &Path, index: u64, pinned: bool) -> Result<Deployment, DeployerError> {
-    let loaded = Loaded::open(path, true)?;
+pub fn pin(
+    path: &Path,
+    index: u64,
+    pinned: bool,
+    lock: &LockWait<'_>,
+) -> Result<Deployment, DeployerError> {
+    let loaded = Loaded::open(path, Some(lock))?;
     let i = loaded.index(Some(index))?;
     let d = &loaded.deployments[i];
     if d.is_staged() {
@@ -830,12 +903,12 @@ pub fn pin(path: &Path, index: u64, pinned: bool) -> Result<Deployment, Deployer
             d.csum()
         );
     }
-    Loaded::open(path, false)?.view_after_change(i)
+    Loaded::open(path, None)?.view_after_change(i)
 }
 
 /// `UnlockStaged`.
-pub fn unlock_staged(path: &Path) -> Result<Deployment, DeployerError> {
-    let loaded = Loaded::open(path, true)?;
+pub fn unlock_staged(path: &Path, lock: &LockWait<'_>) -> Result<Deployment, DeployerError> {
+    let loaded = Loaded::open(path, Some(lock))?;
     let i = loaded
         .deployments
         .iter()
@@ -858,7 +931,14 @@ pub fn cleanup(
     cancellable: &gio::Cancellable,
     operation: &str,
 ) -> Result<CleanupResult, DeployerError> {
-    let loaded = Loaded::open(path, true)?;
+    let loaded = Loaded::open(
+        path,
+        Some(&LockWait {
+            cancellable,
+            operation,
+            waiting: &|m| progress(CleanupPhase::UpdatingBootEntries, m),
+        }),
+    )?;
     loaded.check_expected(expected)?;
     let slots = loaded.slots();
     let (keep, remove) =

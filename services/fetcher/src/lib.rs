@@ -72,8 +72,9 @@ pub struct Args {
 /// Runs the service until idle or stopped.
 pub async fn run(args: Args, activation: Option<Activation>) -> Result<()> {
     // Before the cache clears its tmp/: a second instance must not touch a running one's files.
+    // Inside the cache, the one directory the unit lets the fetcher write.
     let _lock = InstanceLock::acquire(
-        &args.state_dir.join("fetcher.lock"),
+        &args.state_dir.join("cache/fetcher.lock"),
         &format!("The fetcher state directory {}", args.state_dir.display()),
     )?;
     let activity = Activity::new();
