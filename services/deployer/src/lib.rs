@@ -13,7 +13,6 @@ pub mod plan;
 pub mod sysroot;
 
 use std::path::PathBuf;
-use std::pin::Pin;
 use std::sync::Arc;
 
 use anyhow::Result;
@@ -23,11 +22,12 @@ use dnfimage_interfaces::deployer::{
     DeploymentReply, FilesystemSpace, IDL, LayeringRequest, Package, StatusReply,
 };
 use dnfimage_interfaces::reference::excerpt;
-use dnfimage_runtime::{Activation, Activity, JobSlot, Policy, ServiceArgs};
+use dnfimage_runtime::{
+    Activation, Activity, JobSlot, Policy, ReplyStream, ServiceArgs, refused, spawn_streamed,
+};
 use futures_util::Stream;
 use ostree_ext::gio;
 use ostree_ext::prelude::*;
-use tokio::sync::mpsc;
 use zlink::Reply;
 
 use origin::ImageRef;
@@ -100,7 +100,7 @@ struct Shared {
 }
 
 /// A reply stream of a `more` method.
-type ReplyStream<T> = Pin<Box<dyn Stream<Item = Result<Reply<T>, DeployerError>> + Send>>;
+type Replies<T> = ReplyStream<T, DeployerError>;
 
 /// The reply of a `more` method: progress records, then the outcome.
 trait Streamed: Sized + Send + 'static {
@@ -153,9 +153,9 @@ async fn blocking<T: Send + 'static>(
         .unwrap_or_else(|e| Err(failed("Running the sysroot task", e)))
 }
 
-fn one_error<T: Send + 'static>(e: DeployerError) -> ReplyStream<T> {
+fn one_error<T: Send + 'static>(e: DeployerError) -> Replies<T> {
     tracing::warn!("Refused: {e:?}");
-    Box::pin(futures_util::stream::iter([Err(e)]))
+    refused(e)
 }
 
 impl Deployer {
@@ -224,62 +224,44 @@ impl Deployer {
         ) -> Result<T::Outcome, DeployerError>
         + Send
         + 'static,
-    ) -> ReplyStream<T> {
-        let job = match self.shared.jobs.try_start(&what) {
-            Ok(job) => job,
-            Err(running) => {
-                return one_error(DeployerError::AlreadyInProgress { operation: running });
-            }
-        };
-        let (tx, rx) = mpsc::channel(64);
-        tokio::spawn(async move {
-            let cancellable = gio::Cancellable::new();
-            let mut task = {
-                let tx = tx.clone();
-                let cancellable = cancellable.clone();
-                let what = what.clone();
-                tokio::task::spawn_blocking(move || {
-                    let report = |phase: T::Phase, message: String| {
-                        tracing::debug!("{message}");
-                        if more {
-                            let reply = Reply::new(Some(T::progress(phase, message)))
-                                .set_continues(Some(true));
-                            // A slow client misses intermediate records rather than stalling
-                            // the work.
-                            let _ = tx.try_send(Ok(reply));
+    ) -> Replies<T> {
+        spawn_streamed(
+            &self.shared.jobs,
+            what.clone(),
+            more,
+            |running| DeployerError::AlreadyInProgress { operation: running },
+            move |cancellation, progress| async move {
+                let cancellable = gio::Cancellable::new();
+                let mut task = {
+                    let cancellable = cancellable.clone();
+                    let what = what.clone();
+                    tokio::task::spawn_blocking(move || {
+                        let report = |phase: T::Phase, message: String| {
+                            tracing::debug!("{message}");
+                            progress.send(T::progress(phase, message));
+                        };
+                        work(&report, &cancellable, &what)
+                    })
+                };
+                let mut asked = false;
+                let result = loop {
+                    tokio::select! {
+                        r = &mut task => {
+                            break r.unwrap_or_else(|e| Err(failed("Running the sysroot task", e)));
                         }
-                    };
-                    work(&report, &cancellable, &what)
-                })
-            };
-            let mut asked = false;
-            let result = loop {
-                tokio::select! {
-                    r = &mut task => {
-                        break r.unwrap_or_else(|e| Err(failed("Running the sysroot task", e)));
+                        () = cancellation.cancelled(), if !asked => {
+                            asked = true;
+                            tracing::info!("Cancelling: {what}");
+                            cancellable.cancel();
+                        }
                     }
-                    () = job.cancelled(), if !asked => {
-                        asked = true;
-                        tracing::info!("Cancelling: {what}");
-                        cancellable.cancel();
-                    }
+                };
+                if result.is_ok() {
+                    tracing::info!("Done: {what}");
                 }
-            };
-            match &result {
-                Ok(_) => tracing::info!("Done: {what}"),
-                Err(e) => tracing::warn!("{what} failed: {e:?}"),
-            }
-            let last = result.map(|r| Reply::new(Some(T::outcome(r))).set_continues(Some(false)));
-            // Release the job before the final reply, so a client that sees the result can
-            // start the next change at once.
-            drop(job);
-            if tx.send(last).await.is_err() {
-                tracing::debug!("The client left before the end: {what}");
-            }
-        });
-        Box::pin(futures_util::stream::unfold(rx, |mut rx| async move {
-            rx.recv().await.map(|item| (item, rx))
-        }))
+                result.map(T::outcome)
+            },
+        )
     }
 }
 

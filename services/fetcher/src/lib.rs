@@ -19,11 +19,11 @@ use dnfimage_interfaces::fetcher::{
 };
 use dnfimage_interfaces::reference::{ImageRef, excerpt};
 use dnfimage_runtime::{
-    Activation, Activity, Caller, InstanceLock, Job, JobSlot, Policy, ServiceArgs,
+    Activation, Activity, Caller, InstanceLock, JobSlot, Policy, ServiceArgs, refused,
+    spawn_streamed,
 };
 use futures_util::Stream;
 use serde::Deserialize;
-use tokio::sync::mpsc;
 use zlink::Reply;
 
 use cache::{BlobError, Cache, Descriptor, Entry, Manifest};
@@ -492,61 +492,41 @@ impl Fetcher {
         image: String,
         concurrency: Option<u64>,
     ) -> impl Stream<Item = Result<Reply<FetchReply>, FetcherError>> + Unpin + use<> {
-        let (tx, rx) = mpsc::channel(64);
-        let started = parse_ref(&image).and_then(|image_ref| {
-            let job = self
-                .shared
-                .jobs
-                .try_start(&format!("Fetching {image_ref}"))
-                .map_err(|running| FetcherError::AlreadyInProgress { image: running })?;
-            Ok((image_ref, job))
-        });
-        match started {
-            Err(e) => {
-                // The receiver is still here, so this cannot fail.
-                let _ = tx.try_send(Err(e));
-            }
-            Ok((image_ref, job)) => {
-                let fetcher = self.clone();
-                let concurrency = concurrency
-                    .unwrap_or(DEFAULT_CONCURRENCY)
-                    .clamp(1, MAX_CONCURRENCY) as usize;
-                tokio::spawn(async move {
-                    let progress = Arc::new(Progress::new(tx.clone(), more));
-                    let result = tokio::select! {
-                        r = fetcher.run_fetch(&image_ref, concurrency, &job, &progress) => r,
-                        () = job.cancelled() => Err(FetcherError::Cancelled {
-                            image: image_ref.to_string(),
-                        }),
-                    };
-                    match &result {
-                        Ok(r) => tracing::info!(
-                            "Fetched {image_ref} ({}): {} layers, {} bytes downloaded",
-                            r.digest,
-                            r.layers_fetched,
-                            r.bytes_fetched
-                        ),
-                        Err(e) => tracing::warn!("Fetching {image_ref} failed: {e:?}"),
-                    }
-                    let last = result.map(|r| {
-                        Reply::new(Some(FetchReply {
-                            progress: None,
-                            result: Some(r),
-                        }))
-                        .set_continues(Some(false))
-                    });
-                    // Release the job before the final reply, so a client that sees the result
-                    // can start the next job at once.
-                    drop(job);
-                    if tx.send(last).await.is_err() {
-                        tracing::debug!("The client left before the fetch ended");
-                    }
-                });
-            }
-        }
-        Box::pin(futures_util::stream::unfold(rx, |mut rx| async move {
-            rx.recv().await.map(|item| (item, rx))
-        }))
+        let image_ref = match parse_ref(&image) {
+            Ok(r) => r,
+            Err(e) => return refused(e),
+        };
+        let fetcher = self.clone();
+        let concurrency = concurrency
+            .unwrap_or(DEFAULT_CONCURRENCY)
+            .clamp(1, MAX_CONCURRENCY) as usize;
+        spawn_streamed(
+            &self.shared.jobs,
+            format!("Fetching {image_ref}"),
+            more,
+            |running| FetcherError::AlreadyInProgress { image: running },
+            move |cancellation, sink| async move {
+                let progress = Arc::new(Progress::new(sink));
+                let result = tokio::select! {
+                    r = fetcher.run_fetch(&image_ref, concurrency, &progress) => r,
+                    () = cancellation.cancelled() => Err(FetcherError::Cancelled {
+                        image: image_ref.to_string(),
+                    }),
+                };
+                if let Ok(r) = &result {
+                    tracing::info!(
+                        "Fetched {image_ref} ({}): {} layers, {} bytes downloaded",
+                        r.digest,
+                        r.layers_fetched,
+                        r.bytes_fetched
+                    );
+                }
+                result.map(|r| FetchReply {
+                    progress: None,
+                    result: Some(r),
+                })
+            },
+        )
     }
 
     /// Cancels the running fetch or prune; the blobs completed so far stay in the cache.
@@ -606,8 +586,7 @@ impl Fetcher {
 
 /// Progress shared by the concurrent layer downloads of one fetch.
 struct Progress {
-    tx: mpsc::Sender<Result<Reply<FetchReply>, FetcherError>>,
-    more: bool,
+    sink: dnfimage_runtime::Progress<FetchReply, FetcherError>,
     state: Mutex<ProgressState>,
 }
 
@@ -620,10 +599,9 @@ struct ProgressState {
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(200);
 
 impl Progress {
-    fn new(tx: mpsc::Sender<Result<Reply<FetchReply>, FetcherError>>, more: bool) -> Self {
+    fn new(sink: dnfimage_runtime::Progress<FetchReply, FetcherError>) -> Self {
         Self {
-            tx,
-            more,
+            sink,
             state: Mutex::new(ProgressState {
                 record: FetchProgress {
                     phase: FetchPhase::Resolving,
@@ -653,17 +631,14 @@ impl Progress {
         let due = state
             .last_sent
             .is_none_or(|t| t.elapsed() >= PROGRESS_INTERVAL);
-        if !self.more || !(force || due) {
+        if !self.sink.wanted() || !(force || due) {
             return;
         }
         state.last_sent = Some(Instant::now());
-        let reply = Reply::new(Some(FetchReply {
+        self.sink.send(FetchReply {
             progress: Some(state.record.clone()),
             result: None,
-        }))
-        .set_continues(Some(true));
-        // A slow client misses intermediate records rather than slowing the download.
-        let _ = self.tx.try_send(Ok(reply));
+        });
     }
 
     fn phase(&self, phase: FetchPhase, message: String) {
@@ -712,7 +687,6 @@ impl Fetcher {
         &self,
         image: &ImageRef,
         concurrency: usize,
-        job: &Job,
         progress: &Arc<Progress>,
     ) -> Result<FetchResult, FetcherError> {
         let reference = image.to_string();
@@ -751,7 +725,7 @@ impl Fetcher {
                 layers.len()
             );
         });
-        job.status(&format!(
+        dnfimage_runtime::notify::status(&format!(
             "Fetching {reference}: {} layers, {bytes_missing} bytes",
             missing.len()
         ));

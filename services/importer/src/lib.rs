@@ -26,9 +26,12 @@ use dnfimage_interfaces::importer::{
     PruneReply, PruneResult,
 };
 use dnfimage_interfaces::reference::{ImageRef, ReferenceError, excerpt};
-use dnfimage_runtime::{Activation, Activity, InstanceLock, Job, JobSlot, Policy, ServiceArgs};
+use dnfimage_runtime::{
+    Activation, Activity, Cancellation, InstanceLock, JobSlot, Policy, Progress, ReplyStream,
+    ServiceArgs, refused, spawn_streamed,
+};
 use futures_util::Stream;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{oneshot, watch};
 use zlink::Reply;
 
 use import::{Paths, Request};
@@ -104,24 +107,8 @@ struct Shared {
     jobs: JobSlot,
 }
 
-type Replies<R> = mpsc::Sender<Result<Reply<R>, ImporterError>>;
-
-/// Sends progress records of a `more` call (nothing when the caller did not ask for them).
-#[derive(Debug, Clone)]
-struct Sink<R> {
-    tx: Replies<R>,
-    more: bool,
-}
-
-impl<R> Sink<R> {
-    fn send(&self, record: R) {
-        if self.more {
-            let reply = Reply::new(Some(record)).set_continues(Some(true));
-            // A slow client misses intermediate records rather than slowing the job.
-            let _ = self.tx.try_send(Ok(reply));
-        }
-    }
-}
+/// Sends progress records of a `more` call.
+type Sink<R> = Progress<R, ImporterError>;
 
 /// Asks a job's thread to stop.
 #[derive(Debug, Clone)]
@@ -145,20 +132,7 @@ fn failed(message: impl Into<String>) -> ImporterError {
 }
 
 /// The replies of a `more` call.
-type ReplyStream<R> = std::pin::Pin<Box<dyn Stream<Item = Result<Reply<R>, ImporterError>> + Send>>;
-
-fn reply_stream<R: Send + 'static>(
-    rx: mpsc::Receiver<Result<Reply<R>, ImporterError>>,
-) -> ReplyStream<R> {
-    Box::pin(futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|item| (item, rx))
-    }))
-}
-
-/// The replies of a `more` call refused before it started: the one error.
-fn error_stream<R: Send + 'static>(e: ImporterError) -> ReplyStream<R> {
-    Box::pin(futures_util::stream::once(async move { Err(e) }))
-}
+type Replies<R> = ReplyStream<R, ImporterError>;
 
 impl Importer {
     /// An importer writing the repository of `paths`, running jobs in `jobs`.
@@ -176,44 +150,31 @@ impl Importer {
         more: bool,
         work: impl FnOnce(Sink<R>, Stop) -> Result<T, ImporterError> + Send + 'static,
         wrap: impl FnOnce(T) -> R + Send + 'static,
-    ) -> ReplyStream<R>
+    ) -> Replies<R>
     where
         R: Send + 'static,
         T: Send + 'static,
     {
-        let job = match self.shared.jobs.try_start(&what) {
-            Ok(job) => job,
-            Err(running) => {
-                return error_stream(ImporterError::AlreadyInProgress { operation: running });
-            }
-        };
-        let (tx, rx) = mpsc::channel(64);
-        let sink = Sink {
-            tx: tx.clone(),
+        spawn_streamed(
+            &self.shared.jobs,
+            what.clone(),
             more,
-        };
-        tokio::spawn(async move {
-            let result = run_on_thread(&what, &job, sink, work).await;
-            match &result {
-                Ok(_) => tracing::info!("{what}: done"),
-                Err(e) => tracing::warn!("{what} failed: {e:?}"),
-            }
-            let last = result.map(|r| Reply::new(Some(wrap(r))).set_continues(Some(false)));
-            // Release the job before the final reply, so a client that sees the result can
-            // start the next job at once.
-            drop(job);
-            if tx.send(last).await.is_err() {
-                tracing::debug!("The client left before {what} ended");
-            }
-        });
-        reply_stream(rx)
+            |running| ImporterError::AlreadyInProgress { operation: running },
+            move |cancellation, sink| async move {
+                let result = run_on_thread(&what, cancellation, sink, work).await;
+                if result.is_ok() {
+                    tracing::info!("{what}: done");
+                }
+                result.map(wrap)
+            },
+        )
     }
 }
 
-/// Runs `work` on a new thread until it returns; asks it to stop when `job` is cancelled.
+/// Runs `work` on a new thread until it returns; asks it to stop when the job is cancelled.
 async fn run_on_thread<R, T>(
     what: &str,
-    job: &Job,
+    cancellation: Cancellation,
     sink: Sink<R>,
     work: impl FnOnce(Sink<R>, Stop) -> Result<T, ImporterError> + Send + 'static,
 ) -> Result<T, ImporterError>
@@ -236,7 +197,7 @@ where
     let mut done_rx = done_rx;
     let done = tokio::select! {
         r = &mut done_rx => r,
-        () = job.cancelled() => {
+        () = cancellation.cancelled() => {
             tracing::info!("Cancelling {what}");
             stop_tx.send_replace(true);
             done_rx.await
@@ -438,7 +399,7 @@ impl Importer {
         });
         let request = match parsed {
             Ok(r) => r,
-            Err(e) => return error_stream(e),
+            Err(e) => return refused(e),
         };
         let paths = self.shared.paths.clone();
         self.spawn_job(
@@ -486,7 +447,7 @@ impl Importer {
             .collect();
         let keep = match keep {
             Ok(k) => k,
-            Err(e) => return error_stream(e),
+            Err(e) => return refused(e),
         };
         let paths = self.shared.paths.clone();
         self.spawn_job(

@@ -35,9 +35,10 @@ use dnfimage_interfaces::layerer::{
     BuildPhase, BuildProgress, BuildReply, BuildResult, CancelReply, IDL, LayererError,
     LayeringRequest, ListPackagesReply, Package, PackageChange, PackageChanges,
 };
-use dnfimage_runtime::{Activation, Activity, InstanceLock, JobSlot, Policy, ServiceArgs};
+use dnfimage_runtime::{
+    Activation, Activity, InstanceLock, JobSlot, Policy, ServiceArgs, refused, spawn_streamed,
+};
 use futures_util::Stream;
-use tokio::sync::mpsc;
 use zlink::Reply;
 
 use crate::process::Cancel;
@@ -320,7 +321,6 @@ impl Layerer {
         #[zlink(rename = "overrideReset")] override_reset: Option<Vec<String>>,
         repositories: Option<Vec<String>>,
     ) -> impl Stream<Item = Result<Reply<BuildReply>, LayererError>> + Unpin + use<> {
-        let (tx, rx) = mpsc::channel(64);
         let params = build::Params {
             base_commit,
             request_from,
@@ -331,102 +331,78 @@ impl Layerer {
             override_reset: override_reset.unwrap_or_default(),
             repositories,
         };
-        let started = commit_id(&params.base_commit)
-            .and_then(|()| params.request_from.as_deref().map_or(Ok(()), commit_id))
-            .and_then(|()| {
-                let what = describe(&params);
-                match self.shared.jobs.try_start(&what) {
-                    Ok(job) => Ok((job, what)),
-                    Err(running) => Err(LayererError::AlreadyInProgress { operation: running }),
-                }
-            });
-        match started {
-            Err(e) => {
-                // The receiver is still here, so this cannot fail.
-                let _ = tx.try_send(Err(e));
-            }
-            Ok((job, what)) => {
-                let shared = self.shared.clone();
-                tokio::spawn(async move {
-                    let cancel = Cancel::new();
-                    let timings = Arc::new(Timings::default());
-                    let reporter = {
-                        let tx = tx.clone();
-                        let timings = timings.clone();
-                        move |p: BuildProgress| {
-                            timings.enter(Some(p.phase));
-                            if more {
-                                tracing::debug!("{:?}: {}", p.phase, p.message);
-                                let reply = Reply::new(Some(BuildReply {
-                                    progress: Some(p),
-                                    result: None,
-                                }))
-                                .set_continues(Some(true));
-                                // A slow client misses progress records rather than slowing
-                                // the build.
-                                let _ = tx.try_send(Ok(reply));
-                            }
-                        }
-                    };
-                    let worker_cancel = cancel.clone();
-                    let worker = tokio::task::spawn_blocking(move || {
-                        build::run(&shared.ctx, &params, &reporter, &worker_cancel)
-                    });
-                    tokio::pin!(worker);
-                    let mut asked = false;
-                    let joined = loop {
-                        tokio::select! {
-                            r = &mut worker => break r,
-                            () = job.cancelled(), if !asked => {
-                                asked = true;
-                                tracing::info!("Cancelling: {what}");
-                                cancel.cancel();
-                            }
-                        }
-                    };
-                    let result = match joined {
-                        Ok(r) => r,
-                        Err(e) => Err(failed("Running the build", e)),
-                    };
-                    let result = match result {
-                        Err(_) if cancel.is_cancelled() => Err(LayererError::Cancelled {
-                            operation: what.clone(),
-                        }),
-                        r => r,
-                    };
-                    match &result {
-                        Ok(r) => tracing::info!(
-                            "Built {} on {}: {} added, {} removed, {} upgraded, {} downgraded \
-                             ({})",
-                            r.commit,
-                            r.base_commit,
-                            r.changes.added.len(),
-                            r.changes.removed.len(),
-                            r.changes.upgraded.len(),
-                            r.changes.downgraded.len(),
-                            timings.summary()
-                        ),
-                        Err(e) => tracing::warn!("{what} failed: {e:?}"),
-                    }
-                    let last = result.map(|r| {
-                        Reply::new(Some(BuildReply {
-                            progress: None,
-                            result: Some(r),
-                        }))
-                        .set_continues(Some(false))
-                    });
-                    // Release the job before the final reply, so a client that sees the result
-                    // can start the next build at once.
-                    drop(job);
-                    if tx.send(last).await.is_err() {
-                        tracing::debug!("The client left before the build ended");
-                    }
-                });
-            }
+        let checked = commit_id(&params.base_commit)
+            .and_then(|()| params.request_from.as_deref().map_or(Ok(()), commit_id));
+        if let Err(e) = checked {
+            return refused(e);
         }
-        Box::pin(futures_util::stream::unfold(rx, |mut rx| async move {
-            rx.recv().await.map(|item| (item, rx))
-        }))
+        let what = describe(&params);
+        let shared = self.shared.clone();
+        spawn_streamed(
+            &self.shared.jobs,
+            what.clone(),
+            more,
+            |running| LayererError::AlreadyInProgress { operation: running },
+            move |cancellation, progress| async move {
+                let cancel = Cancel::new();
+                let timings = Arc::new(Timings::default());
+                let reporter = {
+                    let timings = timings.clone();
+                    move |p: BuildProgress| {
+                        timings.enter(Some(p.phase));
+                        if progress.wanted() {
+                            tracing::debug!("{:?}: {}", p.phase, p.message);
+                        }
+                        progress.send(BuildReply {
+                            progress: Some(p),
+                            result: None,
+                        });
+                    }
+                };
+                let worker_cancel = cancel.clone();
+                let worker = tokio::task::spawn_blocking(move || {
+                    build::run(&shared.ctx, &params, &reporter, &worker_cancel)
+                });
+                tokio::pin!(worker);
+                let mut asked = false;
+                let joined = loop {
+                    tokio::select! {
+                        r = &mut worker => break r,
+                        () = cancellation.cancelled(), if !asked => {
+                            asked = true;
+                            tracing::info!("Cancelling: {what}");
+                            cancel.cancel();
+                        }
+                    }
+                };
+                let result = match joined {
+                    Ok(r) => r,
+                    Err(e) => Err(failed("Running the build", e)),
+                };
+                let result = match result {
+                    Err(_) if cancel.is_cancelled() => Err(LayererError::Cancelled {
+                        operation: what.clone(),
+                    }),
+                    r => r,
+                };
+                if let Ok(r) = &result {
+                    tracing::info!(
+                        "Built {} on {}: {} added, {} removed, {} upgraded, {} downgraded ({})",
+                        r.commit,
+                        r.base_commit,
+                        r.changes.added.len(),
+                        r.changes.removed.len(),
+                        r.changes.upgraded.len(),
+                        r.changes.downgraded.len(),
+                        timings.summary()
+                    );
+                }
+                result.map(|r| BuildReply {
+                    progress: None,
+                    result: Some(r),
+                })
+            },
+        )
     }
 
     /// Cancels the running build; nothing is committed.

@@ -15,6 +15,14 @@ pub enum Activation {
     Connected(OwnedFd),
 }
 
+impl std::os::fd::AsFd for Activation {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        match self {
+            Activation::Listener(fd) | Activation::Connected(fd) => fd.as_fd(),
+        }
+    }
+}
+
 /// The `FileDescriptorName=` our socket units use.
 pub const FD_NAME: &str = "varlink";
 

@@ -26,7 +26,7 @@ pub use activation::Activation;
 pub use connections::{Caller, ClientSocket, Limits};
 pub use guard::{Guarded, Policy};
 pub use idle::Activity;
-pub use jobs::{Job, JobSlot};
+pub use jobs::{Cancellation, Job, JobSlot, Progress, ReplyStream, refused, spawn_streamed};
 pub use lock::InstanceLock;
 
 /// Flags every service takes.
@@ -135,7 +135,14 @@ where
     before_threads();
     let args = A::parse();
     init_logging();
-    run_main(|| run(args, activation))
+    // A client that started us on its socket (`varlinkctl call exec:`) stops us when the socket
+    // closes: keep it open until a failure has been printed, so the client shows why.
+    let held = activation
+        .as_ref()
+        .and_then(|a| std::os::fd::AsFd::as_fd(a).try_clone_to_owned().ok());
+    let code = run_main(|| run(args, activation));
+    drop(held);
+    code
 }
 
 /// Runs `main` on a fresh multi-threaded runtime, printing a failure once as `error: …`.
@@ -156,7 +163,11 @@ where
     match runtime.block_on(main()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // One write, so the line arrives whole even if the process is stopped right after.
+            let _ = std::io::Write::write_all(
+                &mut std::io::stderr(),
+                format!("error: {e:#}\n").as_bytes(),
+            );
             std::process::ExitCode::FAILURE
         }
     }
