@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use serde_json::Value;
 
+pub mod bench;
 pub mod deploy_support;
 pub mod host;
 pub mod importer_support;
