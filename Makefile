@@ -29,10 +29,12 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-# Fetch benchmark against skopeo, release binaries.
+# Benchmarks, release binaries: fetch against skopeo, rebase/upgrade against ostree-ext,
+# layering against dnf, and how fast the fetcher answers while a fetch runs.
 bench: setup
 	$(CARGO) build --release --workspace --bins
 	./target/release/bench-fetch
+	./target/release/bench-serve
 	./target/release/bench-upgrade
 	./target/release/bench-layer
 

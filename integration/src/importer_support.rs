@@ -321,10 +321,7 @@ impl Call {
         }
         let mut chunk = [0u8; 65536];
         loop {
-            if let Some(end) = self.buf.iter().position(|b| *b == 0) {
-                let message: Vec<u8> = self.buf.drain(..=end).collect();
-                let reply: Value = serde_json::from_slice(&message[..message.len() - 1])
-                    .context("Parsing a reply")?;
+            if let Some(reply) = crate::take_message(&mut self.buf)? {
                 self.done = reply.get("continues").and_then(Value::as_bool) != Some(true);
                 return Ok(Some(reply));
             }

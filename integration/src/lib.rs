@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use serde_json::Value;
 
+pub mod bench;
 pub mod deploy_support;
 pub mod host;
 pub mod importer_support;
@@ -366,34 +367,63 @@ impl Drop for ServiceProcess {
 /// replies until one without `"continues": true`. For protocol tests that must see exactly
 /// what is on the wire.
 pub fn raw_call(socket: &Path, call: &Value) -> Result<Vec<Value>> {
-    let mut stream = UnixStream::connect(socket)
-        .with_context(|| format!("Connecting to {}", socket.display()))?;
-    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
-    let mut bytes = serde_json::to_vec(call)?;
-    bytes.push(0);
-    stream.write_all(&bytes)?;
-    let mut replies = Vec::new();
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 65536];
-    loop {
-        while let Some(end) = buf.iter().position(|b| *b == 0) {
-            let message: Vec<u8> = buf.drain(..=end).collect();
-            let reply: Value =
-                serde_json::from_slice(&message[..message.len() - 1]).context("Parsing a reply")?;
-            let more = reply.get("continues").and_then(Value::as_bool) == Some(true);
-            replies.push(reply);
-            if !more {
-                return Ok(replies);
-            }
-        }
-        let n = stream.read(&mut chunk).context("Reading replies")?;
-        anyhow::ensure!(
-            n > 0,
-            "The service closed the connection after {} replies (no error reply)",
-            replies.len()
-        );
-        buf.extend_from_slice(&chunk[..n]);
+    RawConnection::open(socket)?.call(call)
+}
+
+/// A varlink connection for raw exchanges ([`raw_call`]) one after another.
+pub struct RawConnection {
+    stream: UnixStream,
+    buf: Vec<u8>,
+}
+
+impl RawConnection {
+    /// Connects to `socket`.
+    pub fn open(socket: &Path) -> Result<Self> {
+        let stream = UnixStream::connect(socket)
+            .with_context(|| format!("Connecting to {}", socket.display()))?;
+        stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+        Ok(Self {
+            stream,
+            buf: Vec::new(),
+        })
     }
+
+    /// Sends `call` (a JSON object) and returns the replies until one without
+    /// `"continues": true`.
+    pub fn call(&mut self, call: &Value) -> Result<Vec<Value>> {
+        let mut bytes = serde_json::to_vec(call)?;
+        bytes.push(0);
+        self.stream.write_all(&bytes)?;
+        let mut replies = Vec::new();
+        let mut chunk = [0u8; 65536];
+        loop {
+            while let Some(reply) = take_message(&mut self.buf)? {
+                let more = reply.get("continues").and_then(Value::as_bool) == Some(true);
+                replies.push(reply);
+                if !more {
+                    return Ok(replies);
+                }
+            }
+            let n = self.stream.read(&mut chunk).context("Reading replies")?;
+            anyhow::ensure!(
+                n > 0,
+                "The service closed the connection after {} replies (no error reply)",
+                replies.len()
+            );
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+}
+
+/// The first whole message in `buf` (a varlink message ends with a NUL byte), taken out of it.
+pub(crate) fn take_message(buf: &mut Vec<u8>) -> Result<Option<Value>> {
+    let Some(end) = buf.iter().position(|b| *b == 0) else {
+        return Ok(None);
+    };
+    let message: Vec<u8> = buf.drain(..=end).collect();
+    serde_json::from_slice(&message[..message.len() - 1])
+        .context("Parsing a reply")
+        .map(Some)
 }
 
 /// Fails when the description `interface`'s service serves on `socket` is not, in canonical

@@ -4,15 +4,16 @@
 //!
 //! Run with `make bench` (release binaries). Options: `--layers N --mib M --runs R`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, Result};
-use dnfimage_integration::proxy::{Shaping, SlowProxy};
-use dnfimage_integration::{FetcherOptions, Scratch, ServiceProcess, bin_dir, run_ok};
+use dnfimage_integration::bench::{
+    BenchRegistry, DISTANT_LABEL, Options, bench_layout, fresh_fetcher, median,
+};
+use dnfimage_integration::{Scratch, run_ok};
 use dnfimage_interfaces::fetcher::{self, FetcherProxy};
-use dnfimage_testimage::{BenchOptions, Registry};
 use futures_util::StreamExt;
 
 struct Params {
@@ -22,75 +23,17 @@ struct Params {
 }
 
 fn params() -> Result<Params> {
-    let mut p = Params {
-        layers: 9,
-        mib: 210,
-        runs: 3,
-    };
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    for pair in args.chunks(2) {
-        let value = pair.get(1).context("every option takes a value")?;
-        match pair[0].as_str() {
-            "--layers" => p.layers = value.parse()?,
-            "--mib" => p.mib = value.parse()?,
-            "--runs" => p.runs = value.parse()?,
-            other => anyhow::bail!("unknown option {other}"),
-        }
-    }
-    Ok(p)
-}
-
-/// The bench image's OCI layout, built once and kept under target/.
-fn bench_layout(p: &Params) -> Result<PathBuf> {
-    let dir = bin_dir().join(format!("../dnfimage-fixtures/bench-{}x{}", p.layers, p.mib));
-    if !dir.join("index.json").exists() {
-        let tmp = dir.with_extension("tmp");
-        let _ = std::fs::remove_dir_all(&tmp);
-        let start = Instant::now();
-        dnfimage_testimage::build_bench(
-            &tmp,
-            "bench",
-            &BenchOptions {
-                layers: p.layers,
-                total_mib: p.mib,
-            },
-        )?;
-        std::fs::rename(&tmp, &dir)?;
-        eprintln!(
-            "built the bench image in {:.1} s",
-            start.elapsed().as_secs_f64()
-        );
-    }
-    Ok(dir)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
-fn registries_conf(dir: &Path, addrs: &[String]) -> Result<PathBuf> {
-    let path = dir.join("bench-registries.conf");
-    let text: String = addrs
-        .iter()
-        .map(|a| format!("[[registry]]\nlocation = \"{a}\"\ninsecure = true\n\n"))
-        .collect();
-    std::fs::write(&path, text)?;
-    Ok(path)
+    let o = Options::parse(&["--layers", "--mib", "--runs"])?;
+    Ok(Params {
+        layers: o.get("--layers", 9)?,
+        mib: o.get("--mib", 210)?,
+        runs: o.get("--runs", 3)?,
+    })
 }
 
 /// One fetch into an empty cache; returns seconds.
 async fn time_fetch(scratch: &Scratch, conf: &Path, image: &str, concurrency: u64) -> Result<f64> {
-    let state = scratch.path().join("bench-state");
-    let _ = std::fs::remove_dir_all(&state);
-    let _service = ServiceProcess::fetcher(
-        scratch,
-        &FetcherOptions {
-            registries_conf: Some(conf.to_path_buf()),
-            state_dir: Some(state),
-            ..Default::default()
-        },
-    )?;
+    let _service = fresh_fetcher(scratch, conf)?;
     let mut conn = dnfimage_interfaces::connect(&scratch.runtime_dir(), fetcher::INTERFACE).await?;
     let start = Instant::now();
     let stream = conn.fetch(image, Some(concurrency)).await?;
@@ -122,23 +65,10 @@ fn time_skopeo(scratch: &Scratch, conf: &Path, image: &str) -> Result<f64> {
 #[tokio::main]
 async fn main() -> Result<()> {
     let p = params()?;
-    let layout = bench_layout(&p)?;
+    let layout = bench_layout(p.layers, p.mib)?;
     let scratch = Scratch::new()?;
-    let registry = Registry::start(&scratch.path().join("registry"))?;
-    let direct = registry.docker_ref("bench/image:latest");
-    dnfimage_testimage::skopeo_copy(&dnfimage_testimage::oci_ref(&layout, "bench"), &direct)?;
-    let proxy = SlowProxy::start(
-        &registry.addr(),
-        Shaping {
-            request_delay: Duration::from_millis(50),
-            bytes_per_second: 10_000_000,
-            silent_after: None,
-        },
-    )
-    .await?;
-    let slow = direct.replace(&registry.addr(), &proxy.addr());
-    let conf = registries_conf(scratch.path(), &[registry.addr(), proxy.addr()])?;
-    let size = dnfimage_testimage::read_image(&layout, "bench")?.layers_size();
+    let bench = BenchRegistry::start(&scratch, &layout).await?;
+    let (direct, slow, conf, size) = (&bench.direct, &bench.slow, &bench.conf, bench.size);
     println!(
         "image: {} layers, {:.1} MB compressed; {} runs each, median",
         p.layers,
@@ -147,13 +77,13 @@ async fn main() -> Result<()> {
     );
 
     let mut rows = Vec::new();
-    for (label, image) in [("loopback", &direct), ("proxy 50ms/req 10MB/s/conn", &slow)] {
+    for (label, image) in [("loopback", direct), (DISTANT_LABEL, slow)] {
         let mut skopeo = Vec::new();
         let mut by_concurrency: Vec<Vec<f64>> = vec![Vec::new(); CONCURRENCY.len()];
         for _ in 0..p.runs {
-            skopeo.push(time_skopeo(&scratch, &conf, image)?);
+            skopeo.push(time_skopeo(&scratch, conf, image)?);
             for (i, c) in CONCURRENCY.iter().enumerate() {
-                by_concurrency[i].push(time_fetch(&scratch, &conf, image, *c).await?);
+                by_concurrency[i].push(time_fetch(&scratch, conf, image, *c).await?);
             }
         }
         let s = median(skopeo);

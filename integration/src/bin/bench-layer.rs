@@ -10,6 +10,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
+use dnfimage_integration::bench::{Options, median};
 use dnfimage_integration::rpm_support::write_repo_file;
 use dnfimage_integration::sysroot::TestSysroot;
 use dnfimage_integration::{Scratch, ServiceProcess, bin_dir, deploy_support, raw_call, run_ok};
@@ -25,22 +26,12 @@ struct Params {
 }
 
 fn params() -> Result<Params> {
-    let mut p = Params {
-        packages: 50,
-        files: 200,
-        runs: 3,
-    };
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    for pair in args.chunks(2) {
-        let value = pair.get(1).context("every option takes a value")?;
-        match pair[0].as_str() {
-            "--packages" => p.packages = value.parse()?,
-            "--files" => p.files = value.parse()?,
-            "--runs" => p.runs = value.parse()?,
-            other => anyhow::bail!("unknown option {other}"),
-        }
-    }
-    Ok(p)
+    let o = Options::parse(&["--packages", "--files", "--runs"])?;
+    Ok(Params {
+        packages: o.get("--packages", 50)?,
+        files: o.get("--files", 200)?,
+        runs: o.get("--runs", 3)?,
+    })
 }
 
 /// The bench repository, built once and kept under target/; returns it and its package names.
@@ -66,11 +57,6 @@ fn bench_repo(p: &Params) -> Result<(PathBuf, Vec<String>)> {
         );
     }
     Ok((dir, names))
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 /// `Layerer.Build` of `install` on `base`; seconds.

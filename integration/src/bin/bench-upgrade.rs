@@ -9,17 +9,13 @@ use std::ffi::OsStr;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
+use dnfimage_integration::bench::{Options, median};
 use dnfimage_integration::sysroot::{STATEROOT, TestSysroot};
 use dnfimage_integration::{FetcherOptions, Scratch, ServiceProcess, run_ok};
 use dnfimage_interfaces::{deployer, importer};
 use dnfimage_testimage::{Fixtures, Registry, tags};
 use ostree_ext::container::{ImageReference, OstreeImageReference, SignatureSource};
 use ostree_ext::{gio, ostree};
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
 
 /// (rebase seconds, upgrade seconds) through dnf-image and the services.
 fn ours(registry: &Registry) -> Result<(f64, f64)> {
@@ -99,12 +95,7 @@ fn reference(registry: &Registry) -> Result<(f64, f64)> {
 }
 
 fn main() -> Result<()> {
-    let mut runs = 3usize;
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if let [flag, value] = args.as_slice() {
-        anyhow::ensure!(flag == "--runs", "unknown option {flag}");
-        runs = value.parse()?;
-    }
+    let runs: usize = Options::parse(&["--runs"])?.get("--runs", 3)?;
     let scratch = Scratch::new()?;
     let registry = Registry::start(&scratch.path().join("registry"))?;
     let (mut our_r, mut our_u, mut ref_r, mut ref_u) = (vec![], vec![], vec![], vec![]);
