@@ -23,7 +23,7 @@ pub struct RawImage {
     pub annotations: BTreeMap<String, String>,
 }
 
-/// "sha256:<hex>" of `bytes`.
+/// `sha256:HEX` of `bytes`.
 pub fn digest_of(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes)))
 }

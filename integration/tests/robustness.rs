@@ -660,3 +660,21 @@ fn unprivileged_callers_cannot_read_local_images_or_record_checks() -> Result<()
     assert_eq!(last()?["reference"], refs.base_v1.as_str());
     Ok(())
 }
+
+/// No switch lets another user than root change state: the test-only `--allow-uid` is gone from
+/// every service binary.
+#[test]
+fn no_service_binary_lets_another_user_change_state() -> Result<()> {
+    for name in ["fetcher", "importer", "deployer", "layerer"] {
+        let path = bin(&format!("dnfimage-{name}"));
+        let help = run_ok(Command::new(&path).arg("--help"))?;
+        assert!(!help.contains("allow-uid"), "{name}: {help}");
+        let bytes = std::fs::read(&path)?;
+        let needle = b"DNFIMAGE_ALLOW_UID";
+        assert!(
+            !bytes.windows(needle.len()).any(|w| w == needle),
+            "{name} still reads DNFIMAGE_ALLOW_UID"
+        );
+    }
+    Ok(())
+}

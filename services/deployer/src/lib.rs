@@ -33,7 +33,7 @@ use zlink::Reply;
 use origin::ImageRef;
 use sysroot::{DeployRequest, failed};
 
-/// Methods that change state: only root (or `--allow-uid`) may call them.
+/// Methods that change state: only root may call them.
 pub const PRIVILEGED: &[&str] = &[
     "Deploy",
     "SetKernelArguments",

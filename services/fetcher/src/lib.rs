@@ -29,7 +29,7 @@ use zlink::Reply;
 use cache::{BlobError, Cache, Descriptor, Entry, Manifest};
 use registry::{Opened, ProxySettings, classify, proxy_message};
 
-/// Methods that change state: only root (or `--allow-uid`) may call them.
+/// Methods that change state: only root may call them.
 pub const PRIVILEGED: &[&str] = &["Fetch", "Cancel", "Prune"];
 
 pub use dnfimage_interfaces::fetcher::DEFAULT_CONCURRENCY;

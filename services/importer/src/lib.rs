@@ -36,7 +36,7 @@ use zlink::Reply;
 
 use import::{Paths, Request};
 
-/// Methods that change state: only root (or `--allow-uid`) may call them.
+/// Methods that change state: only root may call them.
 pub const PRIVILEGED: &[&str] = &["Import", "Cancel", "Prune"];
 
 /// How long a cancelled job's blocking work may take to stop before the job is let go.

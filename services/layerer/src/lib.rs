@@ -43,7 +43,7 @@ use zlink::Reply;
 
 use crate::process::Cancel;
 
-/// Methods that change state: only root (or `--allow-uid`) may call them.
+/// Methods that change state: only root may call them.
 pub const PRIVILEGED: &[&str] = &["Build", "Cancel"];
 
 /// How many commits' package lists `ListPackages` and `PackageDiff` remember (commits never

@@ -70,7 +70,7 @@ impl Default for Limits {
 pub struct Caller {
     /// The peer's user id, when the kernel told it.
     pub uid: Option<u32>,
-    /// Whether the caller may change state (root, or a user allowed by `--allow-uid`).
+    /// Whether the caller may change state (root).
     pub privileged: bool,
 }
 

@@ -38,9 +38,6 @@ pub struct ServiceArgs {
     /// Exit after this many seconds with no client and no job; 0 never exits.
     #[arg(long, env = "DNFIMAGE_IDLE_TIMEOUT", default_value_t = 30)]
     pub idle_timeout: u64,
-    /// Also let this user call state-changing methods (root always may). For tests.
-    #[arg(long = "allow-uid", env = "DNFIMAGE_ALLOW_UID", value_delimiter = ',')]
-    pub allow_uids: Vec<u32>,
     /// Mode of the socket the service binds itself (octal); under systemd the unit sets it.
     #[arg(long, default_value = "600", value_parser = parse_mode)]
     pub socket_mode: u32,
@@ -190,10 +187,6 @@ pub async fn serve<S>(
 where
     S: Service<ClientSocket> + 'static,
 {
-    let mut policy = policy;
-    for uid in &args.allow_uids {
-        policy = policy.allow_uid(*uid);
-    }
     let limits = args.limits();
     let interface = policy.interface().to_string();
     let mut bound = None;
