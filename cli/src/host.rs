@@ -322,14 +322,14 @@ async fn fetch_import_deploy(
     let fetched = image::fetch(cli, &mut fetcher, out, image, concurrency).await?;
     out.note(&format!(
         "Fetched {} ({} layers downloaded, {} cached)",
-        fetched.version.as_deref().unwrap_or(&fetched.digest),
+        crate::output::named(fetched.version.as_deref(), &fetched.digest),
         fetched.layers_fetched,
         fetched.layers_cached
     ));
     let imported = import(cli, out, &fetched.cache_reference, image).await?;
     out.note(&format!(
         "Imported {} as commit {}",
-        imported.version.as_deref().unwrap_or(&imported.digest),
+        crate::output::named(imported.version.as_deref(), &imported.digest),
         short(&imported.commit)
     ));
     if !deploy_it {

@@ -155,8 +155,8 @@ impl Output {
             return Ok(());
         }
         println!(
-            "Update available: {image} {}",
-            reply.version.as_deref().unwrap_or("")
+            "Update available: {image}{}",
+            version_suffix(reply.version.as_deref())
         );
         println!("  Digest:   {}", reply.digest);
         println!(
@@ -175,9 +175,9 @@ impl Output {
             return self.document("FetchResult", result);
         }
         println!(
-            "Fetched {} {}: {} layers downloaded ({}), {} already cached",
+            "Fetched {}{}: {} layers downloaded ({}), {} already cached",
             result.digest,
-            result.version.as_deref().unwrap_or(""),
+            version_suffix(result.version.as_deref()),
             result.layers_fetched,
             bytes(result.bytes_fetched),
             result.layers_cached
@@ -259,7 +259,7 @@ impl Output {
             println!(
                 "Update available: {} {} ({} to download; checked {})",
                 u.reference,
-                u.version.as_deref().unwrap_or(&u.digest),
+                named(u.version.as_deref(), &u.digest),
                 bytes(u.bytes_missing),
                 u.checked
             );
@@ -326,7 +326,7 @@ impl Output {
         println!(
             "Downloaded {} {} (commit {}); `dnf-image upgrade --from-downloaded` deploys it.",
             result.reference,
-            result.version.as_deref().unwrap_or(&result.digest),
+            named(result.version.as_deref(), &result.digest),
             short(&result.commit)
         );
         Ok(())
@@ -338,10 +338,10 @@ impl Output {
             return self.document("Deployment", d);
         }
         println!(
-            "{what}: deployment {} ({} {}) boots next.",
+            "{what}: deployment {} ({}{}) boots next.",
             d.index,
             d.image.as_deref().unwrap_or(&d.commit),
-            d.version.as_deref().unwrap_or("")
+            version_suffix(d.version.as_deref())
         );
         Ok(())
     }
@@ -369,10 +369,10 @@ impl Output {
         }
         for d in &result.removed_deployments {
             println!(
-                "Removed deployment {} ({} {})",
+                "Removed deployment {} ({}{})",
                 d.index,
                 d.image.as_deref().unwrap_or(&d.commit),
-                d.version.as_deref().unwrap_or("")
+                version_suffix(d.version.as_deref())
             );
         }
         Ok(())
@@ -546,9 +546,30 @@ impl ProgressView {
     }
 }
 
+/// An image by its version label when it has one ("version 2"), else by its digest.
+pub(crate) fn named(version: Option<&str>, digest: &str) -> String {
+    match version {
+        Some(v) => format!("version {v}"),
+        None => digest.to_string(),
+    }
+}
+
+/// " version 2" after a name, or nothing when the image has no version label.
+fn version_suffix(version: Option<&str>) -> String {
+    version.map(|v| format!(" version {v}")).unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn versions_read_as_versions() {
+        assert_eq!(named(Some("2"), "sha256:ab"), "version 2");
+        assert_eq!(named(None, "sha256:ab"), "sha256:ab");
+        assert_eq!(version_suffix(Some("41.1")), " version 41.1");
+        assert_eq!(version_suffix(None), "");
+    }
 
     #[test]
     fn formats_bytes() {
