@@ -180,15 +180,12 @@ impl ServiceProcess {
         interface: &str,
         args: &[&std::ffi::OsStr],
     ) -> Result<Self> {
-        let mut cmd = Command::new(bin(&format!("dnfimage-{name}")));
-        cmd.arg("--runtime-dir")
-            .arg(scratch.runtime_dir())
-            .args(["--idle-timeout", "0"])
-            .args(args);
-        Self::spawn(
-            cmd,
-            scratch.socket(interface),
-            scratch.path().join(format!("logs/{name}.log")),
+        Self::launch(
+            scratch,
+            name,
+            interface,
+            Command::new(bin(&format!("dnfimage-{name}"))),
+            args,
         )
     }
 
@@ -201,10 +198,34 @@ impl ServiceProcess {
         interface: &str,
         args: &[&std::ffi::OsStr],
     ) -> Result<Self> {
-        let mut cmd = Command::new("unshare");
-        cmd.args(["--net", "--"])
-            .arg(bin(&format!("dnfimage-{name}")))
-            .arg("--runtime-dir")
+        Self::start_wrapped(scratch, name, interface, &["unshare", "--net", "--"], args)
+    }
+
+    /// Like [`start`](Self::start), run through `wrapper` (a command line that ends by
+    /// executing the service, e.g. `prlimit --nofile=64 --`).
+    pub fn start_wrapped(
+        scratch: &Scratch,
+        name: &str,
+        interface: &str,
+        wrapper: &[&str],
+        args: &[&std::ffi::OsStr],
+    ) -> Result<Self> {
+        let (program, wrapper_args) = wrapper.split_first().context("an empty wrapper")?;
+        let mut cmd = Command::new(program);
+        cmd.args(wrapper_args).arg(bin(&format!("dnfimage-{name}")));
+        Self::launch(scratch, name, interface, cmd, args)
+    }
+
+    /// Runs `cmd` (the service binary, maybe behind a wrapper) with `--runtime-dir`,
+    /// `--idle-timeout 0` and `args`, logging to `logs/<name>.log`, until it answers.
+    fn launch(
+        scratch: &Scratch,
+        name: &str,
+        interface: &str,
+        mut cmd: Command,
+        args: &[&std::ffi::OsStr],
+    ) -> Result<Self> {
+        cmd.arg("--runtime-dir")
             .arg(scratch.runtime_dir())
             .args(["--idle-timeout", "0"])
             .args(args);
@@ -231,18 +252,10 @@ impl ServiceProcess {
         let mut cmd = Command::new("sh");
         cmd.args(["-c", r#"LISTEN_PID=$$; export LISTEN_PID; exec "$0" "$@""#])
             .arg(bin(&format!("dnfimage-{name}")))
-            .arg("--runtime-dir")
-            .arg(scratch.runtime_dir())
-            .args(["--idle-timeout", "0"])
-            .args(args)
             .env("LISTEN_FDS", "1")
             .env("LISTEN_FDNAMES", "varlink");
         pass_as_fd3(&mut cmd, listener.as_raw_fd());
-        Self::spawn(
-            cmd,
-            scratch.socket(interface),
-            scratch.path().join(format!("logs/{name}.log")),
-        )
+        Self::launch(scratch, name, interface, cmd, args)
     }
 
     fn spawn(mut cmd: Command, socket: PathBuf, log: PathBuf) -> Result<Self> {

@@ -600,6 +600,55 @@ fn connection_limits_refuse_with_an_error_and_close_idle_connections() -> Result
     Ok(())
 }
 
+/// More clients than the service has file descriptors for: the ones over the limit are refused
+/// or wait in the listen queue (accept failing with EMFILE is waited out, never fatal), and once
+/// they leave the service answers again.
+#[test]
+fn a_flood_of_connections_never_ends_a_service() -> Result<()> {
+    let scratch = Scratch::new()?;
+    let mut fetcher = ServiceProcess::start_wrapped(
+        &scratch,
+        "fetcher",
+        FETCHER,
+        &["prlimit", "--nofile=40:40", "--"],
+        &[OsStr::new("--state-dir"), scratch.state_dir().as_os_str()],
+    )?;
+    let socket = scratch.socket(FETCHER);
+    // 150 connections, each having sent a call: far more than 40 descriptors.
+    let mut flood = Vec::new();
+    for _ in 0..150 {
+        let mut stream = UnixStream::connect(&socket)?;
+        let mut call = serde_json::to_vec(&get_info())?;
+        call.push(0);
+        stream.write_all(&call)?;
+        flood.push(stream);
+    }
+    // Every one gets an answer (a reply, or TooManyConnections) or waits its turn; none makes
+    // the service exit. Read the answers of the first ones.
+    let mut answered = 0;
+    for stream in flood.iter_mut().take(20) {
+        stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+        let mut buf = [0u8; 4096];
+        if stream.read(&mut buf)? > 0 {
+            answered += 1;
+        }
+    }
+    assert_eq!(answered, 20, "the first connections were not answered");
+    drop(flood);
+    answers(&socket)?;
+    assert_eq!(
+        fetcher.wait_exit(Duration::ZERO),
+        None,
+        "the fetcher exited"
+    );
+    let log = fetcher.log_text();
+    assert!(
+        log.contains("Refusing a connection") || log.contains("Accepting a connection"),
+        "the flood never reached a limit:\n{log}"
+    );
+    Ok(())
+}
+
 /// Unprivileged callers cannot make the root service read local paths, nor write its record of
 /// update checks.
 #[test]

@@ -239,6 +239,24 @@ impl Loaded {
         })
     }
 
+    /// [`open`](Self::open) with the sysroot lock, waiting for it cancellably and saying so
+    /// through `waiting`.
+    fn open_reporting(
+        path: &Path,
+        cancellable: &gio::Cancellable,
+        operation: &str,
+        waiting: &dyn Fn(String),
+    ) -> Result<Self, DeployerError> {
+        Self::open(
+            path,
+            Some(&LockWait {
+                cancellable,
+                operation,
+                waiting,
+            }),
+        )
+    }
+
     fn slots(&self) -> Vec<Slot> {
         self.deployments
             .iter()
@@ -751,14 +769,9 @@ pub fn deploy(
             })?;
         }
     }
-    let loaded = Loaded::open(
-        path,
-        Some(&LockWait {
-            cancellable,
-            operation,
-            waiting: &|m| progress(DeployPhase::Checking, m),
-        }),
-    )?;
+    let loaded = Loaded::open_reporting(path, cancellable, operation, &|m| {
+        progress(DeployPhase::Checking, m)
+    })?;
     loaded.check_expected(request.expected.as_deref())?;
     progress(
         DeployPhase::Checking,
@@ -804,14 +817,9 @@ pub fn set_kernel_arguments(
     cancellable: &gio::Cancellable,
     operation: &str,
 ) -> Result<DeployResult, DeployerError> {
-    let loaded = Loaded::open(
-        path,
-        Some(&LockWait {
-            cancellable,
-            operation,
-            waiting: &|m| progress(DeployPhase::Checking, m),
-        }),
-    )?;
+    let loaded = Loaded::open_reporting(path, cancellable, operation, &|m| {
+        progress(DeployPhase::Checking, m)
+    })?;
     loaded.check_expected(expected)?;
     let i = loaded.index(index)?;
     let d = &loaded.deployments[i];
@@ -931,14 +939,9 @@ pub fn cleanup(
     cancellable: &gio::Cancellable,
     operation: &str,
 ) -> Result<CleanupResult, DeployerError> {
-    let loaded = Loaded::open(
-        path,
-        Some(&LockWait {
-            cancellable,
-            operation,
-            waiting: &|m| progress(CleanupPhase::UpdatingBootEntries, m),
-        }),
-    )?;
+    let loaded = Loaded::open_reporting(path, cancellable, operation, &|m| {
+        progress(CleanupPhase::UpdatingBootEntries, m)
+    })?;
     loaded.check_expected(expected)?;
     let slots = loaded.slots();
     let (keep, remove) =

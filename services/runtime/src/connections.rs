@@ -143,6 +143,7 @@ pub(crate) fn admit(
 /// stops.
 pub(crate) async fn serve_one<S>(
     stream: tokio::net::UnixStream,
+    uid: Option<u32>,
     service: S,
     policy: Rc<Policy>,
     activity: Activity,
@@ -158,7 +159,10 @@ pub(crate) async fn serve_one<S>(
         }
     };
     let conn = Connection::new(Tracked::new(socket, &activity, &limits));
-    let server = zlink::Server::new(Once::Ready(Box::new(conn)), Guarded::new(service, policy));
+    let server = zlink::Server::new(
+        Once::Ready(Box::new(conn)),
+        Guarded::new(service, policy, uid),
+    );
     if let Err(e) = server.run().await {
         tracing::debug!("Serving a client, ignoring: {e}");
     }
@@ -182,7 +186,10 @@ pub(crate) async fn refuse(
         Over::Total(n) => ("in all", n),
         Over::PerUid(n) => ("for your user", n),
     };
-    tracing::warn!("Refusing a connection: {limit} connections {scope} are open");
+    warn_throttled(
+        "refusing",
+        format_args!("Refusing a connection: {limit} connections {scope} are open"),
+    );
     // Wait (briefly, reading a bounded amount) for the first call so the error is its reply.
     let mut buf = [0u8; 4096];
     let _ = tokio::time::timeout(REFUSAL_TIMEOUT, async {
@@ -201,6 +208,32 @@ pub(crate) async fn refuse(
     bytes.push(0);
     let _ = tokio::time::timeout(REFUSAL_TIMEOUT, stream.write_all(&bytes)).await;
     counts.borrow_mut().refusals -= 1;
+}
+
+thread_local! {
+    static LAST_WARNED: RefCell<HashMap<&'static str, std::time::Instant>> =
+        RefCell::new(HashMap::new());
+}
+
+/// Logs `message` at warn level at most once a second for each `kind`, the rest at debug: a
+/// flood of clients must not flood the journal too.
+pub(crate) fn warn_throttled(kind: &'static str, message: std::fmt::Arguments<'_>) {
+    let now = std::time::Instant::now();
+    let due = LAST_WARNED.with(|last| {
+        let mut last = last.borrow_mut();
+        let due = last
+            .get(kind)
+            .is_none_or(|t| now.duration_since(*t) >= Duration::from_secs(1));
+        if due {
+            last.insert(kind, now);
+        }
+        due
+    });
+    if due {
+        tracing::warn!("{message}");
+    } else {
+        tracing::debug!("{message}");
+    }
 }
 
 /// A listener that yields one connection, then reports closure once: a zlink server over it

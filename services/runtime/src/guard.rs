@@ -316,6 +316,8 @@ where
 {
     inner: S,
     policy: Rc<Policy>,
+    /// The peer's user id, read once when the connection was accepted.
+    uid: Option<u32>,
     // The typed call being handled: the service's reply may borrow from it.
     current: Option<Call<S::MethodCall<'static>>>,
 }
@@ -325,11 +327,12 @@ where
     Sock: Socket,
     S: Service<Sock>,
 {
-    /// Puts `inner` behind `policy`.
-    pub fn new(inner: S, policy: Rc<Policy>) -> Self {
+    /// Puts `inner`, serving a peer of user `uid`, behind `policy`.
+    pub fn new(inner: S, policy: Rc<Policy>, uid: Option<u32>) -> Self {
         Self {
             inner,
             policy,
+            uid,
             current: None,
         }
     }
@@ -367,13 +370,7 @@ where
         Self::Upgrade,
     > {
         let raw = call.method();
-        let uid = match conn.peer_credentials().await {
-            Ok(creds) => Some(creds.unix_user_id().as_raw()),
-            Err(e) => {
-                tracing::warn!("Reading the caller's credentials: {e}");
-                None
-            }
-        };
+        let uid = self.uid;
         let refuse = |policy: &Policy, r: Refusal| {
             tracing::info!(method = %raw.method, "Refusing call: {r:?}");
             (

@@ -261,7 +261,7 @@ where
                                     let service = make(caller);
                                     let (policy, activity) = (policy.clone(), activity.clone());
                                     clients.spawn_local(async move {
-                                        connections::serve_one(stream, service, policy, activity, limits)
+                                        connections::serve_one(stream, uid, service, policy, activity, limits)
                                             .await;
                                         drop(counted);
                                     });
@@ -324,7 +324,10 @@ impl Source {
                 match listener.accept().await {
                     Ok((stream, _)) => return Some(stream),
                     Err(e) => {
-                        tracing::warn!("Accepting a connection: {e}; retrying");
+                        connections::warn_throttled(
+                            "accepting",
+                            format_args!("Accepting a connection: {e}; retrying"),
+                        );
                         // Out of descriptors or memory: wait for a connection to close, or a
                         // moment, rather than spin.
                         let _ =
