@@ -4,7 +4,7 @@
 use anyhow::{Context, Result};
 use clap::Subcommand;
 use dnfimage_interfaces::deployer::{Deployment, StatusReply};
-use dnfimage_interfaces::layerer::{self, BuildResult, LayererProxy, PackageChanges};
+use dnfimage_interfaces::layerer::{self, BuildResult, LayererProxy, LocalPackage, PackageChanges};
 
 use crate::errors::service_error;
 use crate::host::{current, deploy, status_of};
@@ -41,7 +41,8 @@ pub struct Change {
     pub install: Vec<String>,
     pub uninstall: Vec<String>,
     pub override_remove: Vec<String>,
-    pub override_replace: Vec<String>,
+    /// Local RPM files: opened here and passed to the layerer as descriptors.
+    pub override_replace: Vec<std::path::PathBuf>,
     pub override_reset: Vec<String>,
     pub repositories: Vec<String>,
 }
@@ -62,8 +63,10 @@ pub(crate) async fn build(
 ) -> Result<BuildResult> {
     let opt = |v: &[String]| (!v.is_empty()).then(|| v.to_vec());
     let (install, uninstall) = (opt(&change.install), opt(&change.uninstall));
-    let (remove, replace) = (opt(&change.override_remove), opt(&change.override_replace));
+    let remove = opt(&change.override_remove);
     let (reset, repos) = (opt(&change.override_reset), opt(&change.repositories));
+    let (files, fds) = open_local_packages(&change.override_replace)?;
+    let files = (!files.is_empty()).then_some(files);
     let mut conn = connect(cli, layerer::INTERFACE).await?;
     let call = progress::Call {
         interface: layerer::INTERFACE,
@@ -76,9 +79,11 @@ pub(crate) async fn build(
             install.as_deref(),
             uninstall.as_deref(),
             remove.as_deref(),
-            replace.as_deref(),
+            None,
+            files.as_deref(),
             reset.as_deref(),
             repos.as_deref(),
+            fds,
         )
         .await
         .map_err(|e| progress::call_failed(call, "Calling Build", false, e))?;
@@ -86,6 +91,29 @@ pub(crate) async fn build(
         progress::cancel(cli, layerer::INTERFACE)
     })
     .await
+}
+
+/// Opens the local packages `paths` for the layerer, which reads them through the descriptors
+/// passed with the call (it may not see the paths: a home directory, under the units'
+/// sandboxing); each is named by its absolute path in messages.
+fn open_local_packages(
+    paths: &[std::path::PathBuf],
+) -> Result<(Vec<LocalPackage>, Vec<std::os::fd::OwnedFd>)> {
+    let mut files = Vec::with_capacity(paths.len());
+    let mut fds = Vec::with_capacity(paths.len());
+    for (i, p) in paths.iter().enumerate() {
+        let name = std::path::absolute(p)
+            .with_context(|| format!("Resolving {}", p.display()))?
+            .display()
+            .to_string();
+        let file = std::fs::File::open(p).with_context(|| format!("Opening {}", p.display()))?;
+        files.push(LocalPackage {
+            fd: u32::try_from(i).context("Too many packages")?,
+            name,
+        });
+        fds.push(file.into());
+    }
+    Ok((files, fds))
 }
 
 /// Changes this machine's layering and deploys the result.
@@ -119,14 +147,7 @@ async fn apply_on(cli: &Cli, out: &Output, status: &StatusReply, change: Change)
 pub(crate) async fn override_command(cli: &Cli, out: &Output, cmd: &OverrideCommand) -> Result<u8> {
     let change = match cmd {
         OverrideCommand::Replace { rpms } => Change {
-            override_replace: rpms
-                .iter()
-                .map(|p| {
-                    std::path::absolute(p)
-                        .with_context(|| format!("Resolving {}", p.display()))
-                        .map(|p| p.display().to_string())
-                })
-                .collect::<Result<_>>()?,
+            override_replace: rpms.clone(),
             ..Default::default()
         },
         OverrideCommand::Remove { packages } => Change {

@@ -20,8 +20,8 @@ use dnfimage_integration::sysroot::STATEROOT;
 use dnfimage_integration::{raw_call, run_ok};
 use dnfimage_interfaces::deployer::LAYERING_METADATA_KEY;
 use dnfimage_interfaces::layerer::{
-    BuildPhase, BuildResult, INTERFACE, LayererProxy, LayeringRequest, Package, PackageChange,
-    PackageChanges,
+    BuildPhase, BuildReply, BuildResult, INTERFACE, LayererError, LayererProxy, LayeringRequest,
+    LocalPackage, Package, PackageChange, PackageChanges,
 };
 use dnfimage_testimage::rpms::{
     NETWORK_PROBE_PORT, NEW_KERNEL_VERSION, RPMDB_DIR, files, packages,
@@ -719,6 +719,8 @@ fn typed_proxy_streams_a_build() -> Result<()> {
                 None,
                 None,
                 None,
+                None,
+                Vec::new(),
             )
             .await?;
         futures_util::pin_mut!(stream);
@@ -737,6 +739,82 @@ fn typed_proxy_streams_a_build() -> Result<()> {
         result.changes.added,
         [pkg(packages::LIBHELLO, "1.0-1", "noarch")]
     );
+    l.sysroot.fsck()?;
+    Ok(())
+}
+
+/// `overrideReplaceFiles` over the socket: descriptors the call does not pass, or that are not
+/// regular files, are refused and leave nothing; a passed RPM is installed.
+#[test]
+fn replacements_passed_as_descriptors_are_checked() -> Result<()> {
+    let l = Layering::start()?;
+    let kernel = TestRpms::shared()?.new_kernel();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let build = |fd: u32, fds: Vec<std::os::fd::OwnedFd>| {
+        rt.block_on(async {
+            let mut conn =
+                dnfimage_interfaces::connect(&l.scratch.runtime_dir(), INTERFACE).await?;
+            let files = [LocalPackage {
+                fd,
+                name: "~/kernel.rpm".into(),
+            }];
+            let stream = conn
+                .build(
+                    &l.v1.commit,
+                    None,
+                    None,
+                    None,
+                    None,
+                    None,
+                    Some(&files),
+                    None,
+                    None,
+                    fds,
+                )
+                .await?;
+            futures_util::pin_mut!(stream);
+            while let Some(reply) = stream.next().await {
+                match reply? {
+                    Err(e) => return Ok(Err(e)),
+                    Ok(BuildReply {
+                        result: Some(r), ..
+                    }) => return Ok(Ok(r)),
+                    Ok(_) => {}
+                }
+            }
+            anyhow::bail!("the stream ended without a result")
+        })
+    };
+    let commits = l.commits()?;
+    let (pipe, _other) = std::os::unix::net::UnixStream::pair()?;
+    for (fd, fds, want) in [
+        (
+            1,
+            vec![std::fs::File::open(&kernel)?.into()],
+            "no file descriptor 1",
+        ),
+        (0, vec![pipe.into()], "not a regular file"),
+    ] {
+        match build(fd, fds)? {
+            Err(LayererError::InvalidRequest { packages, message }) => {
+                assert!(message.contains(want), "{message}");
+                assert_eq!(packages, ["~/kernel.rpm"]);
+            }
+            other => anyhow::bail!("{want}: {other:?}"),
+        }
+    }
+    assert_eq!(l.commits()?, commits);
+    assert_eq!(l.kept_overrides()?, Vec::<String>::new());
+
+    let r = build(0, vec![std::fs::File::open(&kernel)?.into()])?
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    assert_eq!(
+        ls(&l.repo(), &r.commit, "/usr/lib/modules")?,
+        [NEW_KERNEL_VERSION]
+    );
+    assert_eq!(l.kept_overrides()?, ["dnfimage-kernel-6.2.0-1.noarch.rpm"]);
     l.sysroot.fsck()?;
     Ok(())
 }

@@ -2,6 +2,9 @@
 //! upgrades, overrides replace or remove image packages, reset returns to the image; with the
 //! real layerer, importer, deployer and fetcher, a registry and a signed package repository.
 
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
 use anyhow::{Context, Result};
 use dnfimage_integration::host::Host;
 use dnfimage_integration::run;
@@ -130,6 +133,104 @@ fn layered_packages_survive_upgrades_and_reset_returns_to_the_image() -> Result<
     assert_eq!(deps[0]["kernelVersion"], KERNEL_VERSION);
     assert!(layering(&deps[0], "overrideRemove").is_empty());
     assert!(has_file(&host, 0, "/usr/share/doc/dnfimage/README"));
+    host.sysroot.fsck()?;
+    Ok(())
+}
+
+/// `override replace` passes each file as a descriptor: the layerer installs a package it cannot
+/// open by path (here on a tmpfs mounted only in the CLI's mount namespace, as a home directory
+/// is out of sight under the units' `ProtectHome`), refuses what is not a signed RPM, and what it
+/// installed and keeps does not change when the caller's file does afterwards.
+#[test]
+fn override_replace_passes_the_file_not_its_path() -> Result<()> {
+    let host = Host::with_layerer()?;
+    host.ok(&["rebase", &host.latest])?;
+    let rpms = TestRpms::shared()?;
+    let hidden = host.scratch.path().join("home");
+    std::fs::create_dir(&hidden)?;
+    let overrides = host.scratch.state_dir().join("layerer/overrides");
+    let kept = || -> Result<Vec<String>> {
+        let mut names: Vec<String> = std::fs::read_dir(&overrides)?
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        Ok(names)
+    };
+    // `dnf-image override replace HIDDEN/name` with `file` copied to `HIDDEN/name` on a tmpfs
+    // that only the CLI's mount namespace has.
+    let replace_hidden = |file: &Path, name: &str| -> Result<Output> {
+        let cli = host.cli();
+        let mut cmd = Command::new("unshare");
+        cmd.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+            .arg(r#"mount -t tmpfs tmpfs "$1" && cp "$2" "$1/$3" && shift 3 && exec "$@""#)
+            .arg("sh")
+            .arg(&hidden)
+            .arg(file)
+            .arg(name)
+            .arg(cli.get_program())
+            .args(cli.get_args())
+            .args(["override", "replace"])
+            .arg(hidden.join(name))
+            .stdin(Stdio::null());
+        for (k, v) in cli.get_envs() {
+            if let Some(v) = v {
+                cmd.env(k, v);
+            }
+        }
+        run(&mut cmd)
+    };
+
+    // Not an RPM, and an RPM not signed with a configured key: refused, nothing deployed,
+    // nothing kept.
+    let before = host.status()?["deployments"].clone();
+    let not_rpm = host.scratch.path().join("notes.txt");
+    std::fs::write(&not_rpm, "not a package\n".repeat(20))?;
+    let unsigned = rpms.repo_package(packages::UNSIGNED);
+    for (file, want) in [
+        (not_rpm.as_path(), "not an RPM package"),
+        (unsigned.as_path(), "not signed"),
+    ] {
+        let out = replace_hidden(file, "x.rpm")?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{} was accepted", file.display());
+        assert!(stderr.contains(want), "{}: {stderr}", file.display());
+        assert!(
+            stderr.contains(&hidden.join("x.rpm").display().to_string()),
+            "the error names the file as the caller does: {stderr}"
+        );
+    }
+    assert_eq!(host.status()?["deployments"], before);
+    assert_eq!(kept()?, Vec::<String>::new());
+
+    // The signed kernel: installed, and its copy kept.
+    let kernel = rpms.new_kernel();
+    let out = replace_hidden(&kernel, "kernel.rpm")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "override replace failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !hidden.join("kernel.rpm").exists(),
+        "the file was visible outside the CLI's mount namespace"
+    );
+    let deps = host.deployments()?;
+    assert_eq!(deps[0]["kernelVersion"], NEW_KERNEL_VERSION);
+    let kept_name = format!("{}-6.2.0-1.noarch.rpm", packages::KERNEL);
+    assert_eq!(kept()?, std::slice::from_ref(&kept_name));
+    assert_eq!(
+        std::fs::read(overrides.join(&kept_name))?,
+        std::fs::read(&kernel)?
+    );
+
+    // The caller's file is gone (its tmpfs with the namespace): a later build re-applies the
+    // replacement from the copy the layerer read.
+    host.ok(&["install", packages::HELLO])?;
+    let deps = host.deployments()?;
+    assert_eq!(deps[0]["kernelVersion"], NEW_KERNEL_VERSION);
+    assert_eq!(layering(&deps[0], "packages"), [packages::HELLO]);
+    assert_eq!(kept()?, [kept_name]);
     host.sysroot.fsck()?;
     Ok(())
 }

@@ -23,6 +23,20 @@ pub struct Package {
     pub architecture: String,
 }
 
+/// A local package file passed with a call as an open file descriptor, so that the layerer
+/// reads what the caller can read (a file in a home directory, say) and never opens a path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, introspect::CustomType)]
+#[serde(rename_all = "camelCase")]
+#[zlink(rename_all = "camelCase")]
+pub struct LocalPackage {
+    /// The index of the file descriptor among those passed with the call: an RPM file open
+    /// for reading.
+    pub fd: u32,
+    /// What the caller calls the file (e.g. the path it opened), for messages only: the
+    /// layerer never opens it.
+    pub name: String,
+}
+
 /// A package that two commits hold in different versions.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, introspect::CustomType)]
 #[serde(rename_all = "camelCase")]
@@ -285,7 +299,8 @@ mod client {
     /// Client side of `org.dnfimage.Layerer`.
     #[proxy(interface = "org.dnfimage.Layerer", rename_all_arguments = "camelCase")]
     pub trait LayererProxy {
-        /// Builds a commit that layers packages and overrides on an image commit.
+        /// Builds a commit that layers packages and overrides on an image commit; `fds` are the
+        /// files `override_replace_files` refers to.
         #[zlink(more)]
         async fn build(
             &mut self,
@@ -295,8 +310,10 @@ mod client {
             uninstall: Option<&[String]>,
             override_remove: Option<&[String]>,
             override_replace: Option<&[String]>,
+            override_replace_files: Option<&[LocalPackage]>,
             override_reset: Option<&[String]>,
             repositories: Option<&[String]>,
+            #[zlink(fds)] fds: Vec<std::os::fd::OwnedFd>,
         ) -> zlink::Result<impl Stream<Item = zlink::Result<Result<BuildReply, LayererError>>>>;
         /// Cancels the running build.
         async fn cancel(&mut self) -> zlink::Result<Result<CancelReply, LayererError>>;
@@ -339,8 +356,8 @@ mod tests {
     #[zlink::service(
         interface = "org.dnfimage.Layerer",
         types = [
-            Package, PackageChange, PackageChanges, LayeringRequest, BuildPhase, BuildProgress,
-            BuildResult,
+            Package, LocalPackage, PackageChange, PackageChanges, LayeringRequest, BuildPhase,
+            BuildProgress, BuildResult,
         ]
     )]
     impl Described {
@@ -350,8 +367,11 @@ mod tests {
         /// commit to change what is layered on it, or to carry it over to a new image), with
         /// `install` packages added, requested `uninstall` packages dropped, `overrideRemove`
         /// image packages removed, image packages replaced by the local RPM files
-        /// `overrideReplace` (copies are kept for later builds), and the overrides of the
-        /// `overrideReset` packages dropped; each of these defaults to none. Packages come from
+        /// `overrideReplaceFiles` (passed as file descriptors, each read once: the copy read is
+        /// the one checked, installed and kept for later builds) and `overrideReplace` (paths
+        /// the layerer opens itself, for root callers that have no way to pass descriptors),
+        /// and the overrides of the `overrideReset` packages dropped; each of these defaults to
+        /// none. Packages come from
         /// the configured repositories with the ids `repositories` (default: every enabled one)
         /// and must be signed with a configured key. dnf resolves against the image's own
         /// package database; requested packages the image already has stay in the request as
@@ -370,15 +390,21 @@ mod tests {
             uninstall: Option<Vec<String>>,
             #[zlink(rename = "overrideRemove")] override_remove: Option<Vec<String>>,
             #[zlink(rename = "overrideReplace")] override_replace: Option<Vec<String>>,
+            #[zlink(rename = "overrideReplaceFiles")] override_replace_files: Option<
+                Vec<LocalPackage>,
+            >,
             #[zlink(rename = "overrideReset")] override_reset: Option<Vec<String>>,
             repositories: Option<Vec<String>>,
+            #[zlink(fds)] fds: Vec<std::os::fd::OwnedFd>,
         ) -> impl Stream<Item = Result<Reply<BuildReply>, LayererError>> + Unpin + use<> {
             let _ = (more, base_commit, request_from, install, uninstall);
             let _ = (
                 override_remove,
                 override_replace,
+                override_replace_files,
                 override_reset,
                 repositories,
+                fds,
             );
             stream::iter([Err(unimplemented())])
         }
@@ -424,6 +450,13 @@ mod tests {
         }
     }
 
+    fn files_example() -> LocalPackage {
+        LocalPackage {
+            fd: 0,
+            name: "./kernel.rpm".into(),
+        }
+    }
+
     #[test]
     fn serde_names_are_the_idl_names() {
         let change = PackageChange {
@@ -445,6 +478,7 @@ mod tests {
             override_replace: vec![package("kernel", "6.2-1")],
         };
         assert_wire_names(&package("vim", "9.0-1"));
+        assert_wire_names(&files_example());
         assert_wire_names(&change);
         assert_wire_names(&changes);
         assert_wire_names(&request);
@@ -478,8 +512,21 @@ mod tests {
     #[test]
     fn proxy_calls_fit_the_description() {
         let names = vec!["vim".to_string()];
+        let files = vec![LocalPackage {
+            fd: 0,
+            name: "/home/me/kernel.rpm".into(),
+        }];
         check_proxy_call!(more IDL, LayererError, |c| c.build(
-            "3a5c", None, None, None, None, None, None, None
+            "3a5c",
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            Vec::new()
         ));
         check_proxy_call!(more IDL, LayererError, |c| c.build(
             "3a5c",
@@ -488,8 +535,10 @@ mod tests {
             Some(&names),
             Some(&names),
             Some(&names),
+            Some(&files),
             Some(&names),
-            Some(&names)
+            Some(&names),
+            Vec::new()
         ));
         check_proxy_call!(IDL, LayererError, |c| c.cancel());
         check_proxy_call!(IDL, LayererError, |c| c.list_packages("3a5c"));

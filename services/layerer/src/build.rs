@@ -7,11 +7,16 @@
 //! commit. Runs on one blocking thread (the repository is not `Send`), synchronously, checking
 //! for cancellation between steps and while tools run.
 
-use std::os::unix::fs::symlink;
+use std::fs::File;
+use std::io::Write as _;
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::{FileExt as _, OpenOptionsExt as _, symlink};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use dnfimage_interfaces::layerer::{
-    BuildPhase, BuildProgress, BuildResult, LayererError, LayeringRequest, Package, PackageChanges,
+    BuildPhase, BuildProgress, BuildResult, LayererError, LayeringRequest, LocalPackage, Package,
+    PackageChanges,
 };
 
 use crate::dnf::{self, Dnf, Download};
@@ -82,6 +87,141 @@ pub fn local_package(given: &str, builds: &std::path::Path) -> Result<PathBuf, L
     Ok(real)
 }
 
+/// A local package file a caller passed as a descriptor for `overrideReplaceFiles`.
+#[derive(Debug, Clone)]
+pub struct LocalFile {
+    /// What the caller calls it, for messages.
+    pub name: String,
+    /// The file, read once, from its start, whatever the caller's offset.
+    pub file: Arc<File>,
+}
+
+/// Pairs the `overrideReplaceFiles` of a call with the descriptors passed with it: each index
+/// names one passed descriptor, no descriptor is named twice, and each is a regular file.
+/// Descriptors no entry names are closed unread.
+pub fn passed_files(
+    files: Vec<LocalPackage>,
+    fds: Vec<OwnedFd>,
+) -> Result<Vec<LocalFile>, LayererError> {
+    let count = fds.len();
+    let mut fds: Vec<Option<OwnedFd>> = fds.into_iter().map(Some).collect();
+    let mut taken = Vec::with_capacity(files.len());
+    for f in files {
+        let invalid = |message: String| LayererError::InvalidRequest {
+            packages: vec![f.name.clone()],
+            message,
+        };
+        let slot = usize::try_from(f.fd).ok().and_then(|i| fds.get_mut(i));
+        let fd = match slot {
+            None => {
+                return Err(invalid(format!(
+                    "{}: no file descriptor {} was passed with the call ({count} were)",
+                    f.name, f.fd
+                )));
+            }
+            Some(slot) => slot.take().ok_or_else(|| {
+                invalid(format!(
+                    "{}: file descriptor {} is named twice",
+                    f.name, f.fd
+                ))
+            })?,
+        };
+        let file = File::from(fd);
+        let is_file = file.metadata().map(|m| m.is_file());
+        if !matches!(is_file, Ok(true)) {
+            return Err(invalid(format!("{}: not a regular file", f.name)));
+        }
+        taken.push(LocalFile {
+            name: f.name,
+            file: Arc::new(file),
+        });
+    }
+    Ok(taken)
+}
+
+/// Opens the local package path a root caller gave for `overrideReplace` (checked with
+/// [`local_package`]), without following a link put there since.
+fn open_local_package(given: &str, builds: &Path) -> Result<File, LayererError> {
+    let path = local_package(given, builds)?;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .open(&path)
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => LayererError::PackageNotFound {
+                packages: vec![given.to_string()],
+                message: format!("{given}: no such file"),
+            },
+            _ => LayererError::InvalidRequest {
+                packages: vec![given.to_string()],
+                message: format!("{given}: {e}"),
+            },
+        })
+}
+
+/// Reads a caller's package file once, from its start, into a new file of the service's own
+/// in `dir` (named `.incoming-*`, removed unless kept): every later step reads that copy only,
+/// so what is checked is what is installed and kept, whatever happens to the caller's file.
+fn stage(
+    dir: &Path,
+    source: &File,
+    label: &str,
+    cancel: &Cancel,
+) -> Result<tempfile::NamedTempFile, LayererError> {
+    let copying = format!("Copying {label}");
+    let mut copy = tempfile::Builder::new()
+        .prefix(".incoming-")
+        .suffix(".rpm")
+        .tempfile_in(dir)
+        .map_err(|e| failed(&copying, e))?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut offset = 0u64;
+    loop {
+        check(cancel)?;
+        let n = match source.read_at(&mut buf, offset) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                return Err(LayererError::CorruptPackage {
+                    package: label.to_string(),
+                    message: format!("Reading it: {e}"),
+                });
+            }
+        };
+        copy.write_all(&buf[..n]).map_err(|e| failed(&copying, e))?;
+        offset += n as u64;
+    }
+    copy.as_file().sync_all().map_err(|e| failed(&copying, e))?;
+    Ok(copy)
+}
+
+/// The magic number an RPM file starts with, and the length of its lead.
+const RPM_MAGIC: [u8; 4] = [0xed, 0xab, 0xee, 0xdb];
+const RPM_LEAD: usize = 96;
+
+/// Checks that the file `file` is a binary RPM package (its lead: the magic number, type 0);
+/// `label` names it in errors.
+fn plain_rpm(file: &Path, label: &str) -> Result<(), LayererError> {
+    let invalid = |message: String| LayererError::InvalidRequest {
+        packages: vec![label.to_string()],
+        message: format!("{label}: {message}"),
+    };
+    let mut lead = [0u8; RPM_LEAD];
+    let read = File::open(file).and_then(|f| f.read_exact_at(&mut lead, 0));
+    match read {
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            Err(invalid("not an RPM package (too short)".to_string()))
+        }
+        Err(e) => Err(failed(&format!("Reading the copy of {label}"), e)),
+        Ok(()) if lead[..4] != RPM_MAGIC => Err(invalid("not an RPM package".to_string())),
+        Ok(()) if lead[6..8] != [0, 0] => {
+            Err(invalid("a source package, not a binary one".to_string()))
+        }
+        Ok(()) => Ok(()),
+    }
+}
+
 /// Where a build reads and writes.
 #[derive(Debug, Clone)]
 pub struct Context {
@@ -112,8 +252,10 @@ pub struct Params {
     pub uninstall: Vec<String>,
     /// Image packages to remove.
     pub override_remove: Vec<String>,
-    /// Local package files replacing image packages.
+    /// Local package paths replacing image packages (root callers; the service opens them).
     pub override_replace: Vec<String>,
+    /// Local package files passed as descriptors, replacing image packages.
+    pub override_replace_files: Vec<LocalFile>,
     /// Packages whose overrides to drop.
     pub override_reset: Vec<String>,
     /// Repository ids to use; all enabled ones when `None`.
@@ -424,21 +566,36 @@ pub fn run(
         }
     };
 
-    // The local packages to replace with: present, signed with a configured key, readable.
-    let mut replacing: Vec<(PathBuf, Package)> = Vec::new();
-    for (i, f) in params.override_replace.iter().enumerate() {
+    // The local packages to replace with: each read once into a copy of the service's own,
+    // and that copy checked (an RPM, signed with a configured key, readable).
+    let mut sources: Vec<(String, Arc<File>)> = Vec::new();
+    for f in &params.override_replace {
         check(cancel)?;
-        let path = local_package(f, &ctx.builds)?;
+        sources.push((f.clone(), Arc::new(open_local_package(f, &ctx.builds)?)));
+    }
+    sources.extend(
+        params
+            .override_replace_files
+            .iter()
+            .map(|f| (f.name.clone(), f.file.clone())),
+    );
+    let mut replacing: Vec<(tempfile::NamedTempFile, Package)> = Vec::new();
+    for (i, (label, file)) in sources.iter().enumerate() {
+        check(cancel)?;
         report(progress(
             BuildPhase::Verifying,
             None,
             i as u64,
-            params.override_replace.len() as u64,
-            format!("Checking {f}"),
+            sources.len() as u64,
+            format!("Checking {label}"),
         ));
-        rpm.check_signature(&ctx.keyring, &path, f, cancel)?;
-        replacing.push((path.clone(), rpm.read_file(&path, f, cancel)?));
+        let copy = stage(&ctx.overrides, file, label, cancel)?;
+        plain_rpm(copy.path(), label)?;
+        rpm.check_signature(&ctx.keyring, copy.path(), label, cancel)?;
+        let package = rpm.read_file(copy.path(), label, cancel)?;
+        replacing.push((copy, package));
     }
+    drop(sources);
     let changes = Changes {
         install: params.install.clone(),
         uninstall: params.uninstall.clone(),
@@ -484,8 +641,8 @@ pub fn run(
     // The files of every replacement the request holds: given now, or kept from before.
     let mut replacement_files: Vec<PathBuf> = Vec::new();
     for p in &request.override_replace {
-        if let Some((path, _)) = replacing.iter().find(|(_, r)| r == p) {
-            replacement_files.push(path.clone());
+        if let Some((copy, _)) = replacing.iter().find(|(_, r)| r == p) {
+            replacement_files.push(copy.path().to_path_buf());
             continue;
         }
         let kept = ctx.overrides.join(kept_file_name(p));
@@ -657,14 +814,12 @@ pub fn run(
     )
     .map_err(|e| failed_or_cancelled(cancel, "Committing", e))?;
 
-    // Keep the new replacement packages for later builds (an upgrade re-applies them).
-    for (path, p) in &replacing {
-        let kept = ctx.overrides.join(kept_file_name(p));
-        let tmp = ctx.overrides.join(format!(".{}.tmp", kept_file_name(p)));
-        let stored = std::fs::create_dir_all(&ctx.overrides)
-            .and_then(|()| std::fs::copy(path, &tmp))
-            .and_then(|_| std::fs::rename(&tmp, &kept));
-        stored.map_err(|e| failed(&format!("Keeping {}", path.display()), e))?;
+    // Keep the new replacement packages (the copies checked and installed) for later builds
+    // (an upgrade re-applies them).
+    for (copy, p) in replacing {
+        let kept = ctx.overrides.join(kept_file_name(&p));
+        copy.persist(&kept)
+            .map_err(|e| failed(&format!("Keeping {}", kept.display()), e.error))?;
     }
     drop(ws);
     Ok(BuildResult {
@@ -842,6 +997,124 @@ mod local_package_tests {
                 Err(e) => format!("{e:?}"),
             };
             assert!(got.starts_with(want), "{given}: {got}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod passed_file_tests {
+    use super::*;
+
+    fn local(fd: u32, name: &str) -> LocalPackage {
+        LocalPackage {
+            fd,
+            name: name.into(),
+        }
+    }
+
+    #[test]
+    fn pairs_descriptors_with_their_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = |name: &str| -> OwnedFd {
+            let path = dir.path().join(name);
+            std::fs::write(&path, name).unwrap();
+            File::open(path).unwrap().into()
+        };
+        let pipe = || -> OwnedFd { std::os::unix::net::UnixStream::pair().unwrap().0.into() };
+        let folder = || -> OwnedFd { File::open(dir.path()).unwrap().into() };
+
+        let got = passed_files(
+            vec![local(1, "b.rpm"), local(0, "a.rpm")],
+            vec![file("a"), file("b"), file("unnamed")],
+        )
+        .unwrap();
+        let read = |f: &LocalFile| {
+            let mut buf = [0u8; 1];
+            f.file.read_at(&mut buf, 0).unwrap();
+            buf[0]
+        };
+        assert_eq!(got.len(), 2);
+        assert_eq!((got[0].name.as_str(), read(&got[0])), ("b.rpm", b'b'));
+        assert_eq!((got[1].name.as_str(), read(&got[1])), ("a.rpm", b'a'));
+        assert!(passed_files(vec![], vec![file("c")]).unwrap().is_empty());
+
+        let cases: Vec<(Vec<LocalPackage>, Vec<OwnedFd>, &str)> = vec![
+            (vec![local(0, "x")], vec![], "no file descriptor 0"),
+            (vec![local(2, "x")], vec![file("a"), file("b")], "(2 were)"),
+            (
+                vec![local(0, "x"), local(0, "y")],
+                vec![file("a")],
+                "named twice",
+            ),
+            (vec![local(0, "x")], vec![pipe()], "not a regular file"),
+            (vec![local(0, "x")], vec![folder()], "not a regular file"),
+        ];
+        for (files, fds, want) in cases {
+            let name = files.last().map(|f| f.name.clone()).unwrap_or_default();
+            match passed_files(files, fds) {
+                Err(LayererError::InvalidRequest { packages, message }) => {
+                    assert!(message.contains(want), "{message}");
+                    assert_eq!(packages, [name]);
+                }
+                other => panic!("{want}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn stages_a_copy_from_the_start_and_knows_an_rpm_by_its_lead() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = dir.path().join("p.rpm");
+        let mut lead = vec![0u8; RPM_LEAD];
+        lead[..4].copy_from_slice(&RPM_MAGIC);
+        let content: Vec<u8> = lead
+            .iter()
+            .copied()
+            .chain(std::iter::repeat_n(7u8, 3 << 19))
+            .collect();
+        std::fs::write(&source, &content).unwrap();
+        let mut file = File::open(&source).unwrap();
+        // The caller's offset does not matter: the copy starts at the file's start.
+        std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(100)).unwrap();
+        let copy = stage(dir.path(), &file, "p.rpm", &Cancel::new()).unwrap();
+        assert_eq!(std::fs::read(copy.path()).unwrap(), content);
+        assert!(
+            copy.path()
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with(".incoming-")
+        );
+        plain_rpm(copy.path(), "p.rpm").unwrap();
+
+        // A descriptor open for writing only cannot be read.
+        let write_only = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&source)
+            .unwrap();
+        assert!(matches!(
+            stage(dir.path(), &write_only, "w.rpm", &Cancel::new()),
+            Err(LayererError::CorruptPackage { .. })
+        ));
+
+        let mut source_rpm = lead.clone();
+        source_rpm[7] = 1;
+        for (bytes, want) in [
+            (
+                b"root:x:0:0:root:/root:/bin/sh\n".repeat(10),
+                "not an RPM package",
+            ),
+            (RPM_MAGIC.to_vec(), "too short"),
+            (source_rpm, "a source package"),
+        ] {
+            let f = dir.path().join("bad.rpm");
+            std::fs::write(&f, &bytes).unwrap();
+            match plain_rpm(&f, "bad.rpm") {
+                Err(LayererError::InvalidRequest { message, .. }) => {
+                    assert!(message.contains(want), "{message}")
+                }
+                other => panic!("{want}: {other:?}"),
+            }
         }
     }
 }

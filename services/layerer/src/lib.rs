@@ -33,7 +33,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use anyhow::{Context as _, Result};
 use dnfimage_interfaces::layerer::{
     BuildPhase, BuildProgress, BuildReply, BuildResult, CancelReply, IDL, LayererError,
-    LayeringRequest, ListPackagesReply, Package, PackageChange, PackageChanges,
+    LayeringRequest, ListPackagesReply, LocalPackage, Package, PackageChange, PackageChanges,
 };
 use dnfimage_runtime::{
     Activation, Activity, InstanceLock, JobSlot, Policy, ServiceArgs, refused, spawn_streamed,
@@ -164,6 +164,10 @@ pub async fn run(args: Args, activation: Option<Activation>) -> Result<()> {
         &repo.join("tmp/dnfimage-builds.lock"),
         &format!("The build directory {}", builds.display()),
     )?;
+    let incoming = remove_incoming(&state.join("overrides"));
+    if incoming > 0 {
+        tracing::info!("Removed {incoming} package copies an interrupted build left");
+    }
     let stale = overlay::remove_stale(&builds, &repo.join("tmp"));
     if stale > 0 {
         tracing::info!("Removed {stale} build directories an earlier run left");
@@ -195,6 +199,18 @@ pub async fn run(args: Args, activation: Option<Activation>) -> Result<()> {
         &jobs,
     )
     .await
+}
+
+/// Removes the copies of callers' packages (`.incoming-*`) a build that was killed left in the
+/// overrides directory; returns how many.
+fn remove_incoming(overrides: &Path) -> usize {
+    std::fs::read_dir(overrides)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".incoming-"))
+        .filter(|e| std::fs::remove_file(e.path()).is_ok())
+        .count()
 }
 
 /// The regular files of the key directory, sorted; none when it is missing.
@@ -283,8 +299,8 @@ impl Layerer {
 #[zlink::service(
     interface = "org.dnfimage.Layerer",
     types = [
-        Package, PackageChange, PackageChanges, LayeringRequest, BuildPhase, BuildProgress,
-        BuildResult,
+        Package, LocalPackage, PackageChange, PackageChanges, LayeringRequest, BuildPhase,
+        BuildProgress, BuildResult,
     ],
     vendor = "dnfimage",
     product = "dnfimage-layerer",
@@ -298,8 +314,11 @@ impl Layerer {
     /// commit to change what is layered on it, or to carry it over to a new image), with
     /// `install` packages added, requested `uninstall` packages dropped, `overrideRemove`
     /// image packages removed, image packages replaced by the local RPM files
-    /// `overrideReplace` (copies are kept for later builds), and the overrides of the
-    /// `overrideReset` packages dropped; each of these defaults to none. Packages come from
+    /// `overrideReplaceFiles` (passed as file descriptors, each read once: the copy read is
+    /// the one checked, installed and kept for later builds) and `overrideReplace` (paths
+    /// the layerer opens itself, for root callers that have no way to pass descriptors),
+    /// and the overrides of the `overrideReset` packages dropped; each of these defaults to
+    /// none. Packages come from
     /// the configured repositories with the ids `repositories` (default: every enabled one)
     /// and must be signed with a configured key. dnf resolves against the image's own
     /// package database; requested packages the image already has stay in the request as
@@ -318,9 +337,15 @@ impl Layerer {
         uninstall: Option<Vec<String>>,
         #[zlink(rename = "overrideRemove")] override_remove: Option<Vec<String>>,
         #[zlink(rename = "overrideReplace")] override_replace: Option<Vec<String>>,
+        #[zlink(rename = "overrideReplaceFiles")] override_replace_files: Option<Vec<LocalPackage>>,
         #[zlink(rename = "overrideReset")] override_reset: Option<Vec<String>>,
         repositories: Option<Vec<String>>,
+        #[zlink(fds)] fds: Vec<std::os::fd::OwnedFd>,
     ) -> impl Stream<Item = Result<Reply<BuildReply>, LayererError>> + Unpin + use<> {
+        let files = match build::passed_files(override_replace_files.unwrap_or_default(), fds) {
+            Ok(files) => files,
+            Err(e) => return refused(e),
+        };
         let params = build::Params {
             base_commit,
             request_from,
@@ -328,6 +353,7 @@ impl Layerer {
             uninstall: uninstall.unwrap_or_default(),
             override_remove: override_remove.unwrap_or_default(),
             override_replace: override_replace.unwrap_or_default(),
+            override_replace_files: files,
             override_reset: override_reset.unwrap_or_default(),
             repositories,
         };
@@ -490,8 +516,14 @@ fn describe(p: &build::Params) -> String {
     if !p.override_remove.is_empty() {
         what.push(format!("removing {}", p.override_remove.join(" ")));
     }
-    if !p.override_replace.is_empty() {
-        what.push(format!("replacing with {}", p.override_replace.join(" ")));
+    let replacements: Vec<&str> = p
+        .override_replace
+        .iter()
+        .map(String::as_str)
+        .chain(p.override_replace_files.iter().map(|f| f.name.as_str()))
+        .collect();
+    if !replacements.is_empty() {
+        what.push(format!("replacing with {}", replacements.join(" ")));
     }
     if !p.override_reset.is_empty() {
         what.push(format!("resetting {}", p.override_reset.join(" ")));
