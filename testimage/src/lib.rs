@@ -43,4 +43,6 @@ pub use oci::{
 };
 pub use registry::{AccessLogEntry, Registry, parse_access_log_line};
 pub use rpms::TestRpms;
-pub use skopeo::{copy as skopeo_copy, oci_ref, push_tags};
+pub use skopeo::{
+    copy as skopeo_copy, copy_v2s2 as skopeo_copy_v2s2, oci_ref, push_tags, raw_manifest,
+};

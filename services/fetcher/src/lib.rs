@@ -118,7 +118,12 @@ struct Shared {
 /// What the source says about an image before any layer is fetched.
 struct Resolved {
     opened: Opened,
+    /// The manifest digest the source reported: the registry's, also when skopeo converted
+    /// a Docker schema 2 manifest to OCI.
     digest: String,
+    /// The digest of `manifest_bytes`, the manifest as stored in the cache: `digest` unless
+    /// skopeo converted it.
+    manifest_digest: String,
     manifest_bytes: Vec<u8>,
     manifest: Manifest,
     config_bytes: Vec<u8>,
@@ -256,14 +261,19 @@ impl Fetcher {
         manifest
             .check_sizes()
             .map_err(|e| failed(&format!("Checking the manifest of {reference}"), e))?;
+        // skopeo's proxy gives every manifest as OCI, and the source's digest with it: a
+        // Docker schema 2 manifest arrives converted, its bytes no longer hashing to it.
+        let manifest_digest = sha256_digest(&manifest_bytes);
+        let converted = manifest_digest != digest;
         let config_bytes = self
-            .config_blob(&opened, &reference, &manifest.config)
+            .config_blob(&opened, &reference, &manifest.config, converted)
             .await?;
         let config: ConfigSummary = serde_json::from_slice(&config_bytes)
             .map_err(|e| failed(&format!("Parsing the configuration of {reference}"), e))?;
         Ok(Resolved {
             opened,
             digest,
+            manifest_digest,
             manifest_bytes,
             manifest,
             config_bytes,
@@ -274,11 +284,16 @@ impl Fetcher {
     /// The configuration blob as stored: from the cache when it is there, else from the source
     /// (skopeo's GetFullConfig re-serializes it, which would change its digest). At most
     /// [`MAX_CONFIG_SIZE`] bytes, and never more than the manifest declares.
+    ///
+    /// When skopeo `converted` the manifest, the configuration it names is skopeo's conversion
+    /// of the source's (re-serialized: another digest, which the registry does not have): that
+    /// one is GetFullConfig's, checked against the digest and size the converted manifest names.
     async fn config_blob(
         &self,
         opened: &Opened,
         reference: &str,
         config: &Descriptor,
+        converted: bool,
     ) -> Result<Vec<u8>, FetcherError> {
         if config.size > MAX_CONFIG_SIZE {
             return Err(FetcherError::MetadataTooLarge {
@@ -295,6 +310,29 @@ impl Fetcher {
                 .map_err(|e| failed("Reading a cached configuration", e));
         }
         let proxy_err = |e: containers_image_proxy::Error| classify(reference, &proxy_message(&e));
+        if converted {
+            // skopeo read the source's configuration within containers/image's 4 MiB limit.
+            let bytes = opened
+                .proxy
+                .fetch_config_raw(&opened.image)
+                .await
+                .map_err(proxy_err)?;
+            check_converted_config(config, &bytes).map_err(|actual| {
+                FetcherError::DigestMismatch {
+                    expected: config.digest.clone(),
+                    message: format!(
+                        "{reference}: skopeo converted the image's Docker schema 2 manifest to \
+                         OCI, and the configuration it converted with it is {actual} \
+                         ({} bytes), not the {} ({} bytes) its manifest names; nothing was kept",
+                        bytes.len(),
+                        config.digest,
+                        config.size
+                    ),
+                    actual: Some(actual),
+                }
+            })?;
+            return Ok(bytes);
+        }
         let digest: containers_image_proxy::oci_spec::image::Digest = config
             .digest
             .parse()
@@ -670,6 +708,25 @@ impl Progress {
     }
 }
 
+/// "sha256:HEX" of `bytes`.
+fn sha256_digest(bytes: &[u8]) -> String {
+    format!(
+        "sha256:{}",
+        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(bytes))
+    )
+}
+
+/// Checks that a configuration skopeo converted is the one the converted manifest names (both
+/// come from the same conversion); else the digest of what arrived.
+fn check_converted_config(config: &Descriptor, bytes: &[u8]) -> Result<(), String> {
+    let actual = sha256_digest(bytes);
+    if actual == config.digest && bytes.len() as u64 == config.size {
+        Ok(())
+    } else {
+        Err(actual)
+    }
+}
+
 /// The first 12 characters of a digest's hex part (whole characters, whatever the text).
 fn short(digest: &str) -> &str {
     let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
@@ -778,21 +835,25 @@ impl Fetcher {
             .write_bytes(&config.digest, &resolved.config_bytes)
             .await
             .map_err(|e| blob_error(&reference, e))?;
-        let manifest_digest = format!(
-            "sha256:{}",
-            hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
-                &resolved.manifest_bytes
-            ))
-        );
         cache
-            .write_bytes(&manifest_digest, &resolved.manifest_bytes)
+            .write_bytes(&resolved.manifest_digest, &resolved.manifest_bytes)
             .await
             .map_err(|e| blob_error(&reference, e))?;
+        if resolved.manifest_digest != resolved.digest {
+            tracing::info!(
+                "{reference} ({}) is a Docker schema 2 image: the cache holds skopeo's OCI \
+                 conversion {}",
+                resolved.digest,
+                resolved.manifest_digest
+            );
+        }
+        // The entry records both digests: the source's, which everything shows and compares,
+        // and the stored manifest's, which the importer reads (see the cache's `Entry`).
         let entry = Entry {
             reference: reference.clone(),
             tag: reference::cache_tag(image),
             digest: resolved.digest.clone(),
-            manifest_digest,
+            manifest_digest: resolved.manifest_digest.clone(),
             manifest_size: resolved.manifest_bytes.len() as u64,
             media_type: "application/vnd.oci.image.manifest.v1+json".into(),
             version: version_of(&labels),
@@ -914,6 +975,34 @@ fn blob_error(reference: &str, e: BlobError) -> FetcherError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn checks_converted_configurations() {
+        let bytes = br#"{"architecture":"amd64"}"#;
+        let descriptor = |digest: String, size: u64| Descriptor {
+            media_type: "application/vnd.oci.image.config.v1+json".into(),
+            digest,
+            size,
+            annotations: BTreeMap::new(),
+            other: BTreeMap::new(),
+        };
+        let right = sha256_digest(bytes);
+        let other = sha256_digest(b"{}");
+        let len = bytes.len() as u64;
+        for (config, ok) in [
+            (descriptor(right.clone(), len), true),
+            // Another configuration, or the right one declared with another size.
+            (descriptor(other, len), false),
+            (descriptor(right.clone(), len + 1), false),
+            (descriptor(right.clone(), 0), false),
+        ] {
+            let checked = check_converted_config(&config, bytes);
+            assert_eq!(checked.is_ok(), ok, "{config:?}");
+            if let Err(actual) = checked {
+                assert_eq!(actual, right, "the digest of what arrived");
+            }
+        }
+    }
 
     #[test]
     fn shortens_digests_by_characters() {

@@ -182,9 +182,87 @@ pub fn is_corruption(message: &str) -> bool {
 struct Opened {
     proxy: ImageProxy,
     image: image_proxy::OpenedImage,
+    /// The digest of the manifest as the source holds it.
     digest: String,
+    /// The digest the image is recorded and known by: `digest`, unless the source is the
+    /// fetcher's copy of an image its registry serves in another form (see [`source_digest`]).
+    recorded: String,
     manifest: ImageManifest,
     config: ImageConfiguration,
+}
+
+/// The annotation the fetcher's cache puts on each image of its index: the manifest digest the
+/// image's source reported.
+pub const SOURCE_DIGEST: &str = "org.dnfimage.digest";
+const REF_NAME: &str = "org.opencontainers.image.ref.name";
+
+/// The digest an image in an OCI layout is known by, from the layout's `index.json`: the one the
+/// fetcher recorded as its source's ([`SOURCE_DIGEST`]) when that differs from `stored`, the
+/// digest of the manifest the layout holds for `tag` (the only image when there is no tag).
+///
+/// They differ for an image the registry serves in Docker schema 2 form: skopeo converts it
+/// to an OCI manifest (and configuration) on the way in, which is what the layout holds and
+/// what skopeo reads back. ostree-ext, pulling from the registry itself, records the
+/// registry's digest with the converted manifest; so does the importer, so that the digest a
+/// deployment shows is the one the registry, the fetcher's update checks and signatures name.
+/// `None`: the layout records nothing else than `stored`.
+pub fn source_digest(index: &[u8], tag: Option<&str>, stored: &str) -> Result<Option<String>> {
+    #[derive(serde::Deserialize)]
+    struct Index {
+        #[serde(default)]
+        manifests: Vec<Entry>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Entry {
+        digest: String,
+        #[serde(default)]
+        annotations: std::collections::BTreeMap<String, String>,
+    }
+    let index: Index = serde_json::from_slice(index).context("Parsing index.json")?;
+    let entry = match tag {
+        Some(tag) => index
+            .manifests
+            .iter()
+            .find(|m| m.annotations.get(REF_NAME).map(String::as_str) == Some(tag)),
+        None if index.manifests.len() == 1 => index.manifests.first(),
+        None => None,
+    };
+    // skopeo found the image a moment ago: not finding it now means the index changed.
+    let entry = entry.with_context(|| {
+        format!(
+            "index.json has no image {}",
+            tag.map_or("(the only one)".into(), |t| format!("tagged {t:?}"))
+        )
+    })?;
+    anyhow::ensure!(
+        entry.digest == stored,
+        "index.json names manifest {} where skopeo read {stored}: the layout changed",
+        entry.digest
+    );
+    let Some(source) = entry.annotations.get(SOURCE_DIGEST) else {
+        return Ok(None);
+    };
+    let hex = source
+        .strip_prefix("sha256:")
+        .filter(|h| h.len() == 64 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')));
+    anyhow::ensure!(
+        hex.is_some(),
+        "{SOURCE_DIGEST} {source:?} is not a sha256 digest"
+    );
+    Ok((source != stored).then(|| source.clone()))
+}
+
+/// [`source_digest`] of `source` when it is an OCI layout.
+fn recorded_digest(source: &ImageRef, stored: &str) -> Result<String, ImporterError> {
+    let Some(layout) = source.layout_dir() else {
+        return Ok(stored.to_string());
+    };
+    let path = layout.join("index.json");
+    let recorded = std::fs::read(&path)
+        .with_context(|| format!("Reading {}", path.display()))
+        .and_then(|index| source_digest(&index, source.tag(), stored))
+        .map_err(|e| failed_with(&format!("Reading {source}"), &e))?;
+    Ok(recorded.unwrap_or_else(|| stored.to_string()))
 }
 
 impl Opened {
@@ -201,10 +279,12 @@ impl Opened {
         let image = proxy.open_image(&source.to_string()).await.map_err(err)?;
         let (digest, manifest) = proxy.fetch_manifest(&image).await.map_err(err)?;
         let config = proxy.fetch_config(&image).await.map_err(err)?;
+        let recorded = recorded_digest(source, &digest)?;
         Ok(Self {
             proxy,
             image,
             digest,
+            recorded,
             manifest,
             config,
         })
@@ -621,16 +701,16 @@ async fn import_opened(
     // Already imported under this reference: nothing to write.
     let existing = ext_store::query_image(repo, &request.image)
         .map_err(|e| failed_with(&format!("Reading the image recorded as {image}"), &e))?;
-    if let Some(state) = existing.filter(|s| s.manifest_digest.to_string() == opened.digest) {
+    if let Some(state) = existing.filter(|s| s.manifest_digest.to_string() == opened.recorded) {
         tracker.message(format!(
             "{image} ({}) is already imported as commit {}",
-            opened.digest, state.merge_commit
+            opened.recorded, state.merge_commit
         ));
         let warnings = store::warnings_of(repo, &state.merge_commit)
             .map_err(|e| failed_with("Reading the recorded warnings", &e))?;
         return Ok(ImportResult {
             reference: image,
-            digest: opened.digest.clone(),
+            digest: opened.recorded.clone(),
             version,
             commit: state.merge_commit.clone(),
             layers_imported: 0,
@@ -651,7 +731,7 @@ async fn import_opened(
     importer.disable_gc();
     let mut events = importer.request_progress();
     let mut byte_counts = importer.request_layer_progress();
-    let prepared = match importer
+    let mut prepared = match importer
         .prepare()
         .await
         .map_err(|e| failed_with(&format!("Reading {source}"), &e))?
@@ -685,6 +765,19 @@ async fn import_opened(
             "{source} changed while it was read (from {} to {}); import it again",
             opened.digest, prepared.manifest_digest
         )));
+    }
+    if opened.recorded != opened.digest {
+        tracker.message(format!(
+            "{source} holds the OCI conversion {} of {image}, recorded as {}",
+            opened.digest, opened.recorded
+        ));
+        // ostree-ext uses this digest only to record it, in the merged commit and its result.
+        prepared.manifest_digest = opened.recorded.parse().map_err(|e| {
+            failed(format!(
+                "Reading {source}: the digest {} recorded for it: {e}",
+                opened.recorded
+            ))
+        })?;
     }
     let to_import: Vec<Descriptor> = prepared
         .all_layers()
@@ -915,6 +1008,111 @@ mod tests {
                     .map(|(_, v)| v.to_string())
             };
             assert_eq!(is_bootable(get), *want, "{labels:?}");
+        }
+    }
+
+    #[test]
+    fn finds_the_digest_the_source_reported() {
+        let digest = |c: char| format!("sha256:{}", c.to_string().repeat(64));
+        let (stored, registry, other) = (digest('a'), digest('b'), digest('c'));
+        let entry = |digest: &str, tag: Option<&str>, source: Option<&str>| {
+            let mut annotations = serde_json::Map::new();
+            if let Some(t) = tag {
+                annotations.insert(REF_NAME.into(), t.into());
+            }
+            if let Some(s) = source {
+                annotations.insert(SOURCE_DIGEST.into(), s.into());
+            }
+            serde_json::json!({
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "digest": digest,
+                "size": 100,
+                "annotations": annotations,
+            })
+        };
+        let index = |entries: Vec<serde_json::Value>| {
+            serde_json::to_vec(&serde_json::json!({"schemaVersion": 2, "manifests": entries}))
+                .unwrap()
+        };
+        // (index, tag, the digest skopeo read, Ok(recorded) or Err(part of the error))
+        type Case<'a> = (
+            Vec<u8>,
+            Option<&'a str>,
+            &'a str,
+            Result<Option<&'a str>, &'a str>,
+        );
+        let cases: Vec<Case<'_>> = vec![
+            // The fetcher's entry of a converted image: the registry's digest.
+            (
+                index(vec![
+                    entry(&other, Some("x"), Some(&other)),
+                    entry(&stored, Some("os"), Some(&registry)),
+                ]),
+                Some("os"),
+                &stored,
+                Ok(Some(&registry)),
+            ),
+            // An OCI image: the fetcher records the same digest.
+            (
+                index(vec![entry(&stored, Some("os"), Some(&stored))]),
+                Some("os"),
+                &stored,
+                Ok(None),
+            ),
+            // A layout of anyone else: no annotation.
+            (
+                index(vec![entry(&stored, Some("os"), None)]),
+                Some("os"),
+                &stored,
+                Ok(None),
+            ),
+            // No tag: the only image.
+            (
+                index(vec![entry(&stored, None, Some(&registry))]),
+                None,
+                &stored,
+                Ok(Some(&registry)),
+            ),
+            (
+                index(vec![entry(&stored, None, None), entry(&other, None, None)]),
+                None,
+                &stored,
+                Err("no image (the only one)"),
+            ),
+            // The index changed since skopeo read it.
+            (
+                index(vec![entry(&other, Some("os"), Some(&registry))]),
+                Some("os"),
+                &stored,
+                Err("the layout changed"),
+            ),
+            (
+                index(vec![entry(&stored, Some("x"), Some(&registry))]),
+                Some("os"),
+                &stored,
+                Err("no image tagged \"os\""),
+            ),
+            // Not a digest.
+            (
+                index(vec![entry(&stored, Some("os"), Some("sha256:AB"))]),
+                Some("os"),
+                &stored,
+                Err("is not a sha256 digest"),
+            ),
+            (
+                b"{".to_vec(),
+                Some("os"),
+                &stored,
+                Err("Parsing index.json"),
+            ),
+        ];
+        for (index, tag, read, want) in cases {
+            let got = source_digest(&index, tag, read);
+            match (got, want) {
+                (Ok(got), Ok(want)) => assert_eq!(got.as_deref(), want, "{tag:?}"),
+                (Err(e), Err(part)) => assert!(format!("{e:#}").contains(part), "{e:#}"),
+                (got, want) => panic!("{tag:?}: got {got:?}, want {want:?}"),
+            }
         }
     }
 
