@@ -43,4 +43,6 @@ pub use oci::{
 };
 pub use registry::{AccessLogEntry, Registry, parse_access_log_line};
 pub use rpms::TestRpms;
-pub use skopeo::{copy as skopeo_copy, oci_ref, push_tags};
+pub use skopeo::{
+    copy as skopeo_copy, copy_with_creds as skopeo_copy_with_creds, oci_ref, push_tags,
+};

@@ -15,16 +15,29 @@ pub fn oci_ref(oci_dir: &Path, tag: &str) -> String {
 /// `skopeo copy SRC DEST` between any two transports, TLS verification off on both sides (the
 /// test registry speaks plain http) and no signature policy.
 pub fn copy(src: &str, dest: &str) -> Result<()> {
-    run(Command::new("skopeo").args([
+    copy_as(src, dest, None)
+}
+
+/// [`copy`] to a registry that requires credentials (`USER:PASSWORD`, see
+/// `Registry::credentials`).
+pub fn copy_with_creds(src: &str, dest: &str, dest_creds: &str) -> Result<()> {
+    copy_as(src, dest, Some(dest_creds))
+}
+
+/// [`copy`], with `--dest-creds` when given.
+pub(crate) fn copy_as(src: &str, dest: &str, dest_creds: Option<&str>) -> Result<()> {
+    let mut cmd = Command::new("skopeo");
+    cmd.args([
         "--insecure-policy",
         "copy",
         "--quiet",
         "--src-tls-verify=false",
         "--dest-tls-verify=false",
-        src,
-        dest,
-    ]))
-    .with_context(|| format!("Copying {src} to {dest}"))?;
+    ]);
+    if let Some(creds) = dest_creds {
+        cmd.arg("--dest-creds").arg(creds);
+    }
+    run(cmd.args([src, dest])).with_context(|| format!("Copying {src} to {dest}"))?;
     Ok(())
 }
 
