@@ -8,6 +8,8 @@ APT_PACKAGES=(
   build-essential pkg-config libostree-dev libglib2.0-dev libssl-dev libzstd-dev
   # Real parts the services drive and the tests start.
   ostree skopeo docker-registry
+  # htpasswd: the test registry that requires credentials (testimage's Registry::start_with_auth).
+  apache2-utils
   rpm dnf createrepo-c bubblewrap
   # Layering: rpm-signing keys for the test packages, the rpmdb WAL checkpoint.
   gnupg sqlite3

@@ -104,6 +104,13 @@ pub fn describe(name: &str, params: &Value) -> String {
             get("image"),
             get("message")
         ),
+        "AuthenticationRequired" => format!(
+            "The registry refused {} without valid credentials: {}. Log in for the fetcher with \
+             `skopeo login --authfile /etc/ostree/auth.json REGISTRY` (or name an auth.json in \
+             DNFIMAGE_AUTHFILE) and try again",
+            get("image"),
+            get("message")
+        ),
         "ImageNotFound" => format!("Image {} not found: {}", get("image"), get("message")),
         "NotBootable" => format!(
             "{} is not a bootable OS image (it has no containers.bootc=1 or ostree.bootable label)",
@@ -240,6 +247,16 @@ mod tests {
                 json!({"limit": 128, "scope": "user"}),
                 "The service is busy: 128 connections of your user are open, its limit; wait for \
                  other clients to finish and try again",
+            ),
+            (
+                "AuthenticationRequired",
+                json!({"image": "docker://r/os:1", "message": "unauthorized: authentication \
+                       required (no credentials: none of /etc/ostree/auth.json exists)"}),
+                "The registry refused docker://r/os:1 without valid credentials: unauthorized: \
+                 authentication required (no credentials: none of /etc/ostree/auth.json \
+                 exists). Log in for the fetcher with `skopeo login --authfile \
+                 /etc/ostree/auth.json REGISTRY` (or name an auth.json in DNFIMAGE_AUTHFILE) and \
+                 try again",
             ),
             (
                 "MetadataTooLarge",

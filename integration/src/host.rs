@@ -27,23 +27,60 @@ pub struct Host {
     pub latest: String,
     /// The package repositories, when the host layers packages.
     pub repos: Option<Repositories>,
+    /// The fetcher's `--authfile`, when the registry requires credentials.
+    pub authfile: Option<std::path::PathBuf>,
 }
 
 impl Host {
     /// A host following `dnfimage/os:latest` (v1 for now), without the layerer.
     pub fn new() -> Result<Self> {
-        Self::build(false)
+        Self::build(false, None)
+    }
+
+    /// A host whose registry requires `user` and `password` (htpasswd auth); the fetcher
+    /// has no credentials until [`Host::log_in`] gives them.
+    pub fn with_registry_auth(user: &str, password: &str) -> Result<Self> {
+        Self::build(false, Some((user, password)))
+    }
+
+    /// Writes the fetcher's auth file, as `skopeo login --authfile` does (checking them with
+    /// the registry).
+    pub fn log_in(&self, user: &str, password: &str) -> Result<()> {
+        let authfile = self
+            .authfile
+            .as_ref()
+            .context("The registry requires no login")?;
+        run_ok(
+            Command::new("skopeo")
+                .arg("login")
+                .arg("--authfile")
+                .arg(authfile)
+                .args([
+                    "--tls-verify=false",
+                    "--username",
+                    user,
+                    "--password",
+                    password,
+                ])
+                .arg(self.registry.addr()),
+        )?;
+        Ok(())
     }
 
     /// The same with the layerer and the signed test package repository.
     pub fn with_layerer() -> Result<Self> {
-        Self::build(true)
+        Self::build(true, None)
     }
 
-    fn build(layering: bool) -> Result<Self> {
+    fn build(layering: bool, credentials: Option<(&str, &str)>) -> Result<Self> {
         let scratch = Scratch::new()?;
         let sysroot = TestSysroot::create(&scratch.path().join("sysroot"))?;
-        let registry = Registry::start(&scratch.path().join("registry"))?;
+        let workdir = scratch.path().join("registry");
+        let registry = match credentials {
+            Some((user, password)) => Registry::start_with_auth(&workdir, user, password)?,
+            None => Registry::start(&workdir)?,
+        };
+        let authfile = credentials.map(|_| scratch.path().join("auth.json"));
         let latest = Fixtures::shared()?.push_as(&registry, tags::BASE_V1, "dnfimage/os:latest")?;
         let repos = if layering {
             Some(Repositories::start(scratch.path())?)
@@ -57,6 +94,7 @@ impl Host {
             services: Vec::new(),
             latest,
             repos,
+            authfile,
         };
         host.start_services()?;
         Ok(host)
@@ -70,6 +108,7 @@ impl Host {
             &self.scratch,
             &FetcherOptions {
                 registries_conf: Some(conf),
+                authfile: self.authfile.clone(),
                 ..Default::default()
             },
         )?);

@@ -140,6 +140,11 @@ pub struct FetcherOptions {
     pub state_dir: Option<PathBuf>,
     /// `--registry-timeout` in seconds (default: the service's).
     pub registry_timeout: Option<u64>,
+    /// `--authfile` (default: the service's default paths).
+    pub authfile: Option<PathBuf>,
+    /// Environment variables set for the service (e.g. `XDG_RUNTIME_DIR`, which decides one
+    /// of its default credentials paths).
+    pub env: Vec<(&'static str, std::ffi::OsString)>,
 }
 
 impl ServiceProcess {
@@ -164,6 +169,10 @@ impl ServiceProcess {
         if let Some(secs) = opts.registry_timeout {
             cmd.arg("--registry-timeout").arg(secs.to_string());
         }
+        if let Some(authfile) = &opts.authfile {
+            cmd.arg("--authfile").arg(authfile);
+        }
+        cmd.envs(opts.env.iter().map(|(k, v)| (k, v)));
         Self::spawn(
             cmd,
             scratch.socket(dnfimage_interfaces::fetcher::INTERFACE),

@@ -1334,3 +1334,283 @@ with varlink.Client(address="unix:" + sys.argv[1]) as client:
     assert_eq!(out.trim(), Fixtures::shared()?.image(tags::BASE_V1)?.digest);
     Ok(())
 }
+
+/// Standard base64 (with padding), for the `auth` field of an auth.json.
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(ALPHABET[(n >> (18 - 6 * i)) as usize & 63]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn base64_encodes_as_the_rfc_says() {
+    for (plain, encoded) in [
+        ("", ""),
+        ("f", "Zg=="),
+        ("fo", "Zm8="),
+        ("foo", "Zm9v"),
+        ("foobar", "Zm9vYmFy"),
+    ] {
+        assert_eq!(base64(plain.as_bytes()), encoded);
+    }
+}
+
+/// Writes an auth.json at `path` giving `user:password` for `registry`.
+fn write_auth_json(path: &Path, registry: &str, user_password: &str) -> Result<()> {
+    std::fs::create_dir_all(path.parent().context("parent")?)?;
+    let auth = json!({"auths": {registry: {"auth": base64(user_password.as_bytes())}}});
+    std::fs::write(path, auth.to_string())?;
+    Ok(())
+}
+
+const AUTH_USER: &str = "dnfimage";
+const AUTH_PASSWORD: &str = "correct horse battery staple";
+
+/// A registry requiring credentials, holding the fixtures; and a fetcher for it started with
+/// `authfile` and with `XDG_RUNTIME_DIR` set to `<scratch>/xdg` (empty).
+fn auth_setup(authfile: Option<&str>) -> Result<(Scratch, Registry, PushedRefs, ServiceProcess)> {
+    let scratch = Scratch::new()?;
+    let registry =
+        Registry::start_with_auth(&scratch.path().join("registry"), AUTH_USER, AUTH_PASSWORD)?;
+    let refs = Fixtures::shared()?.push(&registry, "dnfimage/base")?;
+    let xdg = scratch.path().join("xdg");
+    std::fs::create_dir_all(&xdg)?;
+    let fetcher = ServiceProcess::fetcher(
+        &scratch,
+        &FetcherOptions {
+            registries_conf: Some(scratch.registries_conf(&registry.addr())?),
+            authfile: authfile.map(|name| scratch.path().join(name)),
+            env: vec![("XDG_RUNTIME_DIR", xdg.into_os_string())],
+            ..Default::default()
+        },
+    )?;
+    Ok((scratch, registry, refs, fetcher))
+}
+
+/// The cached references (`ListCached`).
+fn cached(socket: &Path) -> Result<Vec<String>> {
+    let replies = raw_call(socket, &json!({"method": format!("{FETCHER}.ListCached")}))?;
+    let last = replies.last().context("no reply")?;
+    Ok(last["parameters"]["images"]
+        .as_array()
+        .context("images")?
+        .iter()
+        .map(|i| i["reference"].as_str().unwrap_or_default().to_string())
+        .collect())
+}
+
+#[test]
+fn registry_requiring_credentials_takes_only_the_right_ones() -> Result<()> {
+    // A configured auth file: missing, then wrong, then right.
+    let (scratch, registry, refs, _fetcher) = auth_setup(Some("auth.json"))?;
+    let socket = scratch.socket(FETCHER);
+    let authfile = scratch.path().join("auth.json");
+    let refused = |says: &str| -> Result<()> {
+        for method in ["Inspect", "CheckUpdate", "Fetch"] {
+            let (name, params) = call_error(&socket, method, json!({"image": refs.base_v1}))?;
+            assert_eq!(
+                name,
+                format!("{FETCHER}.AuthenticationRequired"),
+                "{method}: {params}"
+            );
+            let message = params["message"].as_str().unwrap_or_default();
+            assert!(message.contains("authentication required"), "{params}");
+            assert!(message.contains(says), "{method}: {params} lacks {says}");
+        }
+        assert_eq!(cached(&socket)?, Vec::<String>::new());
+        Ok(())
+    };
+    refused(&format!(
+        "the configured credentials file {} does not exist",
+        authfile.display()
+    ))?;
+    write_auth_json(&authfile, &registry.addr(), &format!("{AUTH_USER}:wrong"))?;
+    refused(&format!(
+        "credentials from the configured file {}",
+        authfile.display()
+    ))?;
+    // What a person reads.
+    let stderr = cli_fails(scratch.cli().args(["image", "fetch", &refs.base_v1]))?;
+    assert!(
+        stderr.contains("The registry refused") && stderr.contains("skopeo login"),
+        "{stderr}"
+    );
+    let tmp = scratch.state_dir().join("cache/tmp");
+    assert!(std::fs::read_dir(&tmp).map_or(true, |mut d| d.next().is_none()));
+
+    write_auth_json(
+        &authfile,
+        &registry.addr(),
+        &format!("{AUTH_USER}:{AUTH_PASSWORD}"),
+    )?;
+    let v1 = Fixtures::shared()?.image(tags::BASE_V1)?;
+    let fetched = run_ok(
+        scratch
+            .cli()
+            .args(["--json", "image", "fetch", &refs.base_v1]),
+    )?;
+    let fetched: Value = serde_json::from_str(&fetched)?;
+    assert_eq!(fetched["digest"], v1.digest.as_str(), "{fetched}");
+    assert_eq!(cached(&socket)?, vec![refs.base_v1.clone()]);
+    assert_blobs_intact(&scratch.state_dir().join("cache"))?;
+    Ok(())
+}
+
+#[test]
+fn credentials_in_the_containers_default_path_are_found() -> Result<()> {
+    // Nothing configured: $XDG_RUNTIME_DIR/containers/auth.json, where `skopeo login` writes.
+    let (scratch, registry, refs, _fetcher) = auth_setup(None)?;
+    let socket = scratch.socket(FETCHER);
+    let default = scratch.path().join("xdg/containers/auth.json");
+    let (name, params) = call_error(&socket, "Fetch", json!({"image": refs.base_v1}))?;
+    assert_eq!(
+        name,
+        format!("{FETCHER}.AuthenticationRequired"),
+        "{params}"
+    );
+    let message = params["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains(&format!("no credentials: none of {}", default.display()))
+            && message.contains("/etc/ostree/auth.json"),
+        "{params}"
+    );
+    // Logged in after the service started: its next call uses them.
+    run_ok(
+        Command::new("skopeo")
+            .arg("login")
+            .arg("--authfile")
+            .arg(&default)
+            .args(["--tls-verify=false", "--username", AUTH_USER, "--password"])
+            .arg(AUTH_PASSWORD)
+            .arg(registry.addr()),
+    )?;
+    let v1 = Fixtures::shared()?.image(tags::BASE_V1)?;
+    let replies = raw_call(
+        &socket,
+        &json!({"method": format!("{FETCHER}.Fetch"), "parameters": {"image": refs.base_v1}}),
+    )?;
+    let last = replies.last().context("no reply")?;
+    assert_eq!(
+        last["parameters"]["result"]["digest"],
+        v1.digest.as_str(),
+        "{last}"
+    );
+    assert_eq!(cached(&socket)?, vec![refs.base_v1.clone()]);
+    Ok(())
+}
+
+/// A registries.conf naming `mirror` a mirror of `primary`, both plain HTTP.
+fn mirror_conf(scratch: &Scratch, primary: &Registry, mirror: &Registry) -> Result<PathBuf> {
+    let path = scratch.path().join("registries-mirror.conf");
+    std::fs::write(
+        &path,
+        format!(
+            "[[registry]]\nlocation = \"{}\"\ninsecure = true\n\n\
+             [[registry.mirror]]\nlocation = \"{}\"\ninsecure = true\n",
+            primary.addr(),
+            mirror.addr()
+        ),
+    )?;
+    Ok(path)
+}
+
+#[test]
+fn mirror_serves_while_the_primary_is_down_but_cannot_substitute_an_image() -> Result<()> {
+    let scratch = Scratch::new()?;
+    let mut primary = Registry::start(&scratch.path().join("primary"))?;
+    let mirror = Registry::start(&scratch.path().join("mirror"))?;
+    let fixtures = Fixtures::shared()?;
+    let (v1, v2) = (
+        fixtures.image(tags::BASE_V1)?,
+        fixtures.image(tags::BASE_V2)?,
+    );
+    let on_primary = fixtures.push_as(&primary, tags::BASE_V1, "dnfimage/base:v1")?;
+    fixtures.push_as(&mirror, tags::BASE_V1, "dnfimage/base:v1")?;
+    fixtures.push_as(&mirror, tags::BASE_V2, "dnfimage/base:v2")?;
+    let _fetcher = ServiceProcess::fetcher(
+        &scratch,
+        &FetcherOptions {
+            registries_conf: Some(mirror_conf(&scratch, &primary, &mirror)?),
+            ..Default::default()
+        },
+    )?;
+    let socket = scratch.socket(FETCHER);
+    primary.stop();
+
+    // The mirror serves; the cache records the primary's reference and the image's digest.
+    let pos = mirror.log_position()?;
+    let out = run_ok(
+        scratch
+            .cli()
+            .args(["--json", "image", "fetch", &on_primary]),
+    )?;
+    let fetched: Value = serde_json::from_str(&out)?;
+    assert_eq!(fetched["digest"], v1.digest.as_str(), "{fetched}");
+    let served: BTreeSet<_> = mirror.blob_requests_since(pos)?.into_iter().collect();
+    assert!(
+        v1.layer_digests().iter().all(|l| served.contains(l)),
+        "the mirror did not serve the layers: {served:?}"
+    );
+    let list = run_ok(scratch.cli().args(["--json", "image", "list"]))?;
+    let list: Value = serde_json::from_str(&list)?;
+    assert_eq!(
+        list["images"][0]["reference"],
+        on_primary.as_str(),
+        "{list}"
+    );
+    assert_eq!(list["images"][0]["digest"], v1.digest.as_str(), "{list}");
+
+    // Empty the cache, then make the mirror answer v1's digest with v2's manifest.
+    raw_call(
+        &socket,
+        &json!({"method": format!("{FETCHER}.Prune"), "parameters": {"keep": []}}),
+    )?;
+    assert_eq!(cached(&socket)?, Vec::<String>::new());
+    std::fs::copy(
+        mirror.blob_data_path(&v2.digest),
+        mirror.blob_data_path(&v1.digest),
+    )?;
+    let pinned = format!("docker://{}/dnfimage/base@{}", primary.addr(), v1.digest);
+    for method in ["Inspect", "CheckUpdate", "Fetch"] {
+        let (name, params) = call_error(&socket, method, json!({"image": pinned}))?;
+        assert_eq!(
+            name,
+            format!("{FETCHER}.DigestMismatch"),
+            "{method}: {params}"
+        );
+        assert_eq!(params["expected"], v1.digest.as_str(), "{params}");
+        // skopeo names no digest when it refuses the manifest; the fetcher's own check does.
+        assert!(
+            params["actual"].is_null() || params["actual"] == v2.digest.as_str(),
+            "{params}"
+        );
+    }
+    assert_eq!(cached(&socket)?, Vec::<String>::new());
+    let blobs = scratch.state_dir().join("cache/blobs/sha256");
+    let kept = std::fs::read_dir(&blobs).map_or(0, |d| d.count());
+    assert_eq!(kept, 0, "blobs kept in {}", blobs.display());
+    let stderr = cli_fails(scratch.cli().args(["image", "fetch", &pinned]))?;
+    assert!(stderr.contains("Digest mismatch"), "{stderr}");
+
+    // skopeo takes the mirror's answer without falling back: the same with the primary up.
+    primary.restart()?;
+    let (name, params) = call_error(&socket, "Fetch", json!({"image": pinned}))?;
+    assert_eq!(name, format!("{FETCHER}.DigestMismatch"), "{params}");
+    assert_eq!(cached(&socket)?, Vec::<String>::new());
+    Ok(())
+}

@@ -371,3 +371,33 @@ fn killed_import_leaves_status_and_repo_unchanged() -> Result<()> {
     assert_eq!(host.deployments()?[0]["version"], "2");
     Ok(())
 }
+
+#[test]
+fn rebase_and_upgrade_from_a_registry_requiring_credentials() -> Result<()> {
+    let host = Host::with_registry_auth("admin", "hunter2 and more")?;
+    let f = Fixtures::shared()?;
+    let (v1, v2) = (f.image(tags::BASE_V1)?, f.image(tags::BASE_V2)?);
+
+    // No credentials yet: a typed refusal saying what to do, nothing deployed.
+    let out = run(host.cli().args(["rebase", &host.latest]))?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("The registry refused") && stderr.contains("skopeo login"),
+        "{stderr}"
+    );
+    assert!(host.deployments()?.is_empty());
+
+    host.log_in("admin", "hunter2 and more")?;
+    let out = host.ok(&["rebase", &host.latest])?;
+    assert!(out.contains("Deployed"), "{out}");
+    let deps = host.deployments()?;
+    assert_eq!(deps.len(), 1);
+    assert_eq!(deps[0]["imageDigest"], v1.digest.as_str());
+
+    host.publish(tags::BASE_V2)?;
+    host.ok(&["upgrade"])?;
+    let deps = host.deployments()?;
+    assert_eq!(deps[0]["imageDigest"], v2.digest.as_str(), "{deps:?}");
+    Ok(())
+}

@@ -188,10 +188,13 @@ impl Fixtures {
         read_image(&self.oci_dir, tag)
     }
 
-    /// Push every fixture image to `registry` as `<repo>:<tag>`.
+    /// Push every fixture image to `registry` as `<repo>:<tag>` (with its credentials, if it
+    /// requires some).
     pub fn push(&self, registry: &Registry, repo: &str) -> Result<PushedRefs> {
-        let tags: Vec<String> = tags::ALL.iter().map(|t| t.to_string()).collect();
-        let refs = skopeo::push_tags(&self.oci_dir, &registry.addr(), repo, &tags)?;
+        let refs = tags::ALL
+            .iter()
+            .map(|tag| self.push_as(registry, tag, &format!("{repo}:{tag}")))
+            .collect::<Result<Vec<_>>>()?;
         let [base_v1, base_v2, derived, not_bootable] = <[String; 4]>::try_from(refs)
             .map_err(|_| anyhow!("Expected four pushed references"))?;
         Ok(PushedRefs {
@@ -206,7 +209,7 @@ impl Fixtures {
     /// "dnfimage/base:latest")` to move a tag to a new version; returns the docker reference.
     pub fn push_as(&self, registry: &Registry, tag: &str, name_and_tag: &str) -> Result<String> {
         let dest = registry.docker_ref(name_and_tag);
-        skopeo::copy(&self.oci_ref(tag), &dest)?;
+        skopeo::copy_as(&self.oci_ref(tag), &dest, registry.credentials().as_deref())?;
         Ok(dest)
     }
 }

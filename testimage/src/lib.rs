@@ -44,5 +44,6 @@ pub use oci::{
 pub use registry::{AccessLogEntry, Registry, parse_access_log_line};
 pub use rpms::TestRpms;
 pub use skopeo::{
-    copy as skopeo_copy, copy_v2s2 as skopeo_copy_v2s2, oci_ref, push_tags, raw_manifest,
+    copy as skopeo_copy, copy_v2s2 as skopeo_copy_v2s2, copy_with_creds as skopeo_copy_with_creds,
+    oci_ref, push_tags, raw_manifest,
 };

@@ -28,6 +28,7 @@ pub struct Registry {
     port: u16,
     workdir: PathBuf,
     sync_counter: AtomicU64,
+    credentials: Option<(String, String)>,
 }
 
 /// One request from the registry's access log.
@@ -128,6 +129,18 @@ impl Registry {
     /// Files in `workdir`: `config.yml`, `registry.log` (stdout and stderr, including the access
     /// log) and `storage/`. Returns once `GET /v2/` answers 200.
     pub fn start(workdir: &Path) -> Result<Registry> {
+        Self::start_with(workdir, None)
+    }
+
+    /// Like [`Registry::start`], for a registry that serves only `user` with `password`
+    /// (htpasswd auth, the password bcrypt-hashed by `htpasswd -Bbc` from apache2-utils, in
+    /// `workdir/htpasswd`): anything else is answered 401 "authentication required".
+    /// [`Registry::credentials`] gives them to pushes.
+    pub fn start_with_auth(workdir: &Path, user: &str, password: &str) -> Result<Registry> {
+        Self::start_with(workdir, Some((user.to_string(), password.to_string())))
+    }
+
+    fn start_with(workdir: &Path, credentials: Option<(String, String)>) -> Result<Registry> {
         std::fs::create_dir_all(workdir.join("storage"))
             .with_context(|| format!("Creating {}", workdir.display()))?;
         let workdir = std::path::absolute(workdir).context("Resolving registry workdir")?;
@@ -139,6 +152,7 @@ impl Registry {
                 port: free_port()?,
                 workdir: workdir.clone(),
                 sync_counter: AtomicU64::new(0),
+                credentials: credentials.clone(),
             };
             match registry.spawn() {
                 Ok(()) => return Ok(registry),
@@ -149,6 +163,17 @@ impl Registry {
             }
         }
         Err(last_err.unwrap_or_else(|| anyhow!("No free port"))).context("Starting docker-registry")
+    }
+
+    /// `USER:PASSWORD` for `skopeo --dest-creds`/`--creds`, when the registry requires them.
+    pub fn credentials(&self) -> Option<String> {
+        self.credentials
+            .as_ref()
+            .map(|(user, password)| format!("{user}:{password}"))
+    }
+
+    fn htpasswd_path(&self) -> PathBuf {
+        self.workdir.join("htpasswd")
     }
 
     fn config_path(&self) -> PathBuf {
@@ -176,7 +201,7 @@ impl Registry {
     }
 
     fn write_config(&self) -> Result<()> {
-        let config = format!(
+        let mut config = format!(
             "version: 0.1
 log:
   level: warn
@@ -194,6 +219,19 @@ http:
             storage = self.storage_dir().display(),
             addr = self.addr()
         );
+        if let Some((user, password)) = &self.credentials {
+            crate::cmd::run(
+                Command::new("htpasswd")
+                    .arg("-Bbc")
+                    .arg(self.htpasswd_path())
+                    .args([user, password]),
+            )
+            .context("Writing the registry's htpasswd (htpasswd is in apache2-utils)")?;
+            config.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: dnfimage-test\n    path: {}\n",
+                self.htpasswd_path().display()
+            ));
+        }
         std::fs::write(self.config_path(), config).context("Writing registry config")
     }
 
@@ -240,6 +278,8 @@ http:
             }
             match http_get_status(&self.addr(), "/v2/") {
                 Ok(200) => return Ok(()),
+                // Serving, and asking for the credentials it was started with.
+                Ok(401) if self.credentials.is_some() => return Ok(()),
                 Ok(_) | Err(_) if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(20))
                 }
@@ -437,6 +477,7 @@ mod tests {
             port: 1,
             workdir: PathBuf::from("/w"),
             sync_counter: AtomicU64::new(0),
+            credentials: None,
         };
         let hex = "0123".repeat(16);
         let want = PathBuf::from(format!(
@@ -475,6 +516,26 @@ mod tests {
         registry.stop();
         assert!(!registry.is_running());
         assert!(http_get_status(&addr, "/v2/").is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn auth_registry_refuses_without_credentials_and_takes_pushes_with_them() -> Result<()> {
+        let tmp = tempfile::tempdir()?;
+        let registry = Registry::start_with_auth(tmp.path(), "alice", "s3cret")?;
+        assert_eq!(registry.credentials().as_deref(), Some("alice:s3cret"));
+        assert_eq!(http_get_status(&registry.addr(), "/v2/")?, 401);
+        let layout = crate::Fixtures::shared()?;
+        let dest = registry.docker_ref("auth/base:v1");
+        let src = layout.oci_ref(crate::tags::BASE_V1);
+        let refused = crate::skopeo::copy(&src, &dest).expect_err("a push without credentials");
+        assert!(
+            format!("{refused:#}").contains("authentication required"),
+            "{refused:#}"
+        );
+        crate::skopeo::copy_with_creds(&src, &dest, "alice:wrong")
+            .expect_err("a push with a wrong password");
+        crate::skopeo::copy_with_creds(&src, &dest, "alice:s3cret")?;
         Ok(())
     }
 }

@@ -26,6 +26,20 @@ pub fn copy_v2s2(src: &str, dest: &str) -> Result<()> {
     copy_with(src, dest, &["--format", "v2s2"])
 }
 
+/// [`copy`] to a registry that requires credentials (`USER:PASSWORD`, see
+/// `Registry::credentials`).
+pub fn copy_with_creds(src: &str, dest: &str, dest_creds: &str) -> Result<()> {
+    copy_as(src, dest, Some(dest_creds))
+}
+
+/// [`copy`], with `--dest-creds` when given.
+pub(crate) fn copy_as(src: &str, dest: &str, dest_creds: Option<&str>) -> Result<()> {
+    match dest_creds {
+        Some(creds) => copy_with(src, dest, &["--dest-creds", creds]),
+        None => copy_with(src, dest, &[]),
+    }
+}
+
 fn copy_with(src: &str, dest: &str, options: &[&str]) -> Result<()> {
     run(Command::new("skopeo")
         .args([

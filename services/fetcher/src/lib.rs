@@ -57,7 +57,10 @@ pub struct Args {
     /// registries.conf handed to skopeo (e.g. to mark a plain-HTTP registry insecure).
     #[arg(long, env = "DNFIMAGE_REGISTRIES_CONF")]
     pub registries_conf: Option<PathBuf>,
-    /// Registry credentials (auth.json) handed to skopeo.
+    /// Registry credentials (auth.json) handed to skopeo. Unset: the first that exists of
+    /// $REGISTRY_AUTH_FILE, $XDG_RUNTIME_DIR/containers/auth.json (without XDG_RUNTIME_DIR:
+    /// /run/containers/UID/auth.json, where `skopeo login` writes), /run/ostree/auth.json,
+    /// /etc/ostree/auth.json, /usr/lib/ostree/auth.json (bootc's and rpm-ostree's).
     #[arg(long, env = "DNFIMAGE_AUTHFILE")]
     pub authfile: Option<PathBuf>,
     /// Seconds a registry may stay silent before the call fails with RegistryUnreachable: in
@@ -239,7 +242,21 @@ impl Fetcher {
     async fn resolve_unbounded(&self, image: &ImageRef) -> Result<Resolved, FetcherError> {
         let reference = image.to_string();
         let opened = self.shared.proxy.open(image).await?;
-        let proxy_err = |e: containers_image_proxy::Error| classify(&reference, &proxy_message(&e));
+        let proxy_err = |e: containers_image_proxy::Error| {
+            match opened.explain(classify(&reference, &proxy_message(&e))) {
+                // skopeo refused a manifest that is not the one a pinned reference names.
+                FetcherError::DigestMismatch {
+                    expected,
+                    actual,
+                    message,
+                } if expected.is_empty() => FetcherError::DigestMismatch {
+                    expected: image.digest().unwrap_or_default().to_string(),
+                    actual,
+                    message: format!("{message}; nothing was kept"),
+                },
+                other => other,
+            }
+        };
         // containers-image-proxy reads the manifest whole (it has no bounded read); skopeo
         // reads at most 4 MiB from a registry, so only a local layout can make it larger.
         // Refusing it here keeps it out of the cache and of every later parse.
@@ -248,6 +265,21 @@ impl Fetcher {
             .fetch_manifest_raw_oci(&opened.image)
             .await
             .map_err(proxy_err)?;
+        // skopeo's proxy compares the manifest with the digest a pinned reference names (above);
+        // checked again here, so that the cache never records an image under a digest it
+        // does not have whatever skopeo does.
+        if let Some(wanted) = image.digest()
+            && wanted != digest
+        {
+            return Err(FetcherError::DigestMismatch {
+                expected: wanted.to_string(),
+                actual: Some(digest.clone()),
+                message: format!(
+                    "{reference}: the registry (or a mirror registries.conf names) sent the \
+                     manifest {digest} for it, another image; nothing was kept"
+                ),
+            });
+        }
         if manifest_bytes.len() as u64 > MAX_MANIFEST_SIZE {
             return Err(FetcherError::MetadataTooLarge {
                 image: reference,

@@ -1,5 +1,6 @@
 //! Everything that talks to skopeo (through containers-image-proxy) lives here.
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 
 use containers_image_proxy::{ImageProxy, ImageProxyConfig, OpenedImage};
@@ -11,7 +12,8 @@ use dnfimage_interfaces::reference::ImageRef;
 pub struct ProxySettings {
     /// A registries.conf for skopeo (per-registry `insecure = true` for plain-HTTP registries).
     pub registries_conf: Option<PathBuf>,
-    /// An auth file (`auth.json`).
+    /// The auth file (`auth.json`) configured for the fetcher; none: the first of the default
+    /// paths that exists (see [`default_authfiles`]).
     pub authfile: Option<PathBuf>,
     /// How long a registry may stay silent: in all, answering for one image's manifest and
     /// configuration; during a fetch, with no byte of any layer arriving (none: as long as
@@ -28,6 +30,16 @@ pub struct Opened {
     pub image: OpenedImage,
     /// The skopeo process, killed when this is dropped.
     _skopeo: Skopeo,
+    /// The credentials skopeo was given.
+    credentials: Credentials,
+}
+
+impl Opened {
+    /// `error` (from this image's source) naming the credentials used, when the registry
+    /// refused them.
+    pub fn explain(&self, error: FetcherError) -> FetcherError {
+        self.credentials.explain(error)
+    }
 }
 
 /// The skopeo process behind a proxy (a pidfd), killed when dropped. skopeo notices that its
@@ -87,10 +99,13 @@ impl ProxySettings {
         };
         let (reader, writer) = std::io::pipe().map_err(|e| spawn_failed(e.to_string()))?;
         let mut cmd = self.command();
+        // Looked up on every open: credentials written after the service started (a `skopeo
+        // login` between two attempts) count.
+        let credentials = self.credentials();
         // The proxy library keeps the child to itself: the child tells its pid through a pipe.
         tell_pid(&mut cmd, &writer);
         let config = ImageProxyConfig {
-            authfile: self.authfile.clone(),
+            authfile: credentials.file().map(PathBuf::from),
             skopeo_cmd: Some(cmd),
             ..Default::default()
         };
@@ -104,13 +119,110 @@ impl ProxySettings {
         let opened = proxy
             .open_image(&reference)
             .await
-            .map_err(|e| classify(&reference, &proxy_message(&e)))?;
+            .map_err(|e| credentials.explain(classify(&reference, &proxy_message(&e))))?;
         Ok(Opened {
             proxy,
             image: opened,
             _skopeo: skopeo,
+            credentials,
         })
     }
+}
+
+impl ProxySettings {
+    /// The credentials file skopeo is given: the configured one, else the first default one
+    /// that exists.
+    fn credentials(&self) -> Credentials {
+        if let Some(path) = &self.authfile {
+            return Credentials::Configured(path.clone());
+        }
+        let candidates = default_authfiles(
+            |name| std::env::var_os(name),
+            rustix::process::getuid().as_raw(),
+        );
+        match candidates.iter().find(|p| p.is_file()) {
+            Some(found) => Credentials::Found(found.clone()),
+            None => Credentials::None(candidates),
+        }
+    }
+}
+
+/// Where the registry credentials came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Credentials {
+    /// `--authfile`/`DNFIMAGE_AUTHFILE`.
+    Configured(PathBuf),
+    /// The first default path that exists.
+    Found(PathBuf),
+    /// None of these exists (skopeo still reads its home-directory files).
+    None(Vec<PathBuf>),
+}
+
+impl Credentials {
+    fn file(&self) -> Option<&std::path::Path> {
+        match self {
+            Credentials::Configured(p) | Credentials::Found(p) => Some(p),
+            Credentials::None(_) => None,
+        }
+    }
+
+    /// `error` with the credentials the registry refused named, when it is a refusal.
+    fn explain(&self, error: FetcherError) -> FetcherError {
+        let FetcherError::AuthenticationRequired { image, message } = error else {
+            return error;
+        };
+        let which = match self {
+            Credentials::Configured(p) if !p.is_file() => format!(
+                "the configured credentials file {} does not exist",
+                p.display()
+            ),
+            Credentials::Configured(p) => {
+                format!("credentials from the configured file {}", p.display())
+            }
+            Credentials::Found(p) => format!("credentials from {}", p.display()),
+            Credentials::None(looked) => format!(
+                "no credentials: none of {} exists",
+                looked
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        };
+        FetcherError::AuthenticationRequired {
+            image,
+            message: format!("{message} ({which})"),
+        }
+    }
+}
+
+/// The credentials files the fetcher looks for when none is configured, in order; the first
+/// that exists is handed to skopeo. `env` reads an environment variable, `uid` is the
+/// service's.
+///
+/// 1. `$REGISTRY_AUTH_FILE`, the containers tools' own override.
+/// 2. What containers-image (skopeo 1.9.3, podman) reads first and `skopeo login`/`podman
+///    login` write: `$XDG_RUNTIME_DIR/containers/auth.json`, or `/run/containers/<uid>/auth.json`
+///    when `XDG_RUNTIME_DIR` is unset (as in a system service).
+/// 3. ostree-ext's host files, which bootc and rpm-ostree read: `/run/ostree/auth.json`,
+///    `/etc/ostree/auth.json`, `/usr/lib/ostree/auth.json` — the persistent place for a host's
+///    credentials, since everything above lives on a tmpfs.
+///
+/// skopeo itself then also reads `${XDG_CONFIG_HOME:-~/.config}/containers/auth.json`,
+/// `~/.docker/config.json` and `~/.dockercfg` for registries the file given lacks; under the
+/// unit, the home directories are empty.
+pub fn default_authfiles(env: impl Fn(&str) -> Option<OsString>, uid: u32) -> Vec<PathBuf> {
+    let set = |name: &str| env(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+    let mut paths = Vec::new();
+    paths.extend(set("REGISTRY_AUTH_FILE"));
+    paths.push(match set("XDG_RUNTIME_DIR") {
+        Some(dir) => dir.join("containers/auth.json"),
+        None => PathBuf::from(format!("/run/containers/{uid}/auth.json")),
+    });
+    for dir in ["/run", "/etc", "/usr/lib"] {
+        paths.push(PathBuf::from(dir).join("ostree/auth.json"));
+    }
+    paths
 }
 
 #[allow(unsafe_code)]
@@ -201,6 +313,7 @@ pub fn classify(image: &str, message: &str) -> FetcherError {
     } else if has(&[
         "digest did not match",
         "digest mismatch",
+        "manifest does not match",
         "corrupted blob",
         "does not match digest",
         "bytes in blob",
@@ -231,6 +344,107 @@ mod tests {
     use super::*;
 
     #[test]
+    fn default_credentials_paths_in_order() {
+        let env = |vars: &[(&str, &str)]| {
+            let vars: Vec<(String, OsString)> = vars
+                .iter()
+                .map(|(n, v)| (n.to_string(), OsString::from(v)))
+                .collect();
+            move |name: &str| vars.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone())
+        };
+        let ostree = [
+            "/run/ostree/auth.json",
+            "/etc/ostree/auth.json",
+            "/usr/lib/ostree/auth.json",
+        ];
+        /// The environment, the uid, the paths before ostree's.
+        type Case<'a> = (&'a [(&'a str, &'a str)], u32, &'a [&'a str]);
+        let cases: &[Case] = &[
+            // A system service: no XDG_RUNTIME_DIR.
+            (&[], 0, &["/run/containers/0/auth.json"]),
+            (
+                &[("XDG_RUNTIME_DIR", "")],
+                1000,
+                &["/run/containers/1000/auth.json"],
+            ),
+            (
+                &[("XDG_RUNTIME_DIR", "/run/user/0")],
+                0,
+                &["/run/user/0/containers/auth.json"],
+            ),
+            (
+                &[
+                    ("REGISTRY_AUTH_FILE", "/srv/auth.json"),
+                    ("XDG_RUNTIME_DIR", "/run/user/0"),
+                ],
+                0,
+                &["/srv/auth.json", "/run/user/0/containers/auth.json"],
+            ),
+        ];
+        for (vars, uid, first) in cases {
+            let want: Vec<PathBuf> = first
+                .iter()
+                .chain(ostree.iter())
+                .map(PathBuf::from)
+                .collect();
+            assert_eq!(default_authfiles(env(vars), *uid), want, "{vars:?}");
+        }
+    }
+
+    #[test]
+    fn refusals_name_the_credentials() {
+        let refused = || FetcherError::AuthenticationRequired {
+            image: "docker://r/x".into(),
+            message: "unauthorized: authentication required".into(),
+        };
+        let message = |e: FetcherError| match e {
+            FetcherError::AuthenticationRequired { message, .. } => message,
+            other => panic!("{other:?}"),
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let present = dir.path().join("auth.json");
+        std::fs::write(&present, "{}").expect("write");
+        let absent = dir.path().join("none.json");
+        let cases = [
+            (
+                Credentials::Configured(present.clone()),
+                format!("credentials from the configured file {}", present.display()),
+            ),
+            (
+                Credentials::Configured(absent.clone()),
+                format!(
+                    "the configured credentials file {} does not exist",
+                    absent.display()
+                ),
+            ),
+            (
+                Credentials::Found(present.clone()),
+                format!("credentials from {}", present.display()),
+            ),
+            (
+                Credentials::None(vec![absent.clone(), "/etc/ostree/auth.json".into()]),
+                format!(
+                    "no credentials: none of {}, /etc/ostree/auth.json exists",
+                    absent.display()
+                ),
+            ),
+        ];
+        for (credentials, want) in cases {
+            let got = message(credentials.explain(refused()));
+            assert_eq!(
+                got,
+                format!("unauthorized: authentication required ({want})")
+            );
+        }
+        // Other errors pass unchanged.
+        let other = FetcherError::ImageNotFound {
+            image: "x".into(),
+            message: "manifest unknown".into(),
+        };
+        assert_eq!(Credentials::Found(present).explain(other.clone()), other);
+    }
+
+    #[test]
     fn classifies_skopeo_errors() {
         let cases: &[(&str, &str)] = &[
             (
@@ -256,6 +470,10 @@ mod tests {
             ),
             (
                 "Digest did not match, expected sha256:aa, got sha256:bb",
+                "DigestMismatch",
+            ),
+            (
+                "GetManifest: failed to invoke method GetManifest: Manifest does not match provided manifest digest sha256:aa",
                 "DigestMismatch",
             ),
             (
