@@ -139,6 +139,10 @@ pub struct FetcherOptions {
     pub state_dir: Option<PathBuf>,
     /// `--registry-timeout` in seconds (default: the service's).
     pub registry_timeout: Option<u64>,
+    /// `--policy`: the signature policy (default: the host's).
+    pub policy: Option<PathBuf>,
+    /// `--registries-d`: where signatures are (default: the host's).
+    pub registries_d: Option<PathBuf>,
 }
 
 impl ServiceProcess {
@@ -162,6 +166,12 @@ impl ServiceProcess {
         }
         if let Some(secs) = opts.registry_timeout {
             cmd.arg("--registry-timeout").arg(secs.to_string());
+        }
+        if let Some(policy) = &opts.policy {
+            cmd.arg("--policy").arg(policy);
+        }
+        if let Some(dir) = &opts.registries_d {
+            cmd.arg("--registries-d").arg(dir);
         }
         Self::spawn(
             cmd,
