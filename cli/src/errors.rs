@@ -117,6 +117,12 @@ pub fn describe(name: &str, params: &Value) -> String {
             get("image")
         ),
         "DigestMismatch" => format!("Digest mismatch: {}", get("message")),
+        "SignatureRejected" => format!(
+            "The signature policy refuses {}: {}; it requires {}. Nothing of it was kept",
+            get("image"),
+            get("reason"),
+            get("requirement")
+        ),
         "MetadataTooLarge" => format!(
             "The {} of {} takes {}, more than the {} the fetcher reads; nothing was kept",
             get("blob"),

@@ -145,6 +145,10 @@ pub struct FetcherOptions {
     /// Environment variables set for the service (e.g. `XDG_RUNTIME_DIR`, which decides one
     /// of its default credentials paths).
     pub env: Vec<(&'static str, std::ffi::OsString)>,
+    /// `--policy`: the signature policy (default: the host's).
+    pub policy: Option<PathBuf>,
+    /// `--registries-d`: where signatures are (default: the host's).
+    pub registries_d: Option<PathBuf>,
 }
 
 impl ServiceProcess {
@@ -173,6 +177,12 @@ impl ServiceProcess {
             cmd.arg("--authfile").arg(authfile);
         }
         cmd.envs(opts.env.iter().map(|(k, v)| (k, v)));
+        if let Some(policy) = &opts.policy {
+            cmd.arg("--policy").arg(policy);
+        }
+        if let Some(dir) = &opts.registries_d {
+            cmd.arg("--registries-d").arg(dir);
+        }
         Self::spawn(
             cmd,
             scratch.socket(dnfimage_interfaces::fetcher::INTERFACE),

@@ -266,6 +266,17 @@ pub enum FetcherError {
         /// What happened.
         message: String,
     },
+    /// The host's signature policy (containers-policy.json) does not accept the image; nothing
+    /// of it was kept.
+    SignatureRejected {
+        /// The reference as given.
+        image: String,
+        /// The policy requirement that applies to the image: its scope and what it requires.
+        requirement: String,
+        /// Why the image does not meet it (unsigned, signed by another key, a signature for
+        /// another image or digest, rejected outright), with what skopeo said.
+        reason: String,
+    },
     /// The image's manifest or configuration is larger than the fetcher reads; nothing was
     /// kept.
     MetadataTooLarge {

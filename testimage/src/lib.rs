@@ -12,6 +12,8 @@
 //! - [`build_bench`]: many large layers of incompressible data, for fetch benchmarks.
 //! - [`Fixtures`]: all but the bench image in one OCI layout, built once per
 //!   [`FIXTURES_VERSION`] and shared by all test processes.
+//! - [`SigningKey`], [`Lookaside`]: a GPG key made at test time and a signature store, to push
+//!   images signed, unsigned, by another key or with another image's signature.
 //! - [`Registry`]: a `docker-registry` on 127.0.0.1 whose access log shows which blobs a
 //!   client fetched.
 //! - [`TestRpms`]: RPM packages for layering (a dependency, scriptlets, a conflict, a
@@ -30,6 +32,7 @@ mod http;
 mod oci;
 mod registry;
 pub mod rpms;
+mod signing;
 mod skopeo;
 
 pub use base::{BaseOptions, HOSTNAME, KERNEL_VERSION, OS_NAME, build_base};
@@ -43,6 +46,7 @@ pub use oci::{
 };
 pub use registry::{AccessLogEntry, Registry, parse_access_log_line};
 pub use rpms::TestRpms;
+pub use signing::{Lookaside, SigningKey, write_accept_anything_policy, write_signed_by_policy};
 pub use skopeo::{
     copy as skopeo_copy, copy_v2s2 as skopeo_copy_v2s2, copy_with_creds as skopeo_copy_with_creds,
     oci_ref, push_tags, raw_manifest,

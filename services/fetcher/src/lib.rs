@@ -3,6 +3,7 @@
 //! layout that the importer reads.
 
 pub mod cache;
+pub mod policy;
 pub mod reference;
 pub mod registry;
 
@@ -70,6 +71,13 @@ pub struct Args {
     /// and never answers; the service answers no one else meanwhile, and a fetch never ends).
     #[arg(long, env = "DNFIMAGE_REGISTRY_TIMEOUT", default_value_t = 60)]
     pub registry_timeout: u64,
+    /// Signature policy (containers-policy.json) an image must meet before it is fetched or
+    /// reported as an update; read at each check.
+    #[arg(long, env = "DNFIMAGE_POLICY", default_value = registry::DEFAULT_POLICY)]
+    pub policy: PathBuf,
+    /// registries.d directory saying where each registry's signatures are (lookaside).
+    #[arg(long, env = "DNFIMAGE_REGISTRIES_D", default_value = registry::DEFAULT_REGISTRIES_D)]
+    pub registries_d: PathBuf,
 }
 
 /// Runs the service until idle or stopped.
@@ -89,6 +97,8 @@ pub async fn run(args: Args, activation: Option<Activation>) -> Result<()> {
             authfile: args.authfile.clone(),
             registry_timeout: (args.registry_timeout > 0)
                 .then(|| std::time::Duration::from_secs(args.registry_timeout)),
+            policy: args.policy.clone(),
+            registries_d: args.registries_d.clone(),
         },
         jobs.clone(),
     );
@@ -220,12 +230,15 @@ impl Fetcher {
     }
 
     /// Opens `image` and reads its manifest and configuration, within the registry timeout.
-    async fn resolve(&self, image: &ImageRef) -> Result<Resolved, FetcherError> {
+    /// `verify`: check the manifest against the signature policy first (see
+    /// [`ProxySettings::verify`]); everything read afterwards is what that manifest names, by
+    /// digest.
+    async fn resolve(&self, image: &ImageRef, verify: bool) -> Result<Resolved, FetcherError> {
         let Some(limit) = self.shared.proxy.registry_timeout else {
-            return self.resolve_unbounded(image).await;
+            return self.resolve_unbounded(image, verify).await;
         };
         // On timeout the proxy is dropped, which closes skopeo's socket: skopeo exits.
-        tokio::time::timeout(limit, self.resolve_unbounded(image))
+        tokio::time::timeout(limit, self.resolve_unbounded(image, verify))
             .await
             .unwrap_or_else(|_| {
                 Err(FetcherError::RegistryUnreachable {
@@ -239,7 +252,11 @@ impl Fetcher {
             })
     }
 
-    async fn resolve_unbounded(&self, image: &ImageRef) -> Result<Resolved, FetcherError> {
+    async fn resolve_unbounded(
+        &self,
+        image: &ImageRef,
+        verify: bool,
+    ) -> Result<Resolved, FetcherError> {
         let reference = image.to_string();
         let opened = self.shared.proxy.open(image).await?;
         let proxy_err = |e: containers_image_proxy::Error| {
@@ -287,6 +304,9 @@ impl Fetcher {
                 size: manifest_bytes.len() as u64,
                 limit: MAX_MANIFEST_SIZE,
             });
+        }
+        if verify {
+            self.shared.proxy.verify(image, &digest).await?;
         }
         let manifest: Manifest = serde_json::from_slice(&manifest_bytes)
             .map_err(|e| failed(&format!("Parsing the manifest of {reference}"), e))?;
@@ -429,7 +449,8 @@ impl Fetcher {
     ) -> Result<CheckUpdateReply, FetcherError> {
         let image_ref = parse_ref(&image)?;
         self.may_read(&image_ref, "CheckUpdate")?;
-        let resolved = self.resolve(&image_ref).await?;
+        // An image the policy rejects is no update: say so now rather than at the fetch.
+        let resolved = self.resolve(&image_ref, true).await?;
         let current = match current_digest {
             Some(d) => Some(d),
             None => self
@@ -503,7 +524,9 @@ impl Fetcher {
     async fn inspect(&self, image: String) -> Result<InspectReply, FetcherError> {
         let image_ref = parse_ref(&image)?;
         self.may_read(&image_ref, "Inspect")?;
-        let resolved = self.resolve(&image_ref).await?;
+        // Reading metadata trusts nothing: no policy check (as `skopeo inspect`), so a rejected
+        // image can still be looked at.
+        let resolved = self.resolve(&image_ref, false).await?;
         let labels = resolved.config.labels();
         let layers = self.layers(&resolved.manifest);
         Ok(InspectReply {
@@ -781,7 +804,9 @@ impl Fetcher {
         let reference = image.to_string();
         let cache = &self.shared.cache;
         progress.phase(FetchPhase::Resolving, format!("Resolving {reference}"));
-        let resolved = self.resolve(image).await?;
+        // Nothing is written before the policy accepted the manifest; then only the blobs it
+        // names are fetched, by digest, so a tag moved meanwhile changes nothing.
+        let resolved = self.resolve(image, true).await?;
         let labels = resolved.config.labels();
         if !is_bootable(&labels) {
             return Err(FetcherError::NotBootable { image: reference });

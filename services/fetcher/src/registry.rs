@@ -8,7 +8,7 @@ use dnfimage_interfaces::fetcher::FetcherError;
 use dnfimage_interfaces::reference::ImageRef;
 
 /// How skopeo is started.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct ProxySettings {
     /// A registries.conf for skopeo (per-registry `insecure = true` for plain-HTTP registries).
     pub registries_conf: Option<PathBuf>,
@@ -20,7 +20,36 @@ pub struct ProxySettings {
     /// skopeo waits, which is forever for a server that accepts the connection and never
     /// answers).
     pub registry_timeout: Option<std::time::Duration>,
+    /// The signature policy (containers-policy.json) images must meet before a fetch.
+    pub policy: PathBuf,
+    /// The registries.d directory that says where signatures are (lookaside).
+    pub registries_d: PathBuf,
 }
+
+impl Default for ProxySettings {
+    fn default() -> Self {
+        Self {
+            registries_conf: None,
+            authfile: None,
+            registry_timeout: None,
+            policy: DEFAULT_POLICY.into(),
+            registries_d: DEFAULT_REGISTRIES_D.into(),
+        }
+    }
+}
+
+/// The host's signature policy, where containers/image looks for it.
+pub const DEFAULT_POLICY: &str = "/etc/containers/policy.json";
+/// The host's registries.d, where containers/image looks for it.
+pub const DEFAULT_REGISTRIES_D: &str = "/etc/containers/registries.d";
+
+/// The destination of the copy that checks the policy: a digest no manifest has, on a port
+/// nothing listens on. skopeo compares the source's manifest with a digested destination right
+/// after the policy check and before reading anything else, so the copy stops there.
+const POLICY_CHECK_DEST: &str = "docker://127.0.0.1:0/dnfimage-policy-check";
+/// What `skopeo copy` prints once the policy accepted the source and its manifest matched the
+/// destination's digest (containers/image `copy.copyOneImage`), before any layer is read.
+const PAST_THE_CHECKS: &str = "Getting image source signatures";
 
 /// An opened image and the proxy that serves it.
 pub struct Opened {
@@ -130,6 +159,84 @@ impl ProxySettings {
 }
 
 impl ProxySettings {
+    /// Checks that the host's signature policy accepts `image` whose manifest has `digest`.
+    ///
+    /// skopeo's image proxy ignores the policy (1.9.3), so this asks `skopeo copy`, which
+    /// enforces it, for the image as given (the signatures must name this very reference, as
+    /// for `podman pull`) with a destination whose digest is `digest`: containers/image checks
+    /// the policy first, then that the manifest it read has `digest`, and only then touches the
+    /// destination, which cannot be reached. No layer is read: one manifest request and the
+    /// signatures. A tag moved since `digest` was read fails the second check. A policy that
+    /// accepts anything is not asked about.
+    pub async fn verify(&self, image: &ImageRef, digest: &str) -> Result<(), FetcherError> {
+        let policy =
+            crate::policy::Policy::read(&self.policy).map_err(|e| FetcherError::Failed {
+                message: format!("{e:#}"),
+            })?;
+        if policy.accepts_anything() {
+            tracing::debug!(
+                "The policy {} accepts any image: not checking {image}",
+                self.policy.display()
+            );
+            return Ok(());
+        }
+        let hex = digest.strip_prefix("sha256:").unwrap_or_default();
+        if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(FetcherError::Failed {
+                message: format!("{image}: the manifest digest {digest:?} is not a sha256 digest"),
+            });
+        }
+        let mut cmd = self.command();
+        cmd.arg("--policy")
+            .arg(&self.policy)
+            .arg("--registries.d")
+            .arg(&self.registries_d)
+            .arg("copy");
+        if let Some(authfile) = self.credentials().file() {
+            cmd.arg("--src-authfile").arg(authfile);
+        }
+        cmd.arg(image.to_string())
+            .arg(format!("{POLICY_CHECK_DEST}@{digest}"))
+            .stdin(std::process::Stdio::null());
+        let output = tokio::process::Command::from(cmd)
+            .kill_on_drop(true)
+            .output()
+            .await
+            .map_err(|e| FetcherError::Failed {
+                message: format!(
+                    "Starting skopeo to check the signature policy: {e}; is skopeo installed?"
+                ),
+            })?;
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        match policy_verdict(&stdout, &stderr) {
+            Verdict::Accepted => {
+                tracing::info!(
+                    "The signature policy accepts {image} ({digest}): {}",
+                    policy.requirement_for(image)
+                );
+                Ok(())
+            }
+            Verdict::Rejected(why) => Err(FetcherError::SignatureRejected {
+                image: image.to_string(),
+                requirement: policy.requirement_for(image),
+                reason: rejection_reason(&why),
+            }),
+            Verdict::Moved => Err(FetcherError::Failed {
+                message: format!(
+                    "{image}: the image changed while its signatures were being checked (its \
+                     manifest is no longer {digest}); nothing was kept, try again"
+                ),
+            }),
+            Verdict::Other(message) => Err(match classify(&image.to_string(), &message) {
+                FetcherError::Failed { message } => FetcherError::Failed {
+                    message: format!("Checking the signature policy: {message}"),
+                },
+                typed => typed,
+            }),
+        }
+    }
+
     /// The credentials file skopeo is given: the configured one, else the first default one
     /// that exists.
     fn credentials(&self) -> Credentials {
@@ -223,6 +330,84 @@ pub fn default_authfiles(env: impl Fn(&str) -> Option<OsString>, uid: u32) -> Ve
         paths.push(PathBuf::from(dir).join("ostree/auth.json"));
     }
     paths
+}
+
+/// What a policy-checking `skopeo copy` said.
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    /// Past the policy and the digest check.
+    Accepted,
+    /// The policy rejected the image: skopeo's reason.
+    Rejected(String),
+    /// The policy accepted a manifest with another digest.
+    Moved,
+    /// It failed before deciding (source unreachable, unknown image, bad policy): what it said.
+    Other(String),
+}
+
+/// Reads the outcome of the copy to [`POLICY_CHECK_DEST`] from its output.
+fn policy_verdict(stdout: &str, stderr: &str) -> Verdict {
+    let message = skopeo_message(stderr);
+    if let Some(i) = message.find("Source image rejected: ") {
+        Verdict::Rejected(message[i + "Source image rejected: ".len()..].to_string())
+    } else if message.contains("would not match destination reference") {
+        Verdict::Moved
+    } else if stdout.lines().any(|l| l.trim() == PAST_THE_CHECKS) {
+        Verdict::Accepted
+    } else {
+        Verdict::Other(message)
+    }
+}
+
+/// skopeo's fatal message without the logger's decoration (`time=… level=fatal msg="…"`).
+fn skopeo_message(stderr: &str) -> String {
+    let line = stderr
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or_default()
+        .trim();
+    match line.find("msg=\"") {
+        Some(i) => {
+            let quoted = &line[i + 4..];
+            serde_json::from_str::<String>(quoted).unwrap_or_else(|_| {
+                quoted
+                    .trim_start_matches('"')
+                    .trim_end_matches('"')
+                    .to_string()
+            })
+        }
+        None => line.to_string(),
+    }
+}
+
+/// Why the policy rejected an image, in words, followed by what skopeo said.
+fn rejection_reason(skopeo: &str) -> String {
+    let why = if skopeo.contains("no signature exists") {
+        "the image is not signed".to_string()
+    } else if skopeo.contains("Invalid GPG signature") || skopeo.contains("not signed by") {
+        match gpg_fingerprint(skopeo) {
+            Some(fpr) => format!("it is signed by a key the policy does not accept ({fpr})"),
+            None => "its signature is not by a key the policy accepts".to_string(),
+        }
+    } else if skopeo.contains("Signature for digest") {
+        "its signature is for another image or digest (or the manifest was altered)".to_string()
+    } else if skopeo.contains("Signature for identity") {
+        "its signature is for another image reference".to_string()
+    } else if skopeo.contains("is rejected by policy") {
+        "the policy rejects it outright".to_string()
+    } else {
+        "its signatures do not meet the policy".to_string()
+    };
+    format!("{why}: {skopeo}")
+}
+
+/// The signer's fingerprint in gpgme's description of a signature.
+fn gpg_fingerprint(text: &str) -> Option<&str> {
+    let start = text.find("Fingerprint:")? + "Fingerprint:".len();
+    let rest = text[start..].trim_start().trim_start_matches('"');
+    let end = rest.find(|c: char| !c.is_ascii_hexdigit())?;
+    (end > 0).then(|| &rest[..end])
 }
 
 #[allow(unsafe_code)]
@@ -442,6 +627,72 @@ mod tests {
             message: "manifest unknown".into(),
         };
         assert_eq!(Credentials::Found(present).explain(other.clone()), other);
+    }
+
+    #[test]
+    fn reads_the_policy_verdict() {
+        let fatal = |msg: &str| {
+            format!(
+                "time=\"2026-12-07T11:53:17Z\" level=fatal msg={}\n",
+                serde_json::to_string(msg).expect("a string serializes")
+            )
+        };
+        let cases = [
+            (
+                "Getting image source signatures\nChecking if image destination supports signatures\n",
+                fatal("Can not copy signatures to docker://127.0.0.1:0/x: pinging container registry 127.0.0.1:0: connection refused"),
+                Verdict::Accepted,
+            ),
+            (
+                "",
+                fatal("Source image rejected: A signature was required, but no signature exists"),
+                Verdict::Rejected("A signature was required, but no signature exists".into()),
+            ),
+            (
+                "",
+                fatal("Digest of source image's manifest would not match destination reference"),
+                Verdict::Moved,
+            ),
+            (
+                "",
+                fatal("initializing source docker://127.0.0.1:1/x:y: pinging container registry 127.0.0.1:1: connection refused"),
+                Verdict::Other("initializing source docker://127.0.0.1:1/x:y: pinging container registry 127.0.0.1:1: connection refused".into()),
+            ),
+        ];
+        for (stdout, stderr, want) in cases {
+            assert_eq!(policy_verdict(stdout, &stderr), want, "{stderr}");
+        }
+    }
+
+    #[test]
+    fn explains_rejections() {
+        let cases = [
+            (
+                "A signature was required, but no signature exists",
+                "the image is not signed: ",
+            ),
+            (
+                "Invalid GPG signature: gpgme.Signature{Summary:128, Fingerprint:\"99E5FC88C1633703FEFEA6640D074A16344C5868\", Status:gpgme.Error{err:0x9}}",
+                "it is signed by a key the policy does not accept (99E5FC88C1633703FEFEA6640D074A16344C5868): ",
+            ),
+            (
+                "Signature for digest sha256:aa does not match",
+                "its signature is for another image or digest",
+            ),
+            (
+                "Signature for identity 127.0.0.1:5000/a:b is not accepted",
+                "its signature is for another image reference: ",
+            ),
+            (
+                "Running image docker://x is rejected by policy.",
+                "the policy rejects it outright: ",
+            ),
+        ];
+        for (skopeo, want) in cases {
+            let got = rejection_reason(skopeo);
+            assert!(got.starts_with(want), "{skopeo} -> {got}");
+            assert!(got.ends_with(skopeo), "{got}");
+        }
     }
 
     #[test]
