@@ -117,7 +117,8 @@ pub fn describe(name: &str, params: &Value) -> String {
             get("image")
         ),
         "DigestMismatch" => format!("Digest mismatch: {}", get("message")),
-        "SignatureRejected" => format!(
+        // The fetcher's (an image the policy refuses); the layerer's is about a package.
+        "SignatureRejected" if params.get("requirement").is_some() => format!(
             "The signature policy refuses {}: {}; it requires {}. Nothing of it was kept",
             get("image"),
             get("reason"),
@@ -286,6 +287,11 @@ mod tests {
                 "The deployments changed while this command ran: it prepared its change on a \
                  sysroot without deployments, but another command changed them meanwhile and no \
                  deployment is left. Nothing was changed; run the command again.",
+            ),
+            (
+                "SignatureRejected",
+                json!({"package": "x.rpm", "keyId": null, "message": "not signed"}),
+                "Signature rejected: not signed (package: x.rpm)",
             ),
             (
                 "InsufficientSpace",
