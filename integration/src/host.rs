@@ -178,15 +178,27 @@ impl Host {
 
     /// The text of the file at `path` inside deployment `index`'s root.
     pub fn deployed_file(&self, index: usize, path: &str) -> Result<String> {
-        let d = &self.deployments()?[index];
-        let root = self.sysroot.path().join(format!(
+        let root = self.deployment_dir(&self.deployments()?[index])?;
+        std::fs::read_to_string(root.join(path.trim_start_matches('/')))
+            .with_context(|| format!("Reading {path} in {}", root.display()))
+    }
+
+    /// The origin file of deployment `d` (as `status --json` shows it).
+    pub fn origin_of(&self, d: &Value) -> Result<String> {
+        let mut path = self.deployment_dir(d)?.into_os_string();
+        path.push(".origin");
+        let path = std::path::PathBuf::from(path);
+        std::fs::read_to_string(&path).with_context(|| format!("Reading {}", path.display()))
+    }
+
+    /// The directory of deployment `d`: `ostree/deploy/STATEROOT/deploy/COMMIT.SERIAL`.
+    fn deployment_dir(&self, d: &Value) -> Result<std::path::PathBuf> {
+        Ok(self.sysroot.path().join(format!(
             "ostree/deploy/{}/deploy/{}.{}",
             d["stateroot"].as_str().context("stateroot")?,
             d["commit"].as_str().context("commit")?,
             d["serial"]
-        ));
-        std::fs::read_to_string(root.join(path.trim_start_matches('/')))
-            .with_context(|| format!("Reading {path} in {}", root.display()))
+        )))
     }
 }
 

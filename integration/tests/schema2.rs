@@ -2,7 +2,6 @@
 //! `skopeo copy --format v2s2`), through `dnf-image` on a scratch host: skopeo converts them to
 //! OCI on the way in, and every digest shown and recorded is still the registry's.
 
-use std::path::Path;
 
 use anyhow::{Context, Result};
 use dnfimage_integration::host::Host;
@@ -38,16 +37,6 @@ fn cached_digest(host: &Host, image: &str) -> Result<Value> {
         .clone())
 }
 
-fn origin_of(sysroot: &Path, d: &Value) -> Result<String> {
-    let path = sysroot.join(format!(
-        "ostree/deploy/{}/deploy/{}.{}.origin",
-        d["stateroot"].as_str().context("stateroot")?,
-        d["commit"].as_str().context("commit")?,
-        d["serial"]
-    ));
-    std::fs::read_to_string(&path).with_context(|| format!("Reading {}", path.display()))
-}
-
 #[test]
 fn schema2_image_rebases_checks_and_upgrades_by_the_registry_digest() -> Result<()> {
     let host = Host::new()?;
@@ -69,7 +58,7 @@ fn schema2_image_rebases_checks_and_upgrades_by_the_registry_digest() -> Result<
         host.deployed_file(0, "/usr/lib/os-release")?
             .contains("VERSION_ID=1")
     );
-    let origin = origin_of(host.sysroot.path(), &deps[0])?;
+    let origin = host.origin_of(&deps[0])?;
     assert!(
         origin.contains(&format!(
             "container-image-reference=ostree-unverified-registry:{}",

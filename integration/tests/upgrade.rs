@@ -17,16 +17,6 @@ fn flags(d: &Value) -> Vec<&str> {
         .collect()
 }
 
-fn origin_of(sysroot: &Path, d: &Value) -> Result<String> {
-    let path = sysroot.join(format!(
-        "ostree/deploy/{}/deploy/{}.{}.origin",
-        d["stateroot"].as_str().context("stateroot")?,
-        d["commit"].as_str().context("commit")?,
-        d["serial"]
-    ));
-    std::fs::read_to_string(&path).with_context(|| format!("Reading {}", path.display()))
-}
-
 #[test]
 fn rebase_upgrade_rollback_pin_cleanup_kargs() -> Result<()> {
     let host = Host::new()?;
@@ -49,7 +39,7 @@ fn rebase_upgrade_rollback_pin_cleanup_kargs() -> Result<()> {
         "{}",
         entries[0].1
     );
-    let origin = origin_of(host.sysroot.path(), &deps[0])?;
+    let origin = host.origin_of(&deps[0])?;
     assert!(
         origin.contains(host.latest.trim_start_matches("docker://")),
         "{origin}"
