@@ -2,7 +2,6 @@
 //! `skopeo copy --format v2s2`), through `dnf-image` on a scratch host: skopeo converts them to
 //! OCI on the way in, and every digest shown and recorded is still the registry's.
 
-
 use anyhow::{Context, Result};
 use dnfimage_integration::host::Host;
 use dnfimage_integration::{assert_blobs_intact, raw_call, run};
