@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use dnfimage_interfaces::deployer::{self, DeployerProxy, Deployment, StatusReply};
+use dnfimage_interfaces::deployer::{self, DeployerProxy, Deployment, ImageTrust, StatusReply};
 use dnfimage_interfaces::fetcher::{self, FetcherProxy};
 use dnfimage_interfaces::importer::{self, ImportResult, ImporterProxy};
 use dnfimage_interfaces::reference::ImageRef;
@@ -24,6 +24,8 @@ pub struct RebaseOptions<'a> {
     pub concurrency: Option<u64>,
     pub force: bool,
     pub unchanged_exit_77: bool,
+    /// Hold the image to the host's signature policy (not `--no-signature-verification`).
+    pub verify: bool,
 }
 
 /// Flags of `upgrade`.
@@ -118,6 +120,25 @@ pub(crate) async fn status_of(cli: &Cli) -> Result<(dnfimage_interfaces::Connect
         );
     }
     Ok((conn, status))
+}
+
+/// How deployment `d`'s image is held to the signature policy: what its origin records, else
+/// enforced (the default for an origin that says nothing).
+pub(crate) fn trust_of(d: &Deployment) -> ImageTrust {
+    d.trust.clone().unwrap_or(ImageTrust {
+        enforced: true,
+        ..Default::default()
+    })
+}
+
+/// What a deployment records about an image fetched with `enforced` verification.
+fn trust_from(enforced: bool, check: &fetcher::SignatureCheck) -> ImageTrust {
+    ImageTrust {
+        enforced,
+        verified: check.verified,
+        requirement: check.requirement.clone(),
+        signers: check.signers.clone(),
+    }
 }
 
 /// The booted deployment, else the one that boots next.
@@ -287,6 +308,7 @@ pub(crate) async fn deploy(
     commit: &str,
     image: &str,
     stateroot: Option<&str>,
+    trust: &ImageTrust,
 ) -> Result<deployer::DeployResult> {
     let expected = expected(before);
     let call = Call {
@@ -296,7 +318,15 @@ pub(crate) async fn deploy(
     let result = async {
         let mut conn = connect(cli, deployer::INTERFACE).await?;
         let stream = conn
-            .deploy(commit, image, stateroot, None, None, Some(&expected))
+            .deploy(
+                commit,
+                image,
+                stateroot,
+                None,
+                None,
+                Some(&expected),
+                Some(trust),
+            )
             .await
             .map_err(|e| progress::call_failed(call, "Calling Deploy", false, e))?;
         progress::drive(call, stream, out.progress("Deploying"), || {
@@ -308,7 +338,9 @@ pub(crate) async fn deploy(
     explained(cli, before, result).await
 }
 
-/// Fetch → import → deploy, as a change prepared on `before`.
+/// Fetch → import → deploy, as a change prepared on `before`; the image is checked against the
+/// signature policy when `verify`.
+#[allow(clippy::too_many_arguments)]
 async fn fetch_import_deploy(
     cli: &Cli,
     out: &Output,
@@ -316,10 +348,16 @@ async fn fetch_import_deploy(
     image: &str,
     stateroot: Option<&str>,
     concurrency: Option<u64>,
+    verify: bool,
     deploy_it: bool,
-) -> Result<(ImportResult, Option<deployer::DeployResult>)> {
+) -> Result<(ImportResult, ImageTrust, Option<deployer::DeployResult>)> {
     let mut fetcher = connect(cli, fetcher::INTERFACE).await?;
-    let fetched = image::fetch(cli, &mut fetcher, out, image, concurrency).await?;
+    let fetched = image::fetch(cli, &mut fetcher, out, image, concurrency, verify).await?;
+    let trust = trust_from(verify, &fetched.signature);
+    out.note(&format!(
+        "Signature: {}",
+        crate::output::trust_words(&trust)
+    ));
     out.note(&format!(
         "Fetched {} ({} layers downloaded, {} cached)",
         crate::output::named(fetched.version.as_deref(), &fetched.digest),
@@ -333,10 +371,10 @@ async fn fetch_import_deploy(
         short(&imported.commit)
     ));
     if !deploy_it {
-        return Ok((imported, None));
+        return Ok((imported, trust, None));
     }
-    let deployed = deploy(cli, out, before, &imported.commit, image, stateroot).await?;
-    Ok((imported, Some(deployed)))
+    let deployed = deploy(cli, out, before, &imported.commit, image, stateroot, &trust).await?;
+    Ok((imported, trust, Some(deployed)))
 }
 
 fn short(id: &str) -> &str {
@@ -353,6 +391,7 @@ async fn same_image<'a>(
     status: &'a StatusReply,
     image: &str,
     stateroot: Option<&str>,
+    verify: bool,
 ) -> Result<Option<(&'a Deployment, String)>> {
     let Some(next) = next_boot(status) else {
         return Ok(None);
@@ -364,6 +403,7 @@ async fn same_image<'a>(
         || next.base_commit.is_some()
         || crate::layer::has_layering(next)
         || stateroot.is_some_and(|s| s != next.stateroot)
+        || trust_of(next).enforced != verify
     {
         return Ok(None);
     }
@@ -385,7 +425,8 @@ pub(crate) async fn rebase(
     let image = normalize(image);
     let (_, status) = status_of(cli).await?;
     if !opts.force
-        && let Some((next, digest)) = same_image(cli, &status, &image, opts.stateroot).await?
+        && let Some((next, digest)) =
+            same_image(cli, &status, &image, opts.stateroot, opts.verify).await?
     {
         out.note(&format!(
             "No change: the image specification is unchanged. Deployment {} already is {image} \
@@ -407,13 +448,14 @@ pub(crate) async fn rebase(
             0
         });
     }
-    let (_, deployed) = fetch_import_deploy(
+    let (_, _, deployed) = fetch_import_deploy(
         cli,
         out,
         &status,
         &image,
         opts.stateroot,
         opts.concurrency,
+        opts.verify,
         true,
     )
     .await?;
@@ -438,6 +480,8 @@ pub(crate) async fn upgrade(cli: &Cli, out: &Output, opts: &UpgradeOptions) -> R
     } else {
         0
     };
+    // The origin's choice holds: an image held to the signature policy stays held to it.
+    let enforced = trust_of(from).enforced;
 
     if opts.from_downloaded {
         let mut importer = connect(cli, importer::INTERFACE).await?;
@@ -458,6 +502,7 @@ pub(crate) async fn upgrade(cli: &Cli, out: &Output, opts: &UpgradeOptions) -> R
             ));
             return Ok(unchanged);
         }
+        let trust = downloaded_trust(cli, &image, &downloaded.digest, enforced).await?;
         let commit = if crate::layer::has_layering(from) {
             let change = crate::layer::Change::default();
             crate::layer::build(cli, out, &downloaded.commit, Some(&from.commit), &change)
@@ -467,14 +512,14 @@ pub(crate) async fn upgrade(cli: &Cli, out: &Output, opts: &UpgradeOptions) -> R
         } else {
             downloaded.commit.clone()
         };
-        let deployed = deploy(cli, out, &status, &commit, &image, None).await?;
+        let deployed = deploy(cli, out, &status, &commit, &image, None, &trust).await?;
         out.deployed(&status, &deployed)?;
         return Ok(0);
     }
 
     let mut fetcher = connect(cli, fetcher::INTERFACE).await?;
     let check = fetcher
-        .check_update(&image, from.image_digest.as_deref())
+        .check_update(&image, from.image_digest.as_deref(), Some(enforced))
         .await
         .context("Calling CheckUpdate")?
         .map_err(service_error)?;
@@ -507,8 +552,17 @@ pub(crate) async fn upgrade(cli: &Cli, out: &Output, opts: &UpgradeOptions) -> R
         out.note(&format!("No update: {image} is still {}", check.digest));
         return Ok(unchanged);
     }
-    let (imported, _) =
-        fetch_import_deploy(cli, out, &status, &image, None, opts.concurrency, false).await?;
+    let (imported, trust, _) = fetch_import_deploy(
+        cli,
+        out,
+        &status,
+        &image,
+        None,
+        opts.concurrency,
+        enforced,
+        false,
+    )
+    .await?;
     if opts.download_only {
         if opts.preview {
             let base = from.base_commit.as_deref().unwrap_or(&from.commit);
@@ -528,9 +582,43 @@ pub(crate) async fn upgrade(cli: &Cli, out: &Output, opts: &UpgradeOptions) -> R
     } else {
         imported.commit.clone()
     };
-    let deployed = deploy(cli, out, &status, &commit, &image, None).await?;
+    let deployed = deploy(cli, out, &status, &commit, &image, None, &trust).await?;
     out.deployed(&status, &deployed)?;
     Ok(0)
+}
+
+/// What the fetch of `image` at `digest` (by `upgrade --download-only`) found about its
+/// signatures, from the fetcher's cache record. An image that must meet the policy (`enforced`)
+/// and was not checked then is refused: fetching it again checks it.
+async fn downloaded_trust(
+    cli: &Cli,
+    image: &str,
+    digest: &str,
+    enforced: bool,
+) -> Result<ImageTrust> {
+    if !enforced {
+        return Ok(trust_from(false, &fetcher::SignatureCheck::default()));
+    }
+    let mut fetcher = connect(cli, fetcher::INTERFACE).await?;
+    let cached = fetcher
+        .list_cached()
+        .await
+        .context("Calling ListCached")?
+        .map_err(service_error)?;
+    let check = cached
+        .images
+        .into_iter()
+        .find(|i| i.reference == image && i.digest == digest)
+        .and_then(|i| i.signature)
+        .filter(|s| s.checked);
+    match check {
+        Some(check) => Ok(trust_from(true, &check)),
+        None => anyhow::bail!(
+            "The downloaded {image} ({digest}) was not checked against the signature policy \
+             when it was fetched, and this deployment requires it: run `dnf-image upgrade` \
+             (which fetches and checks it) instead of `--from-downloaded`; nothing was deployed"
+        ),
+    }
 }
 
 pub(crate) async fn rollback(cli: &Cli, out: &Output) -> Result<u8> {

@@ -25,6 +25,9 @@ pub enum ImageCommand {
         /// Exit with 77 when there is no update.
         #[arg(long)]
         unchanged_exit_77: bool,
+        /// Do not check the image against the host's signature policy.
+        #[arg(long)]
+        no_signature_verification: bool,
     },
     /// Download an image's missing layers into the local cache.
     Fetch {
@@ -33,6 +36,9 @@ pub enum ImageCommand {
         /// How many layers to download at once (default 4).
         #[arg(long)]
         concurrency: Option<u64>,
+        /// Do not check the image against the host's signature policy.
+        #[arg(long)]
+        no_signature_verification: bool,
     },
     /// List the images in the local cache.
     List,
@@ -60,9 +66,14 @@ pub(crate) async fn run(cli: &Cli, out: &Output, cmd: &ImageCommand) -> Result<u
             image,
             current_digest,
             unchanged_exit_77,
+            no_signature_verification,
         } => {
             let reply = conn
-                .check_update(image, current_digest.as_deref())
+                .check_update(
+                    image,
+                    current_digest.as_deref(),
+                    Some(!no_signature_verification),
+                )
                 .await
                 .context("Calling CheckUpdate")?
                 .map_err(service_error)?;
@@ -73,8 +84,20 @@ pub(crate) async fn run(cli: &Cli, out: &Output, cmd: &ImageCommand) -> Result<u
                 0
             })
         }
-        ImageCommand::Fetch { image, concurrency } => {
-            let result = fetch(cli, &mut conn, out, image, *concurrency).await?;
+        ImageCommand::Fetch {
+            image,
+            concurrency,
+            no_signature_verification,
+        } => {
+            let result = fetch(
+                cli,
+                &mut conn,
+                out,
+                image,
+                *concurrency,
+                !no_signature_verification,
+            )
+            .await?;
             out.fetched(&result)?;
             Ok(0)
         }
@@ -106,13 +129,14 @@ pub(crate) async fn fetch(
     out: &Output,
     image: &str,
     concurrency: Option<u64>,
+    verify: bool,
 ) -> Result<FetchResult> {
     let call = progress::Call {
         interface: fetcher::INTERFACE,
         doing: "fetching",
     };
     let stream = conn
-        .fetch(image, concurrency)
+        .fetch(image, concurrency, Some(verify))
         .await
         .map_err(|e| progress::call_failed(call, "Calling Fetch", false, e))?;
     progress::drive(call, stream, out.progress("Fetching"), || {

@@ -138,7 +138,8 @@ async fn apply_on(cli: &Cli, out: &Output, status: &StatusReply, change: Change)
         out.note("Nothing to do: the deployment already has that.");
         return Ok(0);
     }
-    let deployed = deploy(cli, out, status, &built.commit, &image, None).await?;
+    let trust = crate::host::trust_of(from);
+    let deployed = deploy(cli, out, status, &built.commit, &image, None, &trust).await?;
     out.deployed(status, &deployed)?;
     Ok(0)
 }
@@ -196,7 +197,8 @@ pub(crate) async fn reset(cli: &Cli, out: &Output) -> Result<u8> {
         .image
         .clone()
         .context("The deployment does not follow an image")?;
-    let deployed = deploy(cli, out, &status, &base, &image, None).await?;
+    let trust = crate::host::trust_of(from);
+    let deployed = deploy(cli, out, &status, &base, &image, None, &trust).await?;
     out.deployed(&status, &deployed)?;
     Ok(0)
 }

@@ -67,6 +67,12 @@ pub enum Command {
         /// Exit with 77 when the image specification is unchanged (nothing deployed).
         #[arg(long, conflicts_with = "force")]
         unchanged_exit_77: bool,
+        /// Do not check the image against the host's signature policy
+        /// (/etc/containers/policy.json), now or when upgrading: recorded in the origin as
+        /// `ostree-unverified-registry:`. Without it the policy is enforced and recorded as
+        /// `ostree-image-signed:`.
+        #[arg(long)]
+        no_signature_verification: bool,
     },
     /// Fetch, import and stage the newest version of the image the host follows.
     Upgrade {
@@ -182,12 +188,14 @@ pub async fn run(cli: Cli) -> Result<u8> {
             concurrency,
             force,
             unchanged_exit_77,
+            no_signature_verification,
         } => {
             let opts = host::RebaseOptions {
                 stateroot: stateroot.as_deref(),
                 concurrency: *concurrency,
                 force: *force,
                 unchanged_exit_77: *unchanged_exit_77,
+                verify: !no_signature_verification,
             };
             host::rebase(&cli, &out, image, &opts).await
         }

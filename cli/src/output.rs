@@ -5,7 +5,9 @@ use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use dnfimage_interfaces::deployer::{CleanupResult, DeployResult, Deployment, StatusReply};
+use dnfimage_interfaces::deployer::{
+    CleanupResult, DeployResult, Deployment, ImageTrust, StatusReply,
+};
 use dnfimage_interfaces::fetcher::{
     CachedImage, CheckUpdateReply, FetchResult, ImageInfo, PruneReply, UpdateCheck,
 };
@@ -77,6 +79,9 @@ fn deployment(d: &Deployment) {
     if let Some(digest) = &d.image_digest {
         println!("       Digest: {digest}");
     }
+    if let Some(trust) = &d.trust {
+        println!("    Signature: {}", trust_words(trust));
+    }
     println!("       Commit: {}", d.commit);
     println!("    Timestamp: {}", d.timestamp);
     println!("       Kernel: {}", d.kernel_version);
@@ -93,6 +98,31 @@ fn deployment(d: &Deployment) {
     }
     for p in &l.override_replace {
         println!("     Replaced: {} {}", p.name, p.version);
+    }
+}
+
+/// How an image is held to the signature policy, in a few words: "verified, signed by
+/// FPR (UID); policy docker scope …", "not verified: --no-signature-verification", …
+pub fn trust_words(trust: &ImageTrust) -> String {
+    if !trust.enforced {
+        return "not verified (--no-signature-verification; upgrades do not check it either)"
+            .into();
+    }
+    let policy = trust
+        .requirement
+        .as_deref()
+        .map(|r| format!("; policy {r}"))
+        .unwrap_or_default();
+    if trust.verified {
+        if trust.signers.is_empty() {
+            format!("verified{policy}")
+        } else {
+            format!("verified, signed by {}{policy}", trust.signers.join(", "))
+        }
+    } else if trust.requirement.is_some() {
+        format!("accepted without a signature{policy}")
+    } else {
+        "checked against the signature policy at each upgrade (nothing recorded yet)".into()
     }
 }
 

@@ -29,6 +29,9 @@ pub struct Host {
     pub repos: Option<Repositories>,
     /// The fetcher's `--authfile`, when the registry requires credentials.
     pub authfile: Option<std::path::PathBuf>,
+    /// The fetcher's `--policy` and `--registries-d` (default: the machine's), taken by the
+    /// next [`Host::start_services`].
+    pub signature_policy: Option<(std::path::PathBuf, std::path::PathBuf)>,
 }
 
 impl Host {
@@ -95,6 +98,7 @@ impl Host {
             latest,
             repos,
             authfile,
+            signature_policy: None,
         };
         host.start_services()?;
         Ok(host)
@@ -109,6 +113,8 @@ impl Host {
             &FetcherOptions {
                 registries_conf: Some(conf),
                 authfile: self.authfile.clone(),
+                policy: self.signature_policy.as_ref().map(|p| p.0.clone()),
+                registries_d: self.signature_policy.as_ref().map(|p| p.1.clone()),
                 ..Default::default()
             },
         )?);

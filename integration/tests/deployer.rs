@@ -283,14 +283,16 @@ fn first_deploy_writes_a_boot_entry_and_records_the_image() -> Result<()> {
     assert_eq!(d.layering, Default::default());
     assert_eq!(s.deployments()?, vec![d.clone()]);
 
-    // The origin records the registry reference as ostree-ext and bootc write it.
+    // The origin records the registry reference as ostree-ext and bootc write it: held to the
+    // signature policy when the caller does not say otherwise.
     let origin = s.origin(d)?;
     assert!(
         origin.contains(
-            "container-image-reference=ostree-unverified-registry:registry.example/dnfimage/base:v1"
+            "container-image-reference=ostree-image-signed:docker://registry.example/dnfimage/base:v1\n"
         ),
         "{origin}"
     );
+    assert_eq!(d.trust.as_ref().map(|t| t.enforced), Some(true));
 
     // One boot entry, whose kernel is v1's kernel, with the arguments.
     let entries = s.boot_entries()?;
@@ -757,7 +759,9 @@ fn one_change_at_a_time_and_cancel_or_kill_leaves_nothing_behind() -> Result<()>
     rt.block_on(async {
         let mut conn = dnfimage_interfaces::connect(&s.scratch.runtime_dir(), DEPLOYER).await?;
         let mut other = dnfimage_interfaces::connect(&s.scratch.runtime_dir(), DEPLOYER).await?;
-        let mut stream = conn.deploy(&slow, IMAGE_V1, None, None, None, None).await?;
+        let mut stream = conn
+            .deploy(&slow, IMAGE_V1, None, None, None, None, None)
+            .await?;
         // The call is sent; once Status names it, it runs (it takes the job slot before it
         // answers anything).
         let mut polls = 0;

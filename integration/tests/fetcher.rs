@@ -808,7 +808,7 @@ async fn start_slow_fetch(
     conn: &mut dnfimage_interfaces::Connection,
     image: &str,
 ) -> Result<impl futures_util::Stream<Item = zlink::Result<Result<FetchReply, FetcherError>>>> {
-    let stream = conn.fetch(image, Some(1)).await?;
+    let stream = conn.fetch(image, Some(1), None).await?;
     let mut stream = Box::pin(stream);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -828,7 +828,7 @@ async fn fetch_to_the_end(
     concurrency: u64,
 ) -> Result<dnfimage_interfaces::fetcher::FetchResult> {
     let mut conn = dnfimage_interfaces::connect(runtime_dir, FETCHER).await?;
-    let stream = conn.fetch(image, Some(concurrency)).await?;
+    let stream = conn.fetch(image, Some(concurrency), None).await?;
     futures_util::pin_mut!(stream);
     let mut result = None;
     while let Some(item) = stream.next().await {
@@ -937,7 +937,7 @@ async fn registry_silent_midway_ends_the_fetch_and_a_retry_resumes() -> Result<(
     )?;
     let dir = s.scratch.runtime_dir();
     let mut conn = dnfimage_interfaces::connect(&dir, FETCHER).await?;
-    let stream = conn.fetch(&s.image, Some(4)).await?;
+    let stream = conn.fetch(&s.image, Some(4), None).await?;
     futures_util::pin_mut!(stream);
     let mut outcome = None;
     while let Some(item) = stream.next().await {
@@ -987,7 +987,7 @@ async fn second_fetch_is_refused_and_cancel_stops_the_first() -> Result<()> {
 
     {
         let mut second_conn = dnfimage_interfaces::connect(&dir, FETCHER).await?;
-        let second = second_conn.fetch(&s.image, None).await?;
+        let second = second_conn.fetch(&s.image, None, None).await?;
         futures_util::pin_mut!(second);
         let refused = second.next().await.context("no reply")??;
         assert!(
@@ -1023,7 +1023,7 @@ async fn second_fetch_is_refused_and_cancel_stops_the_first() -> Result<()> {
     assert_blobs_intact(&s.scratch.state_dir().join("cache"))?;
     // Nothing runs now: the next fetch is accepted.
     let mut conn = dnfimage_interfaces::connect(&dir, FETCHER).await?;
-    let next = conn.fetch("docker://-bad", None).await?;
+    let next = conn.fetch("docker://-bad", None, None).await?;
     futures_util::pin_mut!(next);
     let reply = next.next().await.context("no reply")??;
     assert!(

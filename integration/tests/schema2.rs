@@ -60,8 +60,7 @@ fn schema2_image_rebases_checks_and_upgrades_by_the_registry_digest() -> Result<
     let origin = host.origin_of(&deps[0])?;
     assert!(
         origin.contains(&format!(
-            "container-image-reference=ostree-unverified-registry:{}",
-            image.trim_start_matches("docker://")
+            "container-image-reference=ostree-image-signed:{image}\n"
         )),
         "{origin}"
     );

@@ -219,6 +219,52 @@ fn only_images_the_policy_accepts_are_fetched_from_a_registry() -> Result<()> {
     for digest in f.image(tags::BASE_V1)?.layer_digests() {
         assert!(blobs.contains(&digest), "{digest} not fetched");
     }
+    // The result names the requirement and the signer, by fingerprint and user id.
+    let signer = format!("{} (dnfimage test <t@example.invalid>)", s.key.fingerprint);
+    assert_eq!(fetched["signature"]["checked"], true, "{fetched}");
+    assert_eq!(fetched["signature"]["verified"], true, "{fetched}");
+    assert_eq!(
+        fetched["signature"]["signers"],
+        json!([signer]),
+        "{fetched}"
+    );
+    let requirement = fetched["signature"]["requirement"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        requirement.starts_with(&format!("docker scope \"{}\": signedBy", s.registry.addr())),
+        "{fetched}"
+    );
+    // A requirement trusting several keys: the one that signed is named, not the others.
+    std::fs::write(
+        &s.policy,
+        serde_json::to_vec(&json!({
+            "default": [{"type": "reject"}],
+            "transports": {"docker": {s.registry.addr(): [{
+                "type": "signedBy", "keyType": "GPGKeys",
+                "keyPaths": [s.other_key.public_key, s.key.public_key],
+            }]}},
+        }))?,
+    )?;
+    let fetched = s.fetch_json(&signed)?;
+    assert_eq!(
+        fetched["signature"]["signers"],
+        json!([signer]),
+        "{fetched}"
+    );
+    // Verification turned off: fetched unchecked, and said so.
+    let replies = raw_call(
+        &s.socket(),
+        &json!({"method": format!("{}.Fetch", fetcher::INTERFACE),
+                "parameters": {"image": unsigned, "signatureVerification": false}}),
+    )?;
+    let last = replies.last().context("no reply")?;
+    assert_eq!(error_name(last), None, "{last}");
+    assert_eq!(
+        last["parameters"]["result"]["signature"],
+        json!({"checked": false, "verified": false, "requirement": null, "signers": []}),
+        "{last}"
+    );
 
     // A policy that accepts anything: everything is fetched, as before policies were read.
     write_accept_anything_policy(&s.policy)?;

@@ -16,6 +16,25 @@ pub const IDL: &str = include_str!("../org.dnfimage.Deployer.varlink");
 /// `org.dnfimage.Deployer.Deploy` copies it into the origin of the deployment.
 pub const LAYERING_METADATA_KEY: &str = "dnfimage.layering";
 
+/// Whether a deployment's image is held to the host's signature policy, and what checking it
+/// found when it was fetched.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, introspect::CustomType)]
+#[serde(rename_all = "camelCase")]
+#[zlink(rename_all = "camelCase")]
+pub struct ImageTrust {
+    /// Whether upgrades check the image against the host's signature policy (the origin says
+    /// "ostree-image-signed:" or "ostree-remote-registry:"); false when verification was turned
+    /// off ("ostree-unverified-registry:", "ostree-unverified-image:").
+    pub enforced: bool,
+    /// Whether the policy required signatures and they were verified when the image was
+    /// fetched; false when it accepted the image without any, or nothing was recorded.
+    pub verified: bool,
+    /// The policy requirement that applied when the image was fetched; null when not recorded.
+    pub requirement: Option<String>,
+    /// The keys whose signatures were verified, "FINGERPRINT (USER ID)".
+    pub signers: Vec<String>,
+}
+
 /// A deployment: a bootable checkout of a commit, with its kernel arguments and origin.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, introspect::CustomType)]
 #[serde(rename_all = "camelCase")]
@@ -58,6 +77,9 @@ pub struct Deployment {
     pub finalization_locked: bool,
     /// What is layered on the image, from its origin; empty lists when nothing is.
     pub layering: LayeringRequest,
+    /// How its image is held to the signature policy, from its origin; null when it is not
+    /// from an image.
+    pub trust: Option<ImageTrust>,
 }
 
 impl Deployment {
@@ -308,6 +330,7 @@ pub enum DeployerError {
 }
 
 /// Client side of `org.dnfimage.Deployer`.
+#[allow(clippy::too_many_arguments)]
 #[proxy(
     interface = "org.dnfimage.Deployer",
     rename_all_arguments = "camelCase"
@@ -322,6 +345,7 @@ pub trait DeployerProxy {
     ) -> zlink::Result<Result<CheckSpaceReply, DeployerError>>;
     /// Writes a new deployment of a commit.
     #[zlink(more)]
+    #[allow(clippy::too_many_arguments)]
     async fn deploy(
         &mut self,
         commit: &str,
@@ -330,6 +354,7 @@ pub trait DeployerProxy {
         kernel_arguments: Option<&[String]>,
         lock_finalization: Option<bool>,
         expected_deployment: Option<&str>,
+        trust: Option<&ImageTrust>,
     ) -> zlink::Result<impl Stream<Item = zlink::Result<Result<DeployReply, DeployerError>>>>;
     /// Writes a new deployment with changed kernel arguments.
     #[zlink(more)]
@@ -393,7 +418,8 @@ mod tests {
     #[zlink::service(
         interface = "org.dnfimage.Deployer",
         types = [
-            Package, LayeringRequest, Deployment, FilesystemSpace, DeployPhase, DeployProgress,
+            Package, LayeringRequest, ImageTrust, Deployment, FilesystemSpace, DeployPhase,
+        DeployProgress,
             DeployResult, CleanupPhase, CleanupProgress, CleanupResult,
         ]
     )]
@@ -429,7 +455,10 @@ mod tests {
         /// prepared the change against, "STATEROOT/COMMIT.SERIAL" of the one a change starts from:
         /// the staged one, else the booted one, else the one that boots next ("" for a sysroot
         /// without deployments). When that is no longer so once the sysroot lock is held, nothing is
-        /// written and the call fails with `StateChanged`.
+        /// written and the call fails with `StateChanged`. `trust` (default: enforced, nothing
+        /// verified recorded) says whether upgrades must check the image against the host's
+        /// signature policy, recorded as the origin's scheme ("ostree-image-signed:" when
+        /// enforced, else "ostree-unverified-registry:"), and what the fetch's check found.
         #[zlink(more)]
         #[allow(clippy::too_many_arguments)]
         async fn deploy(
@@ -441,6 +470,7 @@ mod tests {
             #[zlink(rename = "kernelArguments")] kernel_arguments: Option<Vec<String>>,
             #[zlink(rename = "lockFinalization")] lock_finalization: Option<bool>,
             #[zlink(rename = "expectedDeployment")] expected_deployment: Option<String>,
+            trust: Option<ImageTrust>,
         ) -> impl Stream<Item = Result<Reply<DeployReply>, DeployerError>> + Unpin + use<> {
             let _ = (
                 more,
@@ -450,6 +480,7 @@ mod tests {
                 kernel_arguments,
                 lock_finalization,
                 expected_deployment,
+                trust,
             );
             stream::iter([Err(unimplemented())])
         }
@@ -561,6 +592,12 @@ mod tests {
             pinned: false,
             finalization_locked: false,
             layering: LayeringRequest::default(),
+            trust: Some(ImageTrust {
+                enforced: true,
+                verified: true,
+                requirement: Some("default: signedBy".into()),
+                signers: vec!["0123 (OS <os@example.org>)".into()],
+            }),
         }
     }
 
@@ -620,15 +657,18 @@ mod tests {
             None,
             None,
             None,
+            None,
             None
         ));
+        let trust = ImageTrust::default();
         check_proxy_call!(more IDL, DeployerError, |c| c.deploy(
             "3a5c",
             "docker://r/i:1",
             Some("default"),
             Some(&arguments),
             Some(true),
-            Some("default/3a5c.0")
+            Some("default/3a5c.0"),
+            Some(&trust)
         ));
         check_proxy_call!(more IDL, DeployerError, |c| c.set_kernel_arguments(
             Some(1),

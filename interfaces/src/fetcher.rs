@@ -151,6 +151,24 @@ pub struct FetchProgress {
     pub message: String,
 }
 
+/// What checking an image against the host's signature policy (containers-policy.json) found.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, introspect::CustomType)]
+#[serde(rename_all = "camelCase")]
+#[zlink(rename_all = "camelCase")]
+pub struct SignatureCheck {
+    /// Whether the image was checked against the policy; false when the caller turned
+    /// verification off.
+    pub checked: bool,
+    /// Whether the policy required signatures and they were verified; false when it accepts
+    /// the image without any.
+    pub verified: bool,
+    /// The policy requirement that applied, e.g. `docker scope "quay.io/os": signedBy (GPGKeys,
+    /// key /etc/pki/os.gpg)`; null when the image was not checked.
+    pub requirement: Option<String>,
+    /// The keys whose signatures were verified, "FINGERPRINT (USER ID)".
+    pub signers: Vec<String>,
+}
+
 /// The outcome of a completed `Fetch`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, introspect::CustomType)]
 #[serde(rename_all = "camelCase")]
@@ -168,6 +186,8 @@ pub struct FetchResult {
     pub layers_cached: u64,
     /// How many bytes were downloaded by this call.
     pub bytes_fetched: u64,
+    /// What checking the image against the signature policy found.
+    pub signature: SignatureCheck,
 }
 
 /// Reply of `Fetch`: progress records, then one record with the result.
@@ -196,6 +216,9 @@ pub struct CachedImage {
     pub size: u64,
     /// When it was fetched (RFC 3339).
     pub fetched: String,
+    /// What checking it against the signature policy found when it was fetched; null for
+    /// images fetched before this was recorded.
+    pub signature: Option<SignatureCheck>,
 }
 
 /// Reply of `ListCached`.
@@ -343,6 +366,7 @@ pub trait FetcherProxy {
         &mut self,
         image: &str,
         current_digest: Option<&str>,
+        signature_verification: Option<bool>,
     ) -> zlink::Result<Result<CheckUpdateReply, FetcherError>>;
     /// The last `CheckUpdate` answer for an image.
     async fn last_check(
@@ -355,6 +379,7 @@ pub trait FetcherProxy {
         &mut self,
         image: &str,
         concurrency: Option<u64>,
+        signature_verification: Option<bool>,
     ) -> zlink::Result<impl Stream<Item = zlink::Result<Result<FetchReply, FetcherError>>>>;
     /// Cancels the running fetch.
     async fn cancel(&mut self) -> zlink::Result<Result<CancelReply, FetcherError>>;

@@ -304,13 +304,18 @@ impl ImageRef {
         self.parts.digest_start.map(|start| &self.name[start..])
     }
 
-    /// The value of an origin's `container-image-reference`, as ostree-ext writes it for an
-    /// image whose signature is not checked: `ostree-unverified-registry:quay.io/os:1`,
+    /// The value of an origin's `container-image-reference`, as ostree-ext and bootc write it:
+    /// for an image held to the host's signature policy (`verified`)
+    /// `ostree-image-signed:docker://quay.io/os:1`, `ostree-image-signed:oci:/srv/os:1`; for one
+    /// whose signature is not checked `ostree-unverified-registry:quay.io/os:1`,
     /// `ostree-unverified-image:oci:/srv/os:1`.
-    pub fn to_origin(&self) -> String {
-        match self.transport {
-            Transport::Registry => format!("ostree-unverified-registry:{}", self.name),
-            Transport::OciDir | Transport::OciArchive => format!("ostree-unverified-image:{self}"),
+    pub fn to_origin(&self, verified: bool) -> String {
+        match (verified, self.transport) {
+            (true, _) => format!("ostree-image-signed:{self}"),
+            (false, Transport::Registry) => format!("ostree-unverified-registry:{}", self.name),
+            (false, Transport::OciDir | Transport::OciArchive) => {
+                format!("ostree-unverified-image:{self}")
+            }
         }
     }
 }
@@ -1152,9 +1157,15 @@ mod tests {
         ];
         for (input, origin) in cases {
             let r = ImageRef::parse(input).unwrap();
-            assert_eq!(r.to_origin(), *origin, "{input}");
+            assert_eq!(r.to_origin(false), *origin, "{input}");
             let read = OriginReference::parse(origin).unwrap();
             assert_eq!(read.signature, Signature::Unverified);
+            assert_eq!(read.image(), r.to_string(), "{input}");
+            // Held to the policy: ostree-image-signed, with the transport spelled out.
+            let signed = r.to_origin(true);
+            assert_eq!(signed, format!("ostree-image-signed:{r}"), "{input}");
+            let read = OriginReference::parse(&signed).unwrap();
+            assert_eq!(read.signature, Signature::ContainerPolicy);
             assert_eq!(read.image(), r.to_string(), "{input}");
         }
     }
@@ -1274,8 +1285,10 @@ mod tests {
             rebuilt = format!("{rebuilt}@{digest}");
         }
         assert_eq!(rebuilt, r.name(), "{text}");
-        let origin = OriginReference::parse(&r.to_origin()).expect("our own origin");
-        assert_eq!(origin.image(), text);
+        for verified in [false, true] {
+            let origin = OriginReference::parse(&r.to_origin(verified)).expect("our own origin");
+            assert_eq!(origin.image(), text);
+        }
     }
 
     /// Parses `input` every way there is; none may panic, and what is accepted holds up.

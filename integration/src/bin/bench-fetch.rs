@@ -36,7 +36,7 @@ async fn time_fetch(scratch: &Scratch, conf: &Path, image: &str, concurrency: u6
     let _service = fresh_fetcher(scratch, conf)?;
     let mut conn = dnfimage_interfaces::connect(&scratch.runtime_dir(), fetcher::INTERFACE).await?;
     let start = Instant::now();
-    let stream = conn.fetch(image, Some(concurrency)).await?;
+    let stream = conn.fetch(image, Some(concurrency), None).await?;
     futures_util::pin_mut!(stream);
     let mut done = false;
     while let Some(item) = stream.next().await {

@@ -19,7 +19,7 @@ use anyhow::Result;
 use dnfimage_interfaces::deployer::{
     CancelReply, CheckSpaceReply, CleanupPhase, CleanupProgress, CleanupReply, CleanupResult,
     DeployPhase, DeployProgress, DeployReply, DeployResult, DeployerError, Deployment,
-    DeploymentReply, FilesystemSpace, IDL, LayeringRequest, Package, StatusReply,
+    DeploymentReply, FilesystemSpace, IDL, ImageTrust, LayeringRequest, Package, StatusReply,
 };
 use dnfimage_interfaces::reference::excerpt;
 use dnfimage_runtime::{
@@ -272,7 +272,8 @@ impl Deployer {
 #[zlink::service(
     interface = "org.dnfimage.Deployer",
     types = [
-        Package, LayeringRequest, Deployment, FilesystemSpace, DeployPhase, DeployProgress,
+        Package, LayeringRequest, ImageTrust, Deployment, FilesystemSpace, DeployPhase,
+        DeployProgress,
         DeployResult, CleanupPhase, CleanupProgress, CleanupResult,
     ],
     vendor = "dnfimage",
@@ -323,7 +324,10 @@ impl Deployer {
     /// prepared the change against, "STATEROOT/COMMIT.SERIAL" of the one a change starts from:
     /// the staged one, else the booted one, else the one that boots next ("" for a sysroot
     /// without deployments). When that is no longer so once the sysroot lock is held, nothing is
-    /// written and the call fails with `StateChanged`.
+    /// written and the call fails with `StateChanged`. `trust` (default: enforced, nothing
+    /// verified recorded) says whether upgrades must check the image against the host's
+    /// signature policy, recorded as the origin's scheme ("ostree-image-signed:" when
+    /// enforced, else "ostree-unverified-registry:"), and what the fetch's check found.
     #[zlink(more)]
     #[allow(clippy::too_many_arguments)]
     async fn deploy(
@@ -335,6 +339,7 @@ impl Deployer {
         #[zlink(rename = "kernelArguments")] kernel_arguments: Option<Vec<String>>,
         #[zlink(rename = "lockFinalization")] lock_finalization: Option<bool>,
         #[zlink(rename = "expectedDeployment")] expected_deployment: Option<String>,
+        trust: Option<ImageTrust>,
     ) -> impl Stream<Item = Result<Reply<DeployReply>, DeployerError>> + Unpin + use<> {
         let image_ref = match ImageRef::parse(&image) {
             Ok(r) => r,
@@ -354,6 +359,10 @@ impl Deployer {
             kernel_arguments,
             lock_finalization: lock_finalization.unwrap_or(false),
             expected: expected_deployment,
+            trust: trust.unwrap_or(ImageTrust {
+                enforced: true,
+                ..Default::default()
+            }),
         };
         self.streamed(more, what, move |progress, cancellable, operation| {
             sysroot::deploy(&path, request, progress, cancellable, operation)

@@ -1,10 +1,17 @@
 //! The origin file of a deployment: the image reference upgrades follow, in the form ostree-ext
-//! and bootc write (`[origin] container-image-reference=ostree-unverified-registry:…`), and the
-//! layering request, in a group of our own so that rpm-ostree never mistakes it for its own.
+//! and bootc write (`[origin] container-image-reference=ostree-image-signed:docker://…` when
+//! upgrades check the host's signature policy, `ostree-unverified-registry:…` when that was
+//! turned off), what the signature check found when the image was fetched, and the layering
+//! request, both in groups of our own so that rpm-ostree never mistakes them for its own.
 //!
 //! ```ini
 //! [origin]
-//! container-image-reference=ostree-unverified-registry:quay.io/example/os:42
+//! container-image-reference=ostree-image-signed:docker://quay.io/example/os:42
+//!
+//! [dnfimage-signature]
+//! verified=true
+//! requirement=docker scope "quay.io/example": signedBy (GPGKeys, key /etc/pki/os.gpg)
+//! signers=0123…4567 (OS builders <os@example.org>);
 //!
 //! [dnfimage-layering]
 //! packages=htop;vim-enhanced;
@@ -13,8 +20,8 @@
 //! override-replace=kernel-6.2.1-1.fc41.x86_64;
 //! ```
 
-use dnfimage_interfaces::deployer::{LayeringRequest, Package};
-use dnfimage_interfaces::reference::OriginReference;
+use dnfimage_interfaces::deployer::{ImageTrust, LayeringRequest, Package};
+use dnfimage_interfaces::reference::{OriginReference, Signature};
 use ostree_ext::glib;
 use ostree_ext::keyfileext::{KeyFileExt, map_keyfile_optional};
 
@@ -24,6 +31,12 @@ pub const ORIGIN_GROUP: &str = "origin";
 pub const CONTAINER_KEY: &str = ostree_ext::container::deploy::ORIGIN_CONTAINER;
 /// Our group for the layering request.
 pub const LAYERING_GROUP: &str = "dnfimage-layering";
+/// Our group for what the signature check found.
+pub const SIGNATURE_GROUP: &str = "dnfimage-signature";
+
+const VERIFIED: &str = "verified";
+const REQUIREMENT: &str = "requirement";
+const SIGNERS: &str = "signers";
 
 const PACKAGES: &str = "packages";
 const INACTIVE: &str = "inactive";
@@ -82,10 +95,26 @@ pub fn is_empty(request: &LayeringRequest) -> bool {
         && request.override_replace.is_empty()
 }
 
-/// A new origin recording `image` and `layering` (nothing for an empty request).
-pub fn new_origin(image: &ImageRef, layering: &LayeringRequest) -> glib::KeyFile {
+/// A new origin recording `image`, held to the signature policy as `trust` says, and
+/// `layering` (nothing for an empty request).
+pub fn new_origin(
+    image: &ImageRef,
+    trust: &ImageTrust,
+    layering: &LayeringRequest,
+) -> glib::KeyFile {
     let origin = glib::KeyFile::new();
-    origin.set_string(ORIGIN_GROUP, CONTAINER_KEY, &image.to_origin());
+    origin.set_string(
+        ORIGIN_GROUP,
+        CONTAINER_KEY,
+        &image.to_origin(trust.enforced),
+    );
+    if trust.enforced || trust.verified || trust.requirement.is_some() {
+        origin.set_boolean(SIGNATURE_GROUP, VERIFIED, trust.verified);
+        if let Some(requirement) = &trust.requirement {
+            origin.set_string(SIGNATURE_GROUP, REQUIREMENT, requirement);
+        }
+        origin.set_value(SIGNATURE_GROUP, SIGNERS, &list_value(&trust.signers));
+    }
     set_layering(&origin, layering);
     origin
 }
@@ -114,21 +143,28 @@ pub struct Recorded {
     pub image: Option<String>,
     /// The layering request; empty when there is none.
     pub layering: LayeringRequest,
+    /// How the image is held to the signature policy; `None` when there is no image.
+    pub trust: Option<ImageTrust>,
 }
 
 /// Reads what `origin` records. An unreadable image reference is reported as no image, with a
 /// debug log: the deployment may come from another tool.
 pub fn read(origin: &glib::KeyFile) -> Result<Recorded, String> {
-    let image = origin
+    let reference = origin
         .optional_string(ORIGIN_GROUP, CONTAINER_KEY)
         .map_err(|e| format!("Reading {CONTAINER_KEY}: {e}"))?
         .and_then(|v| match OriginReference::parse(&v) {
-            Ok(r) => Some(r.image()),
+            Ok(r) => Some(r),
             Err(e) => {
                 tracing::debug!("Origin image reference {v:?} unreadable, ignoring: {e}");
                 None
             }
         });
+    let trust = reference
+        .as_ref()
+        .map(|r| read_trust(origin, &r.signature))
+        .transpose()?;
+    let image = reference.map(|r| r.image());
     let list = |key: &str| -> Result<Vec<String>, String> {
         map_keyfile_optional(origin.string_list(LAYERING_GROUP, key))
             .map(|v| {
@@ -143,12 +179,36 @@ pub fn read(origin: &glib::KeyFile) -> Result<Recorded, String> {
         .collect::<Result<_, _>>()?;
     Ok(Recorded {
         image,
+        trust,
         layering: LayeringRequest {
             packages: list(PACKAGES)?,
             inactive: list(INACTIVE)?,
             override_remove: list(OVERRIDE_REMOVE)?,
             override_replace,
         },
+    })
+}
+
+/// How an origin with `signature` holds its image to the policy, with what our group records.
+/// An `ostree-remote-registry:` origin (rpm-ostree's, signatures checked by the ostree remote)
+/// counts as enforced: upgrades check the host's signature policy for it.
+fn read_trust(origin: &glib::KeyFile, signature: &Signature) -> Result<ImageTrust, String> {
+    let in_group = |e: glib::Error| format!("Reading {SIGNATURE_GROUP}: {e}");
+    let verified = map_keyfile_optional(origin.boolean(SIGNATURE_GROUP, VERIFIED))
+        .map_err(in_group)?
+        .unwrap_or(false);
+    let requirement = origin
+        .optional_string(SIGNATURE_GROUP, REQUIREMENT)
+        .map_err(|e| format!("Reading {SIGNATURE_GROUP}.{REQUIREMENT}: {e}"))?;
+    let signers = map_keyfile_optional(origin.string_list(SIGNATURE_GROUP, SIGNERS))
+        .map_err(in_group)?
+        .map(|v| v.iter().map(|s| s.to_string()).collect())
+        .unwrap_or_default();
+    Ok(ImageTrust {
+        enforced: !matches!(signature, Signature::Unverified),
+        verified,
+        requirement: requirement.map(|r| r.to_string()),
+        signers,
     })
 }
 
@@ -214,6 +274,77 @@ mod tests {
             let recorded = read(&kf).unwrap();
             assert_eq!(recorded.image.as_deref(), *want, "{text}");
             assert_eq!(recorded.layering, LayeringRequest::default(), "{text}");
+            // Whatever names an image is held to the policy unless it says "unverified".
+            assert_eq!(
+                recorded.trust.map(|t| t.enforced),
+                want.map(|_| !text.contains("ostree-unverified-")),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_signature_choice_and_check_round_trip() {
+        let signed = ImageTrust {
+            enforced: true,
+            verified: true,
+            requirement: Some("docker scope \"quay.io/os\": signedBy (GPGKeys, key /k.gpg)".into()),
+            signers: vec!["0123456789ABCDEF0123456789ABCDEF01234567 (OS <os@example.org>)".into()],
+        };
+        let accepted_unsigned = ImageTrust {
+            enforced: true,
+            verified: false,
+            requirement: Some("default: insecureAcceptAnything".into()),
+            signers: Vec::new(),
+        };
+        let unverified = ImageTrust::default();
+        let cases = [
+            (
+                "docker://quay.io/os:1",
+                &signed,
+                "ostree-image-signed:docker://quay.io/os:1",
+            ),
+            (
+                "oci:/srv/os:1",
+                &accepted_unsigned,
+                "ostree-image-signed:oci:/srv/os:1",
+            ),
+            (
+                "docker://quay.io/os:1",
+                &unverified,
+                "ostree-unverified-registry:quay.io/os:1",
+            ),
+            (
+                "oci:/srv/os:1",
+                &unverified,
+                "ostree-unverified-image:oci:/srv/os:1",
+            ),
+        ];
+        for (image, trust, written) in cases {
+            let r = ImageRef::parse(image).unwrap();
+            let text = new_origin(&r, trust, &LayeringRequest::default())
+                .to_data()
+                .to_string();
+            assert!(
+                text.contains(&format!("container-image-reference={written}\n")),
+                "{text}"
+            );
+            let back = read(&parse(&text).unwrap()).unwrap();
+            assert_eq!(back.image.as_deref(), Some(image));
+            assert_eq!(back.trust.as_ref(), Some(trust), "{text}");
+            // What ostree-ext (rpm-ostree, bootc) reads from it: the same image, and the same
+            // choice about signatures.
+            let theirs =
+                ostree_ext::container::OstreeImageReference::try_from(written).expect(written);
+            assert_eq!(theirs.imgref.to_string(), image, "{written}");
+            assert_eq!(
+                matches!(
+                    theirs.sigverify,
+                    ostree_ext::container::SignatureSource::ContainerPolicy
+                ),
+                trust.enforced,
+                "{written}"
+            );
         }
     }
 
@@ -246,13 +377,15 @@ mod tests {
             },
         ];
         let image = ImageRef::parse("docker://quay.io/os:1").unwrap();
+        let unverified = ImageTrust::default();
         for request in requests {
-            let origin = new_origin(&image, &request);
+            let origin = new_origin(&image, &unverified, &request);
             let text = origin.to_data().to_string();
             assert!(
                 text.contains("container-image-reference=ostree-unverified-registry:quay.io/os:1"),
                 "{text}"
             );
+            assert!(!text.contains(SIGNATURE_GROUP), "{text}");
             assert_eq!(text.contains(LAYERING_GROUP), !is_empty(&request), "{text}");
             let back = read(&parse(&text).unwrap()).unwrap();
             assert_eq!(back.image.as_deref(), Some("docker://quay.io/os:1"));

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use dnfimage_interfaces::deployer::{
     CheckSpaceReply, CleanupPhase, CleanupResult, DeployPhase, DeployResult, DeployerError,
-    Deployment, FilesystemSpace, deployment_id,
+    Deployment, FilesystemSpace, ImageTrust, deployment_id,
 };
 use ostree_ext::glib;
 use ostree_ext::ostree;
@@ -390,6 +390,7 @@ impl Loaded {
             pinned: d.is_pinned(),
             finalization_locked: d.is_staged() && Path::new(STAGED_LOCKED).exists(),
             layering: recorded.layering,
+            trust: recorded.trust,
         }
     }
 
@@ -751,6 +752,8 @@ pub struct DeployRequest {
     pub lock_finalization: bool,
     /// The deployment the change was prepared against (`expectedDeployment`).
     pub expected: Option<String>,
+    /// How the image is held to the signature policy, for its origin.
+    pub trust: ImageTrust,
 }
 
 /// `Deploy`.
@@ -794,7 +797,11 @@ pub fn deploy(
             .unwrap_or_default()
     });
     let new = NewDeployment {
-        origin: origin::new_origin(&request.image, &info.layering.unwrap_or_default()),
+        origin: origin::new_origin(
+            &request.image,
+            &request.trust,
+            &info.layering.unwrap_or_default(),
+        ),
         commit: request.commit,
         stateroot,
         kernel_arguments,

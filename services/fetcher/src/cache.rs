@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
+use dnfimage_interfaces::fetcher::SignatureCheck;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -22,6 +23,8 @@ const ANN_DIGEST: &str = "org.dnfimage.digest";
 const ANN_VERSION: &str = "org.dnfimage.version";
 const ANN_FETCHED: &str = "org.dnfimage.fetched";
 const ANN_SIZE: &str = "org.dnfimage.size";
+/// What the signature policy check found, JSON (`SignatureCheck`).
+const ANN_SIGNATURE: &str = "org.dnfimage.signature";
 
 /// How many references the update checks remember: checking one more forgets the one checked
 /// least recently. (`CheckUpdate` is open to every caller; each distinct reference would
@@ -116,6 +119,8 @@ pub struct Entry {
     pub fetched: String,
     /// Sum of the layer sizes.
     pub size: u64,
+    /// What the signature policy check found when it was fetched; none for older entries.
+    pub signature: Option<SignatureCheck>,
 }
 
 /// Why a blob was not stored.
@@ -362,6 +367,11 @@ impl Cache {
         annotations.insert(ANN_DIGEST.to_string(), entry.digest.clone());
         annotations.insert(ANN_FETCHED.to_string(), entry.fetched.clone());
         annotations.insert(ANN_SIZE.to_string(), entry.size.to_string());
+        if let Some(signature) = &entry.signature
+            && let Ok(json) = serde_json::to_string(signature)
+        {
+            annotations.insert(ANN_SIGNATURE.to_string(), json);
+        }
         if let Some(v) = &entry.version {
             annotations.insert(ANN_VERSION.to_string(), v.clone());
         }
@@ -499,6 +509,9 @@ fn entry_of(d: &Descriptor) -> Option<Entry> {
         version: a.get(ANN_VERSION).cloned(),
         fetched: a.get(ANN_FETCHED).cloned().unwrap_or_default(),
         size: a.get(ANN_SIZE).and_then(|s| s.parse().ok()).unwrap_or(0),
+        signature: a
+            .get(ANN_SIGNATURE)
+            .and_then(|s| serde_json::from_str(s).ok()),
     })
 }
 
@@ -756,6 +769,12 @@ mod tests {
                 version: Some(i.to_string()),
                 fetched: dnfimage_runtime::time::now_rfc3339(),
                 size: 16,
+                signature: (i % 2 == 0).then(|| SignatureCheck {
+                    checked: true,
+                    verified: true,
+                    requirement: Some("default: signedBy".into()),
+                    signers: vec![format!("KEY{i}")],
+                }),
             };
             cache.record(&entry).unwrap();
             entries.push(entry);

@@ -6,6 +6,7 @@ pub mod cache;
 pub mod policy;
 pub mod reference;
 pub mod registry;
+pub mod signers;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -16,7 +17,7 @@ use anyhow::Result;
 use dnfimage_interfaces::fetcher::{
     CachedImage, CancelReply, CheckUpdateReply, FetchPhase, FetchProgress, FetchReply, FetchResult,
     FetcherError, IDL, ImageInfo, InspectReply, LastCheckReply, Layer, ListCachedReply, PruneReply,
-    UpdateCheck,
+    SignatureCheck, UpdateCheck,
 };
 use dnfimage_interfaces::reference::{ImageRef, excerpt};
 use dnfimage_runtime::{
@@ -141,6 +142,8 @@ struct Resolved {
     manifest: Manifest,
     config_bytes: Vec<u8>,
     config: ConfigSummary,
+    /// What the signature policy check found (not checked unless asked).
+    signature: SignatureCheck,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -305,9 +308,11 @@ impl Fetcher {
                 limit: MAX_MANIFEST_SIZE,
             });
         }
-        if verify {
-            self.shared.proxy.verify(image, &digest).await?;
-        }
+        let signature = if verify {
+            self.shared.proxy.verify(image, &digest).await?
+        } else {
+            SignatureCheck::default()
+        };
         let manifest: Manifest = serde_json::from_slice(&manifest_bytes)
             .map_err(|e| failed(&format!("Parsing the manifest of {reference}"), e))?;
         manifest
@@ -330,6 +335,7 @@ impl Fetcher {
             manifest,
             config_bytes,
             config,
+            signature,
         })
     }
 
@@ -440,17 +446,19 @@ impl Fetcher {
     }
 
     /// `CheckUpdate`; `record`: whether the answer is kept for `LastCheck` (bounded and one
-    /// record a reference, see [`cache::MAX_CHECKS`]).
+    /// record a reference, see [`cache::MAX_CHECKS`]); `verify`: whether the signature policy
+    /// is checked.
     async fn check(
         &self,
         image: String,
         current_digest: Option<String>,
         record: bool,
+        verify: bool,
     ) -> Result<CheckUpdateReply, FetcherError> {
         let image_ref = parse_ref(&image)?;
         self.may_read(&image_ref, "CheckUpdate")?;
         // An image the policy rejects is no update: say so now rather than at the fetch.
-        let resolved = self.resolve(&image_ref, true).await?;
+        let resolved = self.resolve(&image_ref, verify).await?;
         let current = match current_digest {
             Some(d) => Some(d),
             None => self
@@ -511,7 +519,10 @@ impl Fetcher {
 /// cache, several layers at once, for the importer to read.
 #[zlink::service(
     interface = "org.dnfimage.Fetcher",
-    types = [Layer, ImageInfo, UpdateCheck, FetchPhase, FetchProgress, FetchResult, CachedImage],
+    types = [
+        Layer, ImageInfo, UpdateCheck, FetchPhase, FetchProgress, SignatureCheck, FetchResult,
+        CachedImage,
+    ],
     vendor = "dnfimage",
     product = "dnfimage-fetcher",
     version = env!("CARGO_PKG_VERSION"),
@@ -547,16 +558,23 @@ impl Fetcher {
 
     /// Tells whether `image` now points to another manifest than `currentDigest` (default: the
     /// digest last fetched into the cache from this reference), and what fetching it would cost.
-    /// Reads only the manifest and configuration.
+    /// Reads only the manifest and configuration. An image the host's signature policy rejects
+    /// fails with `SignatureRejected`, unless `signatureVerification` is false (default true).
     async fn check_update(
         &self,
         image: String,
         #[zlink(rename = "currentDigest")] current_digest: Option<String>,
+        #[zlink(rename = "signatureVerification")] signature_verification: Option<bool>,
     ) -> Result<CheckUpdateReply, FetcherError> {
         // What status shows as the host's available update: only privileged callers (the CLI
         // as root, the timer) write it, so other users cannot grow or rewrite it.
-        self.check(image, current_digest, self.caller.privileged)
-            .await
+        self.check(
+            image,
+            current_digest,
+            self.caller.privileged,
+            signature_verification.unwrap_or(true),
+        )
+        .await
     }
 
     /// The last `CheckUpdate` answer for `image` (what `dnf-image status` shows as an available
@@ -577,13 +595,17 @@ impl Fetcher {
     /// Downloads the layers of `image` that are not in the cache, `concurrency` at once (default
     /// 4, at most 32), verifying each digest, and records the image in the cache. Streams
     /// progress records, then one record with the result. Refuses images that are not bootable
-    /// and fails before downloading when the cache filesystem lacks space.
+    /// and fails before downloading when the cache filesystem lacks space. First checks the
+    /// image against the host's signature policy (containers-policy.json) and fails with
+    /// `SignatureRejected`, keeping nothing, when the policy does not accept it; with
+    /// `signatureVerification` false (default true) the image is fetched unchecked.
     #[zlink(more)]
     async fn fetch(
         &self,
         more: bool,
         image: String,
         concurrency: Option<u64>,
+        #[zlink(rename = "signatureVerification")] signature_verification: Option<bool>,
     ) -> impl Stream<Item = Result<Reply<FetchReply>, FetcherError>> + Unpin + use<> {
         let image_ref = match parse_ref(&image) {
             Ok(r) => r,
@@ -593,6 +615,7 @@ impl Fetcher {
         let concurrency = concurrency
             .unwrap_or(DEFAULT_CONCURRENCY)
             .clamp(1, MAX_CONCURRENCY) as usize;
+        let verify = signature_verification.unwrap_or(true);
         spawn_streamed(
             &self.shared.jobs,
             format!("Fetching {image_ref}"),
@@ -601,7 +624,7 @@ impl Fetcher {
             move |cancellation, sink| async move {
                 let progress = Arc::new(Progress::new(sink));
                 let result = tokio::select! {
-                    r = fetcher.run_fetch(&image_ref, concurrency, &progress) => r,
+                    r = fetcher.run_fetch(&image_ref, concurrency, verify, &progress) => r,
                     () = cancellation.cancelled() => Err(FetcherError::Cancelled {
                         image: image_ref.to_string(),
                     }),
@@ -646,6 +669,7 @@ impl Fetcher {
                     version: e.version,
                     size: e.size,
                     fetched: e.fetched,
+                    signature: e.signature,
                 })
                 .collect(),
         })
@@ -799,6 +823,7 @@ impl Fetcher {
         &self,
         image: &ImageRef,
         concurrency: usize,
+        verify: bool,
         progress: &Arc<Progress>,
     ) -> Result<FetchResult, FetcherError> {
         let reference = image.to_string();
@@ -806,7 +831,7 @@ impl Fetcher {
         progress.phase(FetchPhase::Resolving, format!("Resolving {reference}"));
         // Nothing is written before the policy accepted the manifest; then only the blobs it
         // names are fetched, by digest, so a tag moved meanwhile changes nothing.
-        let resolved = self.resolve(image, true).await?;
+        let resolved = self.resolve(image, verify).await?;
         let labels = resolved.config.labels();
         if !is_bootable(&labels) {
             return Err(FetcherError::NotBootable { image: reference });
@@ -916,6 +941,7 @@ impl Fetcher {
             version: version_of(&labels),
             fetched: dnfimage_runtime::time::now_rfc3339(),
             size: layers.iter().map(|l| l.size).sum(),
+            signature: Some(resolved.signature.clone()),
         };
         cache
             .record(&entry)
@@ -935,6 +961,7 @@ impl Fetcher {
             layers_fetched: fetched.len() as u64,
             layers_cached: (layers.len() - missing.len()) as u64,
             bytes_fetched: fetched.iter().sum(),
+            signature: resolved.signature,
         })
     }
 }

@@ -61,11 +61,16 @@ impl Policy {
     /// "default: REQUIREMENTS"), looked up as containers/image does: the image's own identity,
     /// then ever wider namespaces, then the transport's "" scope, then the default.
     pub fn requirement_for(&self, image: &ImageRef) -> String {
-        let transport = match image.transport() {
-            Transport::Registry => "docker",
-            Transport::OciDir => "oci",
-            Transport::OciArchive => "oci-archive",
-        };
+        match self.applicable(image) {
+            (label, Some(reqs)) => format!("{label}: {}", describe(reqs)),
+            (_, None) => "default: none (the policy has no default)".into(),
+        }
+    }
+
+    /// The requirement list that applies to `image` and where it is ("TRANSPORT scope
+    /// "SCOPE"" or "default"); no list when the policy has no default.
+    fn applicable(&self, image: &ImageRef) -> (String, Option<&Value>) {
+        let transport = transport_name(image);
         let scopes = self
             .transports()
             .find(|(name, _)| *name == transport)
@@ -73,15 +78,65 @@ impl Policy {
         if let Some(scopes) = scopes {
             for scope in scopes_of(image).iter().map(String::as_str).chain([""]) {
                 if let Some(reqs) = scopes.get(scope) {
-                    return format!("{transport} scope \"{scope}\": {}", describe(reqs));
+                    return (format!("{transport} scope \"{scope}\""), Some(reqs));
                 }
             }
         }
-        match self.root.get("default") {
-            Some(reqs) => format!("default: {}", describe(reqs)),
-            None => "default: none (the policy has no default)".into(),
-        }
+        ("default".into(), self.root.get("default"))
     }
+
+    /// The `signedBy` requirements that apply to `image`: an image the policy accepted was
+    /// signed by a key of each.
+    pub fn signed_by(&self, image: &ImageRef) -> Vec<Map<String, Value>> {
+        self.applicable(image)
+            .1
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_object)
+            .filter(|r| r.get("type").and_then(Value::as_str) == Some("signedBy"))
+            .cloned()
+            .collect()
+    }
+}
+
+/// The policy's name for the transport of `image`.
+pub fn transport_name(image: &ImageRef) -> &'static str {
+    match image.transport() {
+        Transport::Registry => "docker",
+        Transport::OciDir => "oci",
+        Transport::OciArchive => "oci-archive",
+    }
+}
+
+/// The key material of a `signedBy` requirement (`keyPath`, `keyPaths` or `keyData`), as
+/// keyring bytes.
+pub fn key_material(requirement: &Map<String, Value>) -> Result<Vec<Vec<u8>>> {
+    use base64::Engine as _;
+    let read = |path: &str| {
+        std::fs::read(path).with_context(|| format!("Reading the signature policy key {path}"))
+    };
+    let mut keyrings = Vec::new();
+    if let Some(path) = requirement.get("keyPath").and_then(Value::as_str) {
+        keyrings.push(read(path)?);
+    }
+    for path in requirement
+        .get("keyPaths")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+    {
+        keyrings.push(read(path)?);
+    }
+    if let Some(data) = requirement.get("keyData").and_then(Value::as_str) {
+        keyrings.push(
+            base64::engine::general_purpose::STANDARD
+                .decode(data)
+                .context("Decoding the keyData of the signature policy")?,
+        );
+    }
+    Ok(keyrings)
 }
 
 /// The scopes that can name `image`, most specific first.

@@ -4,7 +4,7 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 
 use containers_image_proxy::{ImageProxy, ImageProxyConfig, OpenedImage};
-use dnfimage_interfaces::fetcher::FetcherError;
+use dnfimage_interfaces::fetcher::{FetcherError, SignatureCheck};
 use dnfimage_interfaces::reference::ImageRef;
 
 /// How skopeo is started.
@@ -159,7 +159,8 @@ impl ProxySettings {
 }
 
 impl ProxySettings {
-    /// Checks that the host's signature policy accepts `image` whose manifest has `digest`.
+    /// Checks that the host's signature policy accepts `image` whose manifest has `digest`,
+    /// and says what it required and who signed.
     ///
     /// skopeo's image proxy ignores the policy (1.9.3), so this asks `skopeo copy`, which
     /// enforces it, for the image as given (the signatures must name this very reference, as
@@ -168,17 +169,28 @@ impl ProxySettings {
     /// destination, which cannot be reached. No layer is read: one manifest request and the
     /// signatures. A tag moved since `digest` was read fails the second check. A policy that
     /// accepts anything is not asked about.
-    pub async fn verify(&self, image: &ImageRef, digest: &str) -> Result<(), FetcherError> {
-        let policy =
-            crate::policy::Policy::read(&self.policy).map_err(|e| FetcherError::Failed {
-                message: format!("{e:#}"),
-            })?;
+    pub async fn verify(
+        &self,
+        image: &ImageRef,
+        digest: &str,
+    ) -> Result<SignatureCheck, FetcherError> {
+        let failed = |e: anyhow::Error| FetcherError::Failed {
+            message: format!("{e:#}"),
+        };
+        let policy = crate::policy::Policy::read(&self.policy).map_err(failed)?;
+        let requirement = policy.requirement_for(image);
+        let unsigned = SignatureCheck {
+            checked: true,
+            verified: false,
+            requirement: Some(requirement.clone()),
+            signers: Vec::new(),
+        };
         if policy.accepts_anything() {
             tracing::debug!(
                 "The policy {} accepts any image: not checking {image}",
                 self.policy.display()
             );
-            return Ok(());
+            return Ok(unsigned);
         }
         let hex = digest.strip_prefix("sha256:").unwrap_or_default();
         if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -186,9 +198,107 @@ impl ProxySettings {
                 message: format!("{image}: the manifest digest {digest:?} is not a sha256 digest"),
             });
         }
+        match self.policy_verdict(&self.policy, image, digest).await? {
+            Verdict::Accepted => {}
+            Verdict::Rejected(why) => {
+                return Err(FetcherError::SignatureRejected {
+                    image: image.to_string(),
+                    requirement,
+                    reason: rejection_reason(&why),
+                });
+            }
+            Verdict::Moved => {
+                return Err(FetcherError::Failed {
+                    message: format!(
+                        "{image}: the image changed while its signatures were being checked (its \
+                         manifest is no longer {digest}); nothing was kept, try again"
+                    ),
+                });
+            }
+            Verdict::Other(message) => {
+                return Err(match classify(&image.to_string(), &message) {
+                    FetcherError::Failed { message } => FetcherError::Failed {
+                        message: format!("Checking the signature policy: {message}"),
+                    },
+                    typed => typed,
+                });
+            }
+        }
+        tracing::info!("The signature policy accepts {image} ({digest}): {requirement}");
+        let signed_by = policy.signed_by(image);
+        if signed_by.is_empty() {
+            return Ok(unsigned);
+        }
+        let mut signers = Vec::new();
+        for req in &signed_by {
+            match self.signers_of(req, image, digest).await {
+                Ok(found) => signers.extend(found),
+                // Accepted all the same: only the names are missing.
+                Err(e) => tracing::warn!("Naming the keys that signed {image}, skipped: {e:#}"),
+            }
+        }
+        signers.dedup();
+        Ok(SignatureCheck {
+            verified: true,
+            signers,
+            ..unsigned
+        })
+    }
+
+    /// The keys of the `signedBy` requirement `req` that signed `image` (accepted by the
+    /// policy): its only key, or, when it trusts several, each one a policy trusting that key
+    /// alone accepts.
+    async fn signers_of(
+        &self,
+        req: &serde_json::Map<String, serde_json::Value>,
+        image: &ImageRef,
+        digest: &str,
+    ) -> anyhow::Result<Vec<String>> {
+        use anyhow::Context as _;
+        let keyring = crate::signers::Keyring::import(&crate::policy::key_material(req)?).await?;
+        if keyring.keys.len() <= 1 {
+            return Ok(keyring.keys.iter().map(|k| k.describe()).collect());
+        }
+        let scratch = tempfile::Builder::new()
+            .prefix("dnfimage-policy-")
+            .tempdir()
+            .context("Creating a scratch directory")?;
+        let mut signers = Vec::new();
+        for key in &keyring.keys {
+            let key_path = scratch.path().join(format!("{}.gpg", key.fingerprint));
+            std::fs::write(&key_path, keyring.export(&key.fingerprint).await?)
+                .with_context(|| format!("Writing {}", key_path.display()))?;
+            let mut alone = req.clone();
+            for k in ["keyPath", "keyPaths", "keyData"] {
+                alone.remove(k);
+            }
+            alone.insert("keyPath".into(), key_path.display().to_string().into());
+            let policy = serde_json::json!({
+                "default": [{"type": "reject"}],
+                "transports": {crate::policy::transport_name(image): {"": [alone]}},
+            });
+            let policy_path = scratch.path().join(format!("{}.json", key.fingerprint));
+            std::fs::write(&policy_path, serde_json::to_vec(&policy)?)
+                .with_context(|| format!("Writing {}", policy_path.display()))?;
+            match self.policy_verdict(&policy_path, image, digest).await {
+                Ok(Verdict::Accepted) => signers.push(key.describe()),
+                Ok(_) => {}
+                Err(e) => anyhow::bail!("Checking the signature of {}: {e:?}", key.fingerprint),
+            }
+        }
+        Ok(signers)
+    }
+
+    /// What `skopeo copy` says about `image` at `digest` under the policy at `policy`.
+    async fn policy_verdict(
+        &self,
+        policy: &std::path::Path,
+        image: &ImageRef,
+        digest: &str,
+    ) -> Result<Verdict, FetcherError> {
         let mut cmd = self.command();
         cmd.arg("--policy")
-            .arg(&self.policy)
+            .arg(policy)
             .arg("--registries.d")
             .arg(&self.registries_d)
             .arg("copy");
@@ -207,34 +317,10 @@ impl ProxySettings {
                     "Starting skopeo to check the signature policy: {e}; is skopeo installed?"
                 ),
             })?;
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        match policy_verdict(&stdout, &stderr) {
-            Verdict::Accepted => {
-                tracing::info!(
-                    "The signature policy accepts {image} ({digest}): {}",
-                    policy.requirement_for(image)
-                );
-                Ok(())
-            }
-            Verdict::Rejected(why) => Err(FetcherError::SignatureRejected {
-                image: image.to_string(),
-                requirement: policy.requirement_for(image),
-                reason: rejection_reason(&why),
-            }),
-            Verdict::Moved => Err(FetcherError::Failed {
-                message: format!(
-                    "{image}: the image changed while its signatures were being checked (its \
-                     manifest is no longer {digest}); nothing was kept, try again"
-                ),
-            }),
-            Verdict::Other(message) => Err(match classify(&image.to_string(), &message) {
-                FetcherError::Failed { message } => FetcherError::Failed {
-                    message: format!("Checking the signature policy: {message}"),
-                },
-                typed => typed,
-            }),
-        }
+        Ok(policy_verdict(
+            &String::from_utf8_lossy(&output.stdout),
+            &String::from_utf8_lossy(&output.stderr),
+        ))
     }
 
     /// The credentials file skopeo is given: the configured one, else the first default one
