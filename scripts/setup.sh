@@ -21,6 +21,8 @@ APT_PACKAGES=(
   # The test image factory copies a static busybox into its images.
   busybox-static
   python3 python3-pip
+  # The generated manual pages are rendered by the test that checks them (docs/tests).
+  groff-base man-db
 )
 PIP_PACKAGES=(varlink jsonschema)
 
