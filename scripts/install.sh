@@ -9,6 +9,8 @@
 #   SYSCONFDIR  configuration directory (default /etc)
 #   PROFILE     cargo profile whose binaries to install: release (default) or debug
 #   CARGO_TARGET_DIR  cargo's target directory (default: target/ in the repository)
+#   DNF_PLUGINDIR     dnf's plugin directory (default: the system python3's dnf.const.PLUGINPATH
+#                     with PREFIX for /usr; the plugin is skipped when dnf is not installed)
 #
 # Layout (PREFIX=/usr):
 #   /usr/bin/dnf-image                           the command line
@@ -22,6 +24,8 @@
 #   /usr/share/bash-completion/completions/dnf-image, /usr/share/zsh/site-functions/_dnf-image,
 #   /usr/share/fish/vendor_completions.d/dnf-image.fish   shell completions
 # (pages and completions are made by the built dnfimage-docs from the clap definitions)
+#   /usr/lib/python3/dist-packages/dnf-plugins/dnfimage.py   the dnf plugin: `dnf image ...`,
+#                                                `dnf upgrade` and `dnf install` on an image host
 #
 # Enabling is left to the administrator or the package: `systemctl enable --now
 # dnfimage-fetcher.socket ...` (the sockets and the timer carry [Install] sections).
@@ -110,6 +114,19 @@ if [ -x "$bindir/dnfimage-docs" ]; then
     "$PREFIX/share/fish/vendor_completions.d/dnf-image.fish" 0644
 else
   say "dnfimage-docs is not built in $bindir; skipping the manual pages and shell completions"
+fi
+
+# dnf's plugin directory, as the system's dnf names it (Debian: python3/dist-packages, Fedora:
+# python3.X/site-packages).
+dnf_plugindir="${DNF_PLUGINDIR:-}"
+if [ -z "$dnf_plugindir" ] && [ -x /usr/bin/python3 ]; then
+  dnf_plugindir="$(/usr/bin/python3 -c 'import dnf.const; print(dnf.const.PLUGINPATH)' 2>/dev/null || true)"
+  [ -n "$dnf_plugindir" ] && dnf_plugindir="$PREFIX${dnf_plugindir#/usr}"
+fi
+if [ -n "$dnf_plugindir" ]; then
+  put "$root/dnf-plugin/dnfimage.py" "$dnf_plugindir/dnfimage.py" 0644
+else
+  say "dnf (python3-dnf) is not installed here; skipping the dnf plugin (set DNF_PLUGINDIR)"
 fi
 
 if [ -e "$DESTDIR$confdir/dnfimage.conf" ]; then

@@ -10,7 +10,8 @@ APT_PACKAGES=(
   ostree skopeo docker-registry
   # htpasswd: the test registry that requires credentials (testimage's Registry::start_with_auth).
   apache2-utils
-  rpm dnf createrepo-c bubblewrap
+  # dnf and its Python API: the layerer resolves with dnf, the dnf plugin (dnf-plugin/) runs in it.
+  rpm dnf python3-dnf createrepo-c bubblewrap
   # Layering: rpm-signing keys for the test packages, the rpmdb WAL checkpoint.
   gnupg sqlite3
   systemd util-linux e2fsprogs
