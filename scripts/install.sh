@@ -9,6 +9,8 @@
 #   SYSCONFDIR  configuration directory (default /etc)
 #   PROFILE     cargo profile whose binaries to install: release (default) or debug
 #   CARGO_TARGET_DIR  cargo's target directory (default: target/ in the repository)
+#   DNF_PLUGINDIR     dnf's plugin directory (default: the system python3's dnf.const.PLUGINPATH
+#                     with PREFIX for /usr; the plugin is skipped when dnf is not installed)
 #
 # Layout (PREFIX=/usr):
 #   /usr/bin/dnf-image                           the command line
@@ -17,6 +19,13 @@
 #   /usr/share/varlink/org.dnfimage.*.varlink    the interfaces, as `varlinkctl introspect` shows
 #   /usr/share/doc/dnfimage/units.md             what the units allow and why
 #   /etc/dnfimage/dnfimage.conf                  the default configuration, never overwritten
+#   /usr/share/man/man{5,8}/                     manual pages: dnf-image(8) and one a subcommand,
+#                                                the services and units, dnfimage.conf(5)
+#   /usr/share/bash-completion/completions/dnf-image, /usr/share/zsh/site-functions/_dnf-image,
+#   /usr/share/fish/vendor_completions.d/dnf-image.fish   shell completions
+# (pages and completions are made by the built dnfimage-docs from the clap definitions)
+#   /usr/lib/python3/dist-packages/dnf-plugins/dnfimage.py   the dnf plugin: `dnf image ...`,
+#                                                `dnf upgrade` and `dnf install` on an image host
 #
 # Enabling is left to the administrator or the package: `systemctl enable --now
 # dnfimage-fetcher.socket ...` (the sockets and the timer carry [Install] sections).
@@ -45,6 +54,7 @@ libexecdir="$PREFIX/libexec/dnfimage"
 unitdir="$PREFIX/lib/systemd/system"
 varlinkdir="$PREFIX/share/varlink"
 docdir="$PREFIX/share/doc/dnfimage"
+mandir="$PREFIX/share/man"
 confdir="$SYSCONFDIR/dnfimage"
 
 say() { echo "install: $*" >&2; }
@@ -90,6 +100,34 @@ for idl in "$root"/interfaces/org.dnfimage.*.varlink; do
   put "$idl" "$varlinkdir/$(basename "$idl")" 0644
 done
 put "$root/units/README.md" "$docdir/units.md" 0644
+
+if [ -x "$bindir/dnfimage-docs" ]; then
+  generated="$(mktemp -d)"
+  trap 'rm -rf "$generated"' EXIT
+  "$bindir/dnfimage-docs" "$generated"
+  for page in "$generated"/man[58]/*; do
+    put "$page" "$mandir/$(basename "$(dirname "$page")")/$(basename "$page")" 0644
+  done
+  put "$generated/completions/bash/dnf-image" "$PREFIX/share/bash-completion/completions/dnf-image" 0644
+  put "$generated/completions/zsh/_dnf-image" "$PREFIX/share/zsh/site-functions/_dnf-image" 0644
+  put "$generated/completions/fish/dnf-image.fish" \
+    "$PREFIX/share/fish/vendor_completions.d/dnf-image.fish" 0644
+else
+  say "dnfimage-docs is not built in $bindir; skipping the manual pages and shell completions"
+fi
+
+# dnf's plugin directory, as the system's dnf names it (Debian: python3/dist-packages, Fedora:
+# python3.X/site-packages).
+dnf_plugindir="${DNF_PLUGINDIR:-}"
+if [ -z "$dnf_plugindir" ] && [ -x /usr/bin/python3 ]; then
+  dnf_plugindir="$(/usr/bin/python3 -c 'import dnf.const; print(dnf.const.PLUGINPATH)' 2>/dev/null || true)"
+  [ -n "$dnf_plugindir" ] && dnf_plugindir="$PREFIX${dnf_plugindir#/usr}"
+fi
+if [ -n "$dnf_plugindir" ]; then
+  put "$root/dnf-plugin/dnfimage.py" "$dnf_plugindir/dnfimage.py" 0644
+else
+  say "dnf (python3-dnf) is not installed here; skipping the dnf plugin (set DNF_PLUGINDIR)"
+fi
 
 if [ -e "$DESTDIR$confdir/dnfimage.conf" ]; then
   say "$DESTDIR$confdir/dnfimage.conf exists; leaving it as it is"

@@ -10,7 +10,8 @@ APT_PACKAGES=(
   ostree skopeo docker-registry
   # htpasswd: the test registry that requires credentials (testimage's Registry::start_with_auth).
   apache2-utils
-  rpm dnf createrepo-c bubblewrap
+  # dnf and its Python API: the layerer resolves with dnf, the dnf plugin (dnf-plugin/) runs in it.
+  rpm dnf python3-dnf createrepo-c bubblewrap
   # Layering: rpm-signing keys for the test packages, the rpmdb WAL checkpoint.
   gnupg sqlite3
   systemd util-linux e2fsprogs
@@ -21,6 +22,8 @@ APT_PACKAGES=(
   # The test image factory copies a static busybox into its images.
   busybox-static
   python3 python3-pip
+  # The generated manual pages are rendered by the test that checks them (docs/tests).
+  groff-base man-db
 )
 PIP_PACKAGES=(varlink jsonschema)
 
