@@ -132,6 +132,13 @@ pub fn describe(name: &str, params: &Value) -> String {
             bytes(num("limit"))
         ),
         "StateChanged" => state_changed(params, None, None),
+        "InvalidKernelArgumentsFile" => format!(
+            "The image's kernel arguments file {} is not valid: {}. Nothing was deployed; the \
+             image must fix it (bootc's format: kargs = [\"a=b\", …], optionally \
+             match-architectures = [\"x86_64\", …])",
+            get("file"),
+            get("message")
+        ),
         _ => generic(name, params),
     }
 }
@@ -292,6 +299,15 @@ mod tests {
                 "SignatureRejected",
                 json!({"package": "x.rpm", "keyId": null, "message": "not signed"}),
                 "Signature rejected: not signed (package: x.rpm)",
+            ),
+            (
+                "InvalidKernelArgumentsFile",
+                json!({"commit": "3a5c", "file": "/usr/lib/bootc/kargs.d/10-x.toml",
+                       "message": "Line 1: missing field `kargs`"}),
+                "The image's kernel arguments file /usr/lib/bootc/kargs.d/10-x.toml is not \
+                 valid: Line 1: missing field `kargs`. Nothing was deployed; the image must fix \
+                 it (bootc's format: kargs = [\"a=b\", …], optionally match-architectures = \
+                 [\"x86_64\", …])",
             ),
             (
                 "InsufficientSpace",

@@ -439,6 +439,8 @@ pub(crate) async fn rebase(
                 &deployer::DeployResult {
                     changed: false,
                     deployment: next.clone(),
+                    added_kernel_arguments: Vec::new(),
+                    removed_kernel_arguments: Vec::new(),
                 },
             )?;
         }

@@ -126,6 +126,19 @@ pub fn trust_words(trust: &ImageTrust) -> String {
     }
 }
 
+/// What a deploy changed in the kernel arguments because of the images' kargs.d files (the
+/// arguments `added` and `removed`), as one line; `None` when it changed nothing there.
+fn image_kernel_arguments(added: &[String], removed: &[String]) -> Option<String> {
+    let mut parts = Vec::new();
+    if !added.is_empty() {
+        parts.push(format!("added {}", added.join(" ")));
+    }
+    if !removed.is_empty() {
+        parts.push(format!("removed {}", removed.join(" ")));
+    }
+    (!parts.is_empty()).then(|| format!("Kernel arguments from the image: {}.", parts.join("; ")))
+}
+
 /// The first 12 characters of a digest's hex part (whole characters, whatever the text).
 fn short(digest: &str) -> &str {
     let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
@@ -330,6 +343,12 @@ impl Output {
                 .map(|v| format!("version {v}"))
                 .unwrap_or_default()
         );
+        if let Some(line) = image_kernel_arguments(
+            &result.added_kernel_arguments,
+            &result.removed_kernel_arguments,
+        ) {
+            println!("{line}");
+        }
         if d.staged {
             println!(
                 "It will be finalized at shutdown and boot next: `systemctl reboot` to use it."
@@ -592,6 +611,36 @@ fn version_suffix(version: Option<&str>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tells_the_kernel_arguments_an_image_changed() {
+        let v = |args: &[&str]| -> Vec<String> { args.iter().map(|a| a.to_string()).collect() };
+        let cases: &[(&[&str], &[&str], Option<&str>)] = &[
+            (&[], &[], None),
+            (
+                &["a=1", "b"],
+                &[],
+                Some("Kernel arguments from the image: added a=1 b."),
+            ),
+            (
+                &["v=2"],
+                &["v=1"],
+                Some("Kernel arguments from the image: added v=2; removed v=1."),
+            ),
+            (
+                &[],
+                &["v=1"],
+                Some("Kernel arguments from the image: removed v=1."),
+            ),
+        ];
+        for (added, removed, want) in cases {
+            assert_eq!(
+                image_kernel_arguments(&v(added), &v(removed)).as_deref(),
+                *want,
+                "{added:?} {removed:?}"
+            );
+        }
+    }
 
     #[test]
     fn versions_read_as_versions() {

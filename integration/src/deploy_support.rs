@@ -85,6 +85,38 @@ pub fn commit_with_many_files(
     commit_overlay(repo, base, &overlay, "many files")
 }
 
+/// Where images declare kernel arguments (bootc's kargs.d).
+pub const KARGS_D: &str = "usr/lib/bootc/kargs.d";
+
+/// An architecture that is not this machine's, for a kargs.d file that must be ignored.
+pub fn foreign_architecture() -> &'static str {
+    if std::env::consts::ARCH == "s390x" {
+        "aarch64"
+    } else {
+        "s390x"
+    }
+}
+
+/// Adds image `tag` to the writable OCI layout `layout`: image `base_tag` plus one layer with
+/// the files `(name, content)` in `/usr/lib/bootc/kargs.d` (built under `work`), as a
+/// Containerfile's `COPY kargs.d/ /usr/lib/bootc/kargs.d/` makes it.
+pub fn kargs_image(
+    layout: &Path,
+    base_tag: &str,
+    tag: &str,
+    work: &Path,
+    files: &[(&str, &str)],
+) -> Result<()> {
+    let root = work.join(format!("kargs-root-{tag}"));
+    let dir = root.join(KARGS_D);
+    std::fs::create_dir_all(&dir).with_context(|| format!("Creating {}", dir.display()))?;
+    for (name, content) in files {
+        std::fs::write(dir.join(name), content).with_context(|| format!("Writing {name}"))?;
+    }
+    crate::importer_support::derive(layout, base_tag, tag, &root)?;
+    Ok(())
+}
+
 /// The content of `path` in commit `commit` of the repository at `repo`.
 pub fn cat(repo: &Path, commit: &str, path: &str) -> Result<Vec<u8>> {
     let out = Command::new("ostree")

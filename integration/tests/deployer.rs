@@ -12,13 +12,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use dnfimage_integration::deploy_support::{self, Imported, SmallFilesystem};
+use dnfimage_integration::importer_support::copy_layout;
 use dnfimage_integration::sysroot::{STATEROOT, TestSysroot};
 use dnfimage_integration::{Scratch, ServiceProcess, error_name, raw_call, run, run_ok};
 use dnfimage_interfaces::deployer::{
     self, CheckSpaceReply, CleanupResult, DeployPhase, DeployResult, DeployerError, DeployerProxy,
     Deployment, StatusReply,
 };
-use dnfimage_testimage::{DERIVED_CONTENT, DERIVED_FILE, Fixtures, KERNEL_VERSION, tags};
+use dnfimage_testimage::{DERIVED_CONTENT, DERIVED_FILE, Fixtures, KERNEL_VERSION, oci_ref, tags};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
@@ -1248,5 +1249,254 @@ fn layered_commit_records_its_request_in_the_origin() -> Result<()> {
     assert_eq!(result.deployment.layering, d.layering);
     assert_eq!(result.deployment.base_commit, d.base_commit);
     s.sysroot.fsck()?;
+    Ok(())
+}
+
+/// Test images declaring kernel arguments in `/usr/lib/bootc/kargs.d`, derived from the fixture
+/// bases in a layout of the test's own, imported into the sysroot's repository: v1, v2 (which
+/// replaces v1's own argument and adds one) and one whose kargs.d has a broken file.
+struct KargsImages {
+    v1: Imported,
+    v2: Imported,
+    broken: Imported,
+}
+
+fn kargs_images(s: &Setup) -> Result<KargsImages> {
+    let layout = s.scratch.path().join("kargs-images");
+    let f = Fixtures::shared()?;
+    copy_layout(&f.oci_dir, &[tags::BASE_V1, tags::BASE_V2], &layout)?;
+    let foreign = format!(
+        "kargs = [\"foreign.arch=1\"]\nmatch-architectures = [\"{}\"]\n",
+        deploy_support::foreign_architecture()
+    );
+    let work = s.scratch.path();
+    let v2_file = r#"kargs = ["console=ttyS0", "dnfimage.v=2", "new=1"]"#;
+    deploy_support::kargs_image(
+        &layout,
+        tags::BASE_V1,
+        "kargs-v1",
+        work,
+        &[
+            (
+                "10-console.toml",
+                r#"kargs = ["console=ttyS0", "dnfimage.v=1"]"#,
+            ),
+            ("20-foreign.toml", &foreign),
+            ("README", "Not a kargs file: only *.toml files are read."),
+        ],
+    )?;
+    deploy_support::kargs_image(
+        &layout,
+        tags::BASE_V2,
+        "kargs-v2",
+        work,
+        &[("10-console.toml", v2_file), ("20-foreign.toml", &foreign)],
+    )?;
+    deploy_support::kargs_image(
+        &layout,
+        tags::BASE_V2,
+        "kargs-broken",
+        work,
+        &[
+            ("10-console.toml", v2_file),
+            ("30-bad.toml", "kargs = \"quiet\"\n"),
+        ],
+    )?;
+    let import = |tag: &str| deploy_support::import(&s.repo(), &oci_ref(&layout, tag));
+    Ok(KargsImages {
+        v1: import("kargs-v1")?,
+        v2: import("kargs-v2")?,
+        broken: import("kargs-broken")?,
+    })
+}
+
+/// What the boot entry of `d` passes to the kernel, without `ostree=`.
+fn entry_arguments(s: &Setup, d: &Deployment) -> Result<Vec<String>> {
+    let entries = s.boot_entries()?;
+    Ok(entry_of(s, &entries, d)?["options"]
+        .split_whitespace()
+        .filter(|a| !a.starts_with("ostree="))
+        .map(str::to_string)
+        .collect())
+}
+
+/// An image's kargs.d arguments come with its first deploy; an upgrade replaces the old image's
+/// with the new image's and keeps those the user added; a broken kargs.d file refuses the deploy
+/// and changes nothing.
+#[test]
+fn kernel_arguments_from_the_image_follow_upgrades_and_keep_the_users() -> Result<()> {
+    let s = setup()?;
+    let images = kargs_images(&s)?;
+
+    // First deploy: the image's arguments, not the foreign architecture's, not the README's.
+    let (_, result) = s.deploy(&images.v1.commit, IMAGE_V1, json!({"stateroot": STATEROOT}))?;
+    let d = &result.deployment;
+    assert_eq!(d.kernel_arguments, ["console=ttyS0", "dnfimage.v=1"]);
+    assert_eq!(result.added_kernel_arguments, d.kernel_arguments);
+    assert!(result.removed_kernel_arguments.is_empty());
+    assert_eq!(entry_arguments(&s, d)?, d.kernel_arguments);
+
+    // The user adds one.
+    let result = s.set_kargs(json!({"append": ["quiet"]}))?;
+    assert_eq!(
+        result.deployment.kernel_arguments,
+        ["console=ttyS0", "dnfimage.v=1", "quiet"]
+    );
+    assert!(result.added_kernel_arguments.is_empty());
+
+    // An image whose kargs.d has a broken file: refused, naming the file; nothing changed.
+    let before = s.status()?;
+    let (dirs, entries) = (s.deployment_dirs()?, s.boot_entries()?);
+    let (_, outcome) = s.call(
+        "Deploy",
+        json!({"commit": images.broken.commit, "image": IMAGE_V2}),
+    )?;
+    let (name, p) = outcome.err()?;
+    assert_eq!(name, "InvalidKernelArgumentsFile", "{p}");
+    assert_eq!(p["file"], "/usr/lib/bootc/kargs.d/30-bad.toml", "{p}");
+    assert_eq!(p["commit"], images.broken.commit.as_str(), "{p}");
+    let message = p["message"].as_str().unwrap_or_default();
+    assert!(message.starts_with("Line 1: "), "{p}");
+    assert_eq!(s.status()?.deployments, before.deployments);
+    assert_eq!(s.deployment_dirs()?, dirs);
+    assert_eq!(s.boot_entries()?, entries);
+
+    // The upgrade: v1's own argument gives way to v2's, the shared one stays once, the user's
+    // stays.
+    let (_, result) = s.deploy(&images.v2.commit, IMAGE_V2, json!({}))?;
+    let d = &result.deployment;
+    assert_eq!(d.commit, images.v2.commit);
+    assert_eq!(
+        d.kernel_arguments,
+        ["console=ttyS0", "quiet", "dnfimage.v=2", "new=1"]
+    );
+    assert_eq!(result.added_kernel_arguments, ["dnfimage.v=2", "new=1"]);
+    assert_eq!(result.removed_kernel_arguments, ["dnfimage.v=1"]);
+    assert_eq!(entry_arguments(&s, d)?, d.kernel_arguments);
+    // The rollback keeps its own.
+    let ds = s.deployments()?;
+    assert_eq!(ds.len(), 2);
+    assert_eq!(
+        ds[1].kernel_arguments,
+        ["console=ttyS0", "dnfimage.v=1", "quiet"]
+    );
+    assert_eq!(entry_arguments(&s, &ds[1])?, ds[1].kernel_arguments);
+
+    // The same image again: nothing added twice.
+    let (_, result) = s.deploy(&images.v2.commit, IMAGE_V2, json!({}))?;
+    assert_eq!(
+        result.deployment.kernel_arguments,
+        ["console=ttyS0", "quiet", "dnfimage.v=2", "new=1"]
+    );
+    assert!(result.added_kernel_arguments.is_empty());
+    assert!(result.removed_kernel_arguments.is_empty());
+
+    // Back to v1 (a rebase or a roll forward by Deploy): v2's own ones go, v1's come back.
+    let (_, result) = s.deploy(&images.v1.commit, IMAGE_V1, json!({}))?;
+    assert_eq!(
+        result.deployment.kernel_arguments,
+        ["console=ttyS0", "quiet", "dnfimage.v=1"]
+    );
+    assert_eq!(result.removed_kernel_arguments, ["dnfimage.v=2", "new=1"]);
+    s.sysroot.fsck()?;
+    Ok(())
+}
+
+/// A deployment that is not from an image (no image in its origin) declares nothing to
+/// replace, even when its tree has a kargs.d; one from an image whose kargs.d another tool let
+/// through broken declares nothing either, and the next image still deploys.
+#[test]
+fn kernel_arguments_from_a_deployment_another_tool_wrote() -> Result<()> {
+    let s = setup()?;
+    let images = kargs_images(&s)?;
+    let admin_deploy = |commit: &str, origin: &str, karg: &str| -> Result<()> {
+        let file = s.scratch.path().join("admin.origin");
+        std::fs::write(&file, origin)?;
+        run_ok(
+            Command::new("ostree")
+                .args(["admin", "deploy", &format!("--os={STATEROOT}")])
+                .arg(format!("--sysroot={}", s.sysroot.path().display()))
+                .arg(format!("--origin-file={}", file.display()))
+                .args(["--karg-none", &format!("--karg={karg}")])
+                .arg(commit),
+        )?;
+        Ok(())
+    };
+
+    // A plain ostree deployment of v2's tree (its origin names a ref, no image): rebasing onto
+    // v1 removes none of v2's declared arguments and adds v1's after the ones it has.
+    admin_deploy(
+        &images.v2.commit,
+        "[origin]\nrefspec=dnfimage:os/stable\n",
+        "dnfimage.v=2",
+    )?;
+    let (_, result) = s.deploy(&images.v1.commit, IMAGE_V1, json!({}))?;
+    assert_eq!(
+        result.deployment.kernel_arguments,
+        ["dnfimage.v=2", "console=ttyS0", "dnfimage.v=1"]
+    );
+    assert!(result.removed_kernel_arguments.is_empty());
+
+    // Deployed from an image by another tool although its kargs.d has a broken file: it
+    // counts as declaring nothing, and v2 deploys with its own arguments.
+    admin_deploy(
+        &images.broken.commit,
+        "[origin]\ncontainer-image-reference=ostree-unverified-registry:registry.example/x:1\n",
+        "quiet",
+    )?;
+    let (_, result) = s.deploy(&images.v2.commit, IMAGE_V2, json!({}))?;
+    assert_eq!(
+        result.deployment.kernel_arguments,
+        ["quiet", "console=ttyS0", "dnfimage.v=2", "new=1"]
+    );
+    assert!(result.removed_kernel_arguments.is_empty());
+    let log = s.service.log_text();
+    assert!(
+        log.contains("ignoring") && log.contains("30-bad.toml"),
+        "the broken file is logged: {log}"
+    );
+    s.sysroot.fsck()?;
+    Ok(())
+}
+
+/// A kargs.d file that is a symbolic link, or too large to be a command line, refuses the
+/// deploy with the file named; nothing changes.
+#[test]
+fn kargs_d_links_and_huge_files_are_refused() -> Result<()> {
+    let s = setup()?;
+    let images = kargs_images(&s)?;
+    s.deploy(&images.v1.commit, IMAGE_V1, json!({"stateroot": STATEROOT}))?;
+    let before = s.status()?;
+    let dirs = s.deployment_dirs()?;
+    let cases = [
+        (
+            "link",
+            "40-link.toml",
+            "It is a symbolic link (to \"10-console.toml\"), not a file",
+        ),
+        (
+            "huge",
+            "40-huge.toml",
+            "It has 65547 bytes, more than the 65536 read",
+        ),
+    ];
+    for (what, name, message) in cases {
+        let overlay = s.scratch.path().join(format!("overlay-{what}"));
+        let dir = overlay.join(deploy_support::KARGS_D);
+        std::fs::create_dir_all(&dir)?;
+        if what == "link" {
+            std::os::unix::fs::symlink("10-console.toml", dir.join(name))?;
+        } else {
+            std::fs::write(dir.join(name), format!("kargs = []\n{}", "#".repeat(65536)))?;
+        }
+        let commit = deploy_support::commit_overlay(&s.repo(), &images.v2.commit, &overlay, what)?;
+        let (_, outcome) = s.call("Deploy", json!({"commit": commit, "image": IMAGE_V2}))?;
+        let (error, p) = outcome.err()?;
+        assert_eq!(error, "InvalidKernelArgumentsFile", "{what}: {p}");
+        assert_eq!(p["file"], format!("/usr/lib/bootc/kargs.d/{name}"), "{p}");
+        assert_eq!(p["message"], message, "{p}");
+    }
+    assert_eq!(s.status()?.deployments, before.deployments);
+    assert_eq!(s.deployment_dirs()?, dirs);
     Ok(())
 }

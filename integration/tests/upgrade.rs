@@ -5,9 +5,11 @@ use std::path::Path;
 use std::process::Command;
 
 use anyhow::{Context, Result};
+use dnfimage_integration::deploy_support;
 use dnfimage_integration::host::Host;
+use dnfimage_integration::importer_support::copy_layout;
 use dnfimage_integration::{run, run_ok};
-use dnfimage_testimage::{Fixtures, tags};
+use dnfimage_testimage::{Fixtures, oci_ref, skopeo_copy, tags};
 use serde_json::Value;
 
 fn flags(d: &Value) -> Vec<&str> {
@@ -389,5 +391,109 @@ fn rebase_and_upgrade_from_a_registry_requiring_credentials() -> Result<()> {
     host.ok(&["upgrade"])?;
     let deps = host.deployments()?;
     assert_eq!(deps[0]["imageDigest"], v2.digest.as_str(), "{deps:?}");
+    Ok(())
+}
+
+/// Kernel arguments images declare in `/usr/lib/bootc/kargs.d`, through `dnf-image`: the rebase
+/// brings v1's (not those of a file for another architecture), `kargs` adds the user's, an
+/// image with a broken kargs.d file is refused with a sentence naming the file and changes
+/// nothing, and the upgrade to v2 replaces v1's own arguments with v2's and keeps the user's.
+#[test]
+fn upgrade_replaces_the_image_kernel_arguments_and_keeps_the_users() -> Result<()> {
+    let host = Host::new()?;
+    let layout = host.scratch.path().join("kargs-images");
+    copy_layout(
+        &Fixtures::shared()?.oci_dir,
+        &[tags::BASE_V1, tags::BASE_V2],
+        &layout,
+    )?;
+    let foreign = format!(
+        "kargs = [\"foreign.arch=1\"]\nmatch-architectures = [\"{}\"]\n",
+        deploy_support::foreign_architecture()
+    );
+    let work = host.scratch.path();
+    let v2_file = r#"kargs = ["console=ttyS0", "dnfimage.v=2", "new=1"]"#;
+    // (base, tag, kargs.d files)
+    type Image<'a> = (&'a str, &'a str, Vec<(&'a str, &'a str)>);
+    let images: [Image; 3] = [
+        (
+            tags::BASE_V1,
+            "kargs-v1",
+            vec![
+                (
+                    "10-console.toml",
+                    r#"kargs = ["console=ttyS0", "dnfimage.v=1"]"#,
+                ),
+                ("20-foreign.toml", &foreign),
+            ],
+        ),
+        (
+            tags::BASE_V2,
+            "kargs-v2",
+            vec![("10-console.toml", v2_file), ("20-foreign.toml", &foreign)],
+        ),
+        (
+            tags::BASE_V2,
+            "kargs-broken",
+            vec![
+                ("10-console.toml", v2_file),
+                ("30-bad.toml", "kargs = [\"a\"\n"),
+            ],
+        ),
+    ];
+    for (base, tag, files) in &images {
+        deploy_support::kargs_image(&layout, base, tag, work, files)?;
+    }
+    let publish = |tag: &str| skopeo_copy(&oci_ref(&layout, tag), &host.latest);
+    let arguments = |index: usize| -> Result<Vec<String>> {
+        Ok(serde_json::from_value(
+            host.deployments()?[index]["kernelArguments"].clone(),
+        )?)
+    };
+
+    publish("kargs-v1")?;
+    let out = host.ok(&["rebase", &host.latest])?;
+    assert!(
+        out.contains("Kernel arguments from the image: added console=ttyS0 dnfimage.v=1."),
+        "{out}"
+    );
+    assert_eq!(arguments(0)?, ["console=ttyS0", "dnfimage.v=1"]);
+    host.ok(&["kargs", "--append", "quiet"])?;
+    assert_eq!(arguments(0)?, ["console=ttyS0", "dnfimage.v=1", "quiet"]);
+
+    publish("kargs-broken")?;
+    let before = host.status()?["deployments"].clone();
+    let entries = host.sysroot.boot_entries()?;
+    let out = run(host.cli().arg("upgrade"))?;
+    assert!(!out.status.success(), "a broken kargs.d file was deployed");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(
+            "The image's kernel arguments file /usr/lib/bootc/kargs.d/30-bad.toml is not valid: \
+             Line "
+        ) && stderr.contains("Nothing was deployed"),
+        "{stderr}"
+    );
+    assert_eq!(host.status()?["deployments"], before);
+    assert_eq!(host.sysroot.boot_entries()?, entries);
+
+    publish("kargs-v2")?;
+    let out = host.ok(&["upgrade"])?;
+    assert!(
+        out.contains(
+            "Kernel arguments from the image: added dnfimage.v=2 new=1; removed dnfimage.v=1."
+        ),
+        "{out}"
+    );
+    let args = arguments(0)?;
+    assert_eq!(args, ["console=ttyS0", "quiet", "dnfimage.v=2", "new=1"]);
+    let entries = host.sysroot.boot_entries()?;
+    let wanted = args.join(" ");
+    assert!(
+        entries.iter().any(|(_, text)| text.contains(&wanted)),
+        "no boot entry has {wanted}: {entries:?}"
+    );
+    assert_eq!(arguments(1)?, ["console=ttyS0", "dnfimage.v=1", "quiet"]);
+    host.sysroot.fsck()?;
     Ok(())
 }

@@ -168,6 +168,14 @@ pub struct DeployResult {
     pub changed: bool,
     /// The new deployment as `Status` shows it (the unchanged one when nothing was written).
     pub deployment: Deployment,
+    /// The kernel arguments `Deploy` added because the new image declares them in
+    /// "/usr/lib/bootc/kargs.d" and the image it replaces did not; empty for `SetKernelArguments`.
+    #[serde(default)]
+    pub added_kernel_arguments: Vec<String>,
+    /// The kernel arguments `Deploy` removed because the image it replaces declared them and the
+    /// new image does not; empty for `SetKernelArguments`.
+    #[serde(default)]
+    pub removed_kernel_arguments: Vec<String>,
 }
 
 /// Reply of `Deploy` and `SetKernelArguments`: progress records, then one with the result.
@@ -275,6 +283,16 @@ pub enum DeployerError {
     InvalidKernelArgument {
         /// The argument as given.
         argument: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// A kernel arguments file of the image ("/usr/lib/bootc/kargs.d/*.toml") cannot be read
+    /// or is not in bootc's format; nothing was written.
+    InvalidKernelArgumentsFile {
+        /// The commit being deployed.
+        commit: String,
+        /// The file, "/usr/lib/bootc/kargs.d/NAME.toml".
+        file: String,
         /// What is wrong with it.
         message: String,
     },
@@ -445,7 +463,12 @@ mod tests {
         /// created when missing), with an origin that records `image` (the image reference
         /// upgrades follow, "docker://…") and the layering request Build recorded in the commit,
         /// if any. The new deployment boots next, with `kernelArguments` (default: those of the
-        /// deployment that boots next now, none on an empty sysroot). On a booted system it is
+        /// deployment that boots next now, none on an empty sysroot), without those the image of
+        /// the deployment that boots next declares in "/usr/lib/bootc/kargs.d/*.toml" and the new
+        /// image no longer declares, then with those the new image declares there and that image
+        /// did not (bootc's rules: the files in name order, those for another architecture
+        /// ignored; one that cannot be parsed fails the call with `InvalidKernelArgumentsFile`).
+        /// On a booted system it is
         /// staged and made bootable at shutdown, after `UnlockStaged` when `lockFinalization` is
         /// true (default false); on a sysroot that is not booted it is written at once and
         /// `lockFinalization` is ignored. The booted (or default) deployment stays as the
@@ -624,6 +647,8 @@ mod tests {
         assert_wire_names(&DeployResult {
             changed: true,
             deployment: deployment(),
+            added_kernel_arguments: vec!["quiet".into()],
+            removed_kernel_arguments: vec!["console=ttyS0".into()],
         });
         for phase in [
             CleanupPhase::UpdatingBootEntries,

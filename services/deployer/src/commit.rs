@@ -1,6 +1,7 @@
 //! What the deployer reads from a commit in the repository: its image metadata (as ostree-ext
-//! records it), the layering request the layerer recorded, and the shape of its tree (kernel,
-//! `/etc`, directories), read from the dirtree objects without checking anything out.
+//! records it), the layering request the layerer recorded, the shape of its tree (kernel,
+//! `/etc`, directories) and its kargs.d files, read from the dirtree and file objects without
+//! checking anything out.
 
 use std::collections::HashMap;
 
@@ -8,6 +9,9 @@ use anyhow::{Context, Result};
 use dnfimage_interfaces::deployer::{LAYERING_METADATA_KEY, LayeringRequest};
 use ostree_ext::glib;
 use ostree_ext::ostree;
+use ostree_ext::prelude::*;
+
+use crate::kargs::{self, KargsEntry};
 
 /// Commit metadata keys ostree-ext 0.15 writes on the merge commit of an imported image
 /// (`container/store.rs`).
@@ -331,6 +335,68 @@ fn kernel_of(w: &mut Walker<'_>, root: &str) -> Result<Option<Kernel>> {
         }));
     }
     Ok(None)
+}
+
+/// The files of the commit's kargs.d directory (none when it has none) whose names end in
+/// `.toml`, in name order, with their bytes; a symbolic link or a file over
+/// [`kargs::KARGS_FILE_LIMIT`] comes with why it is not read.
+pub fn kargs_files(repo: &ostree::Repo, csum: &str) -> Result<Vec<KargsEntry>> {
+    let root = root_dirtree(repo, csum)?;
+    let mut w = Walker {
+        repo,
+        trees: HashMap::new(),
+        counts: HashMap::new(),
+    };
+    let Some(dir) = w.path(&root, &kargs::KARGS_D)? else {
+        return Ok(Vec::new());
+    };
+    let mut entries = Vec::new();
+    for (name, checksum) in dir.files.iter().filter(|(n, _)| kargs::is_kargs_file(n)) {
+        let content = read_small_file(repo, checksum, kargs::KARGS_FILE_LIMIT)
+            .with_context(|| format!("Reading {} of commit {csum}", kargs::KARGS_D.join("/")))?;
+        entries.push(KargsEntry {
+            name: name.clone(),
+            content,
+        });
+    }
+    entries.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(entries)
+}
+
+/// The bytes of file object `checksum`, or why they are not read: it is a symbolic link, or
+/// larger than `limit`.
+fn read_small_file(
+    repo: &ostree::Repo,
+    checksum: &str,
+    limit: u64,
+) -> Result<std::result::Result<Vec<u8>, String>> {
+    let (stream, info, _) = repo
+        .load_file(checksum, ostree::gio::Cancellable::NONE)
+        .with_context(|| format!("Loading file object {checksum}"))?;
+    if info.file_type() == ostree::gio::FileType::SymbolicLink {
+        return Ok(Err(format!(
+            "It is a symbolic link (to {:?}), not a file",
+            info.symlink_target()
+                .map(|t| t.display().to_string())
+                .unwrap_or_default()
+        )));
+    }
+    let size = u64::try_from(info.size()).unwrap_or(u64::MAX);
+    if size > limit {
+        return Ok(Err(format!(
+            "It has {size} bytes, more than the {limit} read"
+        )));
+    }
+    let Some(stream) = stream else {
+        return Ok(Ok(Vec::new()));
+    };
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(
+        &mut std::io::Read::take(stream.into_read(), limit + 1),
+        &mut bytes,
+    )
+    .with_context(|| format!("Reading file object {checksum}"))?;
+    Ok(Ok(bytes))
 }
 
 #[cfg(test)]

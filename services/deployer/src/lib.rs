@@ -314,7 +314,12 @@ impl Deployer {
     /// created when missing), with an origin that records `image` (the image reference
     /// upgrades follow, "docker://…") and the layering request Build recorded in the commit,
     /// if any. The new deployment boots next, with `kernelArguments` (default: those of the
-    /// deployment that boots next now, none on an empty sysroot). On a booted system it is
+    /// deployment that boots next now, none on an empty sysroot), without those the image of
+    /// the deployment that boots next declares in "/usr/lib/bootc/kargs.d/*.toml" and the new
+    /// image no longer declares, then with those the new image declares there and that image
+    /// did not (bootc's rules: the files in name order, those for another architecture
+    /// ignored; one that cannot be parsed fails the call with `InvalidKernelArgumentsFile`).
+    /// On a booted system it is
     /// staged and made bootable at shutdown, after `UnlockStaged` when `lockFinalization` is
     /// true (default false); on a sysroot that is not booted it is written at once and
     /// `lockFinalization` is ignored. The booted (or default) deployment stays as the

@@ -454,6 +454,45 @@ impl Loaded {
         Ok(summary)
     }
 
+    /// The kernel arguments the kargs.d files of commit `csum` declare for this architecture;
+    /// `InvalidKernelArgumentsFile` when one cannot be read or parsed.
+    fn declared_kernel_arguments(&self, csum: &str) -> Result<Vec<String>, DeployerError> {
+        let files = commit::kargs_files(&self.repo, csum)
+            .map_err(|e| failed(&format!("Reading the kargs.d files of commit {csum}"), e))?;
+        kargs::declared(&files, kargs::host_architecture()).map_err(|e| {
+            DeployerError::InvalidKernelArgumentsFile {
+                commit: csum.to_string(),
+                file: format!("/{}/{}", kargs::KARGS_D.join("/"), e.name),
+                message: e.message,
+            }
+        })
+    }
+
+    /// The kernel arguments the image of the deployment that boots next declares in its kargs.d
+    /// files: those a new deployment replaces with its own image's. None when that deployment is
+    /// not from an image (its origin names none) or when there is no deployment; a file that
+    /// cannot be parsed (written by another tool) counts as declaring none, so an upgrade can
+    /// still replace the image.
+    fn replaced_image_kernel_arguments(&self) -> Vec<String> {
+        let Some(d) = self.deployments.first() else {
+            return Vec::new();
+        };
+        let from_image = d
+            .origin()
+            .and_then(|o| origin::read(&o).ok())
+            .is_some_and(|recorded| recorded.image.is_some());
+        if !from_image {
+            return Vec::new();
+        }
+        let csum = d.csum();
+        self.declared_kernel_arguments(&csum).unwrap_or_else(|e| {
+            tracing::warn!(
+                "Reading the kernel arguments the image of deployment 0 declares, ignoring: {e:?}"
+            );
+            Vec::new()
+        })
+    }
+
     /// What deploying a tree into `stateroot` needs on `/boot` and the sysroot, against what
     /// they have free.
     fn space(
@@ -786,6 +825,7 @@ pub fn deploy(
     let summary = loaded.inspect(&request.commit)?;
     let info = commit::info(&loaded.repo, &request.commit)
         .map_err(|e| failed(&format!("Reading commit {}", request.commit), e))?;
+    let declared = loaded.declared_kernel_arguments(&request.commit)?;
     let stateroot = request
         .stateroot
         .unwrap_or_else(|| loaded.default_stateroot());
@@ -796,6 +836,18 @@ pub fn deploy(
             .map(Loaded::kernel_arguments)
             .unwrap_or_default()
     });
+    let carried = kargs::carry(
+        &kernel_arguments,
+        &loaded.replaced_image_kernel_arguments(),
+        &declared,
+    );
+    if !carried.added.is_empty() || !carried.removed.is_empty() {
+        tracing::info!(
+            "Kernel arguments from the image: adding {:?}, removing {:?}",
+            carried.added,
+            carried.removed
+        );
+    }
     let new = NewDeployment {
         origin: origin::new_origin(
             &request.image,
@@ -804,13 +856,15 @@ pub fn deploy(
         ),
         commit: request.commit,
         stateroot,
-        kernel_arguments,
+        kernel_arguments: carried.arguments,
         lock_finalization: Some(request.lock_finalization),
     };
     let deployment = loaded.write_new(new, &summary, progress, cancellable, operation)?;
     Ok(DeployResult {
         changed: true,
         deployment,
+        added_kernel_arguments: carried.added,
+        removed_kernel_arguments: carried.removed,
     })
 }
 
@@ -841,6 +895,8 @@ pub fn set_kernel_arguments(
         return Ok(DeployResult {
             changed: false,
             deployment: loaded.view(i),
+            added_kernel_arguments: Vec::new(),
+            removed_kernel_arguments: Vec::new(),
         });
     }
     let commit = d.csum().to_string();
@@ -864,6 +920,8 @@ pub fn set_kernel_arguments(
     Ok(DeployResult {
         changed: true,
         deployment,
+        added_kernel_arguments: Vec::new(),
+        removed_kernel_arguments: Vec::new(),
     })
 }
 
