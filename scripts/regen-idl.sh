@@ -11,7 +11,9 @@ dir=$(mktemp -d)
 trap 'kill "$pid" 2>/dev/null || true; rm -rf "$dir"' EXIT
 case $service in
   fetcher) extra=(--state-dir "$dir/state") ;;
-  *) extra=(--sysroot "$dir") ;;
+  # The importer opens the sysroot's repository before it listens.
+  *) mkdir "$dir/sysroot" && ostree admin init-fs --modern "$dir/sysroot" >/dev/null
+     extra=(--sysroot "$dir/sysroot") ;;
 esac
 "target/debug/dnfimage-$service" --runtime-dir "$dir" --idle-timeout 0 "${extra[@]}" >"$dir/log" 2>&1 &
 pid=$!

@@ -48,13 +48,15 @@ pub fn another_change_ran(e: &anyhow::Error) -> bool {
 /// Turns any service error into an `anyhow::Error` with a readable message.
 pub fn service_error<E: Serialize + std::fmt::Debug>(e: E) -> anyhow::Error {
     let value = serde_json::to_value(&e).unwrap_or(Value::Null);
-    let name = value
-        .get("error")
-        .and_then(Value::as_str)
+    let qualified = value.get("error").and_then(Value::as_str);
+    let name = qualified
         .map(|n| n.rsplit('.').next().unwrap_or(n).to_string())
         .unwrap_or_else(|| format!("{e:?}"));
     let params = value.get("parameters").cloned().unwrap_or(Value::Null);
-    let text = describe(&name, &params);
+    let text = match qualified.and_then(|q| q.rsplit('.').nth(1)) {
+        Some(service) if name == "InsufficientSpace" => insufficient_space(service, &params),
+        _ => describe(&name, &params),
+    };
     ServiceError {
         name,
         parameters: params,
@@ -65,6 +67,33 @@ pub fn service_error<E: Serialize + std::fmt::Debug>(e: E) -> anyhow::Error {
 
 fn field<'a>(params: &'a Value, key: &str) -> Option<&'a str> {
     params.get(key).and_then(Value::as_str)
+}
+
+/// `InsufficientSpace` from `service` ("Fetcher", …), with the commands that free space where
+/// that service writes.
+fn insufficient_space(service: &str, params: &Value) -> String {
+    let hint = match service {
+        "Fetcher" => "`dnf-image image prune --keep IMAGE` removes the other cached images",
+        "Importer" | "Layerer" => {
+            "`dnf-image cleanup --repo` frees the repository objects no deployment uses (add \
+             `--rollback` to free those only the rollback deployment uses)"
+        }
+        "Deployer" => {
+            "`dnf-image cleanup --rollback --repo` removes the rollback deployment and frees the \
+             repository objects only it used"
+        }
+        _ => {
+            "`dnf-image cleanup --rollback --repo` removes the rollback deployment and the \
+             repository objects no deployment uses; `dnf-image image prune` empties the image \
+             cache"
+        }
+    };
+    format!(
+        "Not enough space in {}: {} needed, {} available; free some space ({hint}) and try again",
+        field(params, "path").unwrap_or_default(),
+        bytes(params.get("needed").and_then(Value::as_u64).unwrap_or(0)),
+        bytes(params.get("available").and_then(Value::as_u64).unwrap_or(0))
+    )
 }
 
 /// Renders error `name` with `params`.
@@ -86,13 +115,7 @@ pub fn describe(name: &str, params: &Value) -> String {
                 "in all"
             }
         ),
-        "InsufficientSpace" => format!(
-            "Not enough space in {}: {} needed, {} available; free some space (`dnf-image cleanup`, \
-             `dnf-image image prune`) and try again",
-            get("path"),
-            bytes(num("needed")),
-            bytes(num("available"))
-        ),
+        "InsufficientSpace" => insufficient_space("", params),
         "AlreadyInProgress" => {
             let what = field(params, "operation")
                 .or_else(|| field(params, "image"))
@@ -313,11 +336,53 @@ mod tests {
                 "InsufficientSpace",
                 json!({"path": "/boot", "needed": 2048, "available": 1024}),
                 "Not enough space in /boot: 2.0 KiB needed, 1.0 KiB available; free some space \
-                 (`dnf-image cleanup`, `dnf-image image prune`) and try again",
+                 (`dnf-image cleanup --rollback --repo` removes the rollback deployment and the \
+                 repository objects no deployment uses; `dnf-image image prune` empties the image \
+                 cache) and try again",
             ),
         ];
         for (name, params, want) in cases {
             assert_eq!(describe(name, &params), want);
+        }
+    }
+
+    #[test]
+    fn insufficient_space_names_what_frees_space_where_the_service_writes() {
+        use dnfimage_interfaces::{deployer, fetcher, importer};
+        let cases: [(anyhow::Error, &str); 3] = [
+            (
+                service_error(fetcher::FetcherError::InsufficientSpace {
+                    path: "/var/cache/dnfimage".into(),
+                    needed: 2048,
+                    available: 1024,
+                }),
+                "`dnf-image image prune --keep IMAGE` removes the other cached images",
+            ),
+            (
+                service_error(importer::ImporterError::InsufficientSpace {
+                    path: "/sysroot/ostree/repo".into(),
+                    needed: 2048,
+                    available: 1024,
+                }),
+                "`dnf-image cleanup --repo` frees the repository objects no deployment uses",
+            ),
+            (
+                service_error(deployer::DeployerError::InsufficientSpace {
+                    path: "/boot".into(),
+                    needed: 2048,
+                    available: 1024,
+                }),
+                "`dnf-image cleanup --rollback --repo` removes the rollback deployment",
+            ),
+        ];
+        for (e, hint) in cases {
+            let text = e.to_string();
+            assert!(text.starts_with("Not enough space in /"), "{text}");
+            assert!(text.contains(hint), "{text}");
+            assert_eq!(
+                ServiceError::named(&e, "InsufficientSpace").map(|_| ()),
+                Some(())
+            );
         }
     }
 

@@ -11,6 +11,7 @@ use dnfimage_interfaces::importer::{self, ImportResult, ImporterProxy};
 use dnfimage_interfaces::reference::ImageRef;
 
 use crate::errors::{ServiceError, service_error};
+use crate::output::DiskUsage;
 use crate::progress::{Call, Stopped};
 use crate::{Cli, EXIT_UNCHANGED, Output, connect, image, progress};
 
@@ -254,15 +255,96 @@ async fn explained<T>(cli: &Cli, before: &StatusReply, result: Result<T>) -> Res
     Err(e)
 }
 
-pub(crate) async fn status(cli: &Cli, out: &Output, booted_only: bool) -> Result<u8> {
+pub(crate) async fn status(cli: &Cli, out: &Output, booted_only: bool, disk: bool) -> Result<u8> {
     let (_, mut status) = status_of(cli).await?;
     let update = available_update(cli, &status).await;
+    let disk = if disk {
+        Some(disk_usage(cli, out).await)
+    } else {
+        None
+    };
     if booted_only {
         let keep = booted_or_default(&status).map(|d| d.index);
         status.deployments.retain(|d| Some(d.index) == keep);
     }
-    out.status(&status, update.as_ref())?;
+    out.status(&status, update.as_ref(), disk.as_ref())?;
     Ok(0)
+}
+
+/// The space the repository and the fetcher's cache take, each `None` (with a warning) when
+/// its service cannot tell.
+async fn disk_usage(cli: &Cli, out: &Output) -> DiskUsage {
+    let repository = async {
+        let mut conn = connect(cli, importer::INTERFACE).await?;
+        ImporterProxy::get_disk_usage(&mut conn)
+            .await
+            .context("Calling GetDiskUsage")?
+            .map_err(service_error)
+    }
+    .await;
+    let cache = async {
+        let mut conn = connect(cli, fetcher::INTERFACE).await?;
+        FetcherProxy::get_disk_usage(&mut conn)
+            .await
+            .context("Calling GetDiskUsage")?
+            .map_err(service_error)
+    }
+    .await;
+    let warn = |what: &str, e: anyhow::Error| {
+        out.warn(&format!("Measuring the {what}: {e:#}"));
+    };
+    DiskUsage {
+        repository: repository.map_err(|e| warn("repository", e)).ok(),
+        cache: cache.map_err(|e| warn("image cache", e)).ok(),
+    }
+}
+
+/// The image references the deployments follow, as the fetcher and the importer record them
+/// (one the shared parser refuses was never fetched, so it names nothing to keep).
+fn followed_images(status: &StatusReply) -> Vec<String> {
+    let mut images: Vec<String> = status
+        .deployments
+        .iter()
+        .filter_map(|d| d.image.as_deref())
+        .filter_map(|image| ImageRef::parse(image).ok())
+        .map(|r| r.to_string())
+        .collect();
+    images.sort();
+    images.dedup();
+    images
+}
+
+/// After a deployment change succeeded: removes from the fetcher's cache every image that no
+/// remaining deployment follows, and the blobs only those used. Rollback and re-layering read
+/// the repository, not the cache; keeping each followed image's newest blobs keeps the next
+/// upgrade's download small. A failure is a warning: the deployment is done.
+async fn prune_cache(cli: &Cli, out: &Output) {
+    let pruned = async {
+        let (_, status) = status_of(cli).await?;
+        let keep = followed_images(&status);
+        let mut conn = connect(cli, fetcher::INTERFACE).await?;
+        FetcherProxy::prune(&mut conn, keep)
+            .await
+            .context("Calling Prune")?
+            .map_err(service_error)
+    }
+    .await;
+    match pruned {
+        Ok(p) if p.removed_blobs > 0 || !p.removed_images.is_empty() => out.note(&format!(
+            "Pruned the image cache: removed {}{} no deployment needs, {} freed",
+            match p.removed_images.len() {
+                0 => String::new(),
+                n => format!("{} and ", crate::output::count(n as u64, "image")),
+            },
+            crate::output::count(p.removed_blobs, "blob"),
+            crate::output::bytes(p.freed_bytes)
+        )),
+        Ok(_) => {}
+        Err(e) => out.warn(&format!(
+            "The deployment is done, but pruning the image cache failed: {e:#}. \
+             `dnf-image image prune --keep IMAGE` tries again"
+        )),
+    }
 }
 
 /// The update the last check found for the image the host follows, if it is not deployed yet.
@@ -463,6 +545,7 @@ pub(crate) async fn rebase(
     .await?;
     let deployed = deployed.context("The deploy step gave no result")?;
     out.deployed(&status, &deployed)?;
+    prune_cache(cli, out).await;
     Ok(0)
 }
 
@@ -516,6 +599,7 @@ pub(crate) async fn upgrade(cli: &Cli, out: &Output, opts: &UpgradeOptions) -> R
         };
         let deployed = deploy(cli, out, &status, &commit, &image, None, &trust).await?;
         out.deployed(&status, &deployed)?;
+        prune_cache(cli, out).await;
         return Ok(0);
     }
 
@@ -586,6 +670,7 @@ pub(crate) async fn upgrade(cli: &Cli, out: &Output, opts: &UpgradeOptions) -> R
     };
     let deployed = deploy(cli, out, &status, &commit, &image, None, &trust).await?;
     out.deployed(&status, &deployed)?;
+    prune_cache(cli, out).await;
     Ok(0)
 }
 
@@ -650,26 +735,59 @@ pub(crate) async fn pin(cli: &Cli, out: &Output, index: u64, pinned: bool) -> Re
     Ok(0)
 }
 
-pub(crate) async fn cleanup(cli: &Cli, out: &Output, pending: bool, rollback: bool) -> Result<u8> {
+pub(crate) async fn cleanup(
+    cli: &Cli,
+    out: &Output,
+    pending: bool,
+    rollback: bool,
+    repo: bool,
+) -> Result<u8> {
     let (mut conn, status) = status_of(cli).await?;
-    let call = Call {
-        interface: deployer::INTERFACE,
-        doing: "cleaning up",
-    };
-    let expected = expected(&status);
-    let result = async {
-        let stream = conn
-            .cleanup(Some(pending), Some(rollback), Some(&expected))
+    let removed = if pending || rollback {
+        let call = Call {
+            interface: deployer::INTERFACE,
+            doing: "cleaning up",
+        };
+        let expected = expected(&status);
+        let result = async {
+            let stream = conn
+                .cleanup(Some(pending), Some(rollback), Some(&expected))
+                .await
+                .map_err(|e| progress::call_failed(call, "Calling Cleanup", false, e))?;
+            progress::drive(call, stream, out.progress("Cleaning"), || {
+                progress::cancel(cli, deployer::INTERFACE)
+            })
             .await
-            .map_err(|e| progress::call_failed(call, "Calling Cleanup", false, e))?;
-        progress::drive(call, stream, out.progress("Cleaning"), || {
-            progress::cancel(cli, deployer::INTERFACE)
+        }
+        .await;
+        explained(cli, &status, result).await?.removed_deployments
+    } else {
+        Vec::new()
+    };
+    let repository = if repo {
+        // What the deployments follow now, so that an update downloaded for one of them stays.
+        let (_, now) = status_of(cli).await?;
+        let keep = followed_images(&now);
+        let call = Call {
+            interface: importer::INTERFACE,
+            doing: "pruning the repository",
+        };
+        let mut importer = connect(cli, importer::INTERFACE).await?;
+        let stream = ImporterProxy::prune(&mut importer, Some(&keep))
+            .await
+            .map_err(|e| progress::call_failed(call, "Calling Prune", false, e))?;
+        let pruned = progress::drive(call, stream, out.progress("Pruning"), || {
+            progress::cancel(cli, importer::INTERFACE)
         })
-        .await
-    }
-    .await;
-    let result = explained(cli, &status, result).await?;
-    out.cleaned(&result)?;
+        .await?;
+        Some(pruned)
+    } else {
+        None
+    };
+    out.cleaned(&crate::output::Cleaned {
+        removed_deployments: removed,
+        repository,
+    })?;
     Ok(0)
 }
 

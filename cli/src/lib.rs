@@ -46,6 +46,9 @@ pub enum Command {
         /// Only the booted deployment (the default one on a sysroot that is not booted).
         #[arg(long)]
         booted: bool,
+        /// Also show the space the repository and the image cache take on disk.
+        #[arg(long)]
+        disk: bool,
     },
     /// Switch the host to another image (also the first deployment on a fresh sysroot).
     ///
@@ -111,7 +114,8 @@ pub enum Command {
         #[arg(long)]
         unpin: bool,
     },
-    /// Remove the pending and/or rollback deployment (default: both).
+    /// Remove the pending and/or rollback deployment (default: both), and with `--repo` free
+    /// the repository objects no deployment uses.
     Cleanup {
         /// Remove the staged or pending deployment.
         #[arg(long)]
@@ -119,6 +123,11 @@ pub enum Command {
         /// Remove the rollback deployment.
         #[arg(long)]
         rollback: bool,
+        /// Free the repository's images, layers and objects that no remaining deployment uses
+        /// (an update downloaded for the image a deployment follows stays). Alone it leaves the
+        /// deployments as they are; with --pending or --rollback it runs after their removal.
+        #[arg(long)]
+        repo: bool,
     },
     /// Show or change the kernel arguments of the deployment that boots next.
     Kargs {
@@ -181,7 +190,7 @@ pub async fn run(cli: Cli) -> Result<u8> {
     let out = Output::new(cli.json);
     match &cli.command {
         Command::Image(cmd) => image::run(&cli, &out, cmd).await,
-        Command::Status { booted } => host::status(&cli, &out, *booted).await,
+        Command::Status { booted, disk } => host::status(&cli, &out, *booted, *disk).await,
         Command::Rebase {
             image,
             stateroot,
@@ -241,10 +250,14 @@ pub async fn run(cli: Cli) -> Result<u8> {
         }
         Command::Rollback => host::rollback(&cli, &out).await,
         Command::Pin { index, unpin } => host::pin(&cli, &out, *index, !unpin).await,
-        Command::Cleanup { pending, rollback } => {
-            // Neither flag: both.
-            let both = !pending && !rollback;
-            host::cleanup(&cli, &out, *pending || both, *rollback || both).await
+        Command::Cleanup {
+            pending,
+            rollback,
+            repo,
+        } => {
+            // Neither deployment flag: both, unless only the repository is asked for.
+            let both = !pending && !rollback && !repo;
+            host::cleanup(&cli, &out, *pending || both, *rollback || both, *repo).await
         }
         Command::Kargs {
             append,

@@ -5,18 +5,37 @@ use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use dnfimage_interfaces::deployer::{
-    CleanupResult, DeployResult, Deployment, ImageTrust, StatusReply,
-};
+use dnfimage_interfaces::deployer::{DeployResult, Deployment, ImageTrust, StatusReply};
 use dnfimage_interfaces::fetcher::{
-    CachedImage, CheckUpdateReply, FetchResult, ImageInfo, PruneReply, UpdateCheck,
+    self, CachedImage, CheckUpdateReply, FetchResult, ImageInfo, PruneReply, UpdateCheck,
 };
-use dnfimage_interfaces::importer::ImportResult;
+use dnfimage_interfaces::importer::{self, ImportResult};
 use dnfimage_interfaces::layerer::PackageChanges;
 use serde::Serialize;
 
 /// The `apiVersion` of every JSON document the CLI prints.
 pub const API_VERSION: &str = "dnfimage/v1";
+
+/// The space the repository and the fetcher's cache take (`status --disk`); a part is null when
+/// its service could not tell.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DiskUsage {
+    /// The importer's answer about the repository.
+    pub repository: Option<importer::GetDiskUsageReply>,
+    /// The fetcher's answer about its cache.
+    pub cache: Option<fetcher::GetDiskUsageReply>,
+}
+
+/// What `cleanup` did: the deployments removed and, with `--repo`, what the repository freed.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Cleaned {
+    /// The deployments removed, as `status` showed them before.
+    pub removed_deployments: Vec<Deployment>,
+    /// What `--repo` removed from the repository; null without `--repo`.
+    pub repository: Option<importer::PruneResult>,
+}
 
 /// Where and how results are printed.
 #[derive(Debug, Clone, Copy)]
@@ -31,6 +50,11 @@ struct Document<'a, T: Serialize> {
     kind: &'a str,
     #[serde(flatten)]
     body: &'a T,
+}
+
+/// `n` things for people: "1 image", "2 images".
+pub fn count(n: u64, thing: &str) -> String {
+    format!("{n} {thing}{}", if n == 1 { "" } else { "s" })
 }
 
 /// Bytes for people: "1.5 MiB".
@@ -280,8 +304,13 @@ impl Output {
         eprintln!("warning: {text}");
     }
 
-    /// `status`.
-    pub fn status(&self, status: &StatusReply, update: Option<&UpdateCheck>) -> Result<()> {
+    /// `status`; with `disk` (`--disk`), the space the repository and the cache take.
+    pub fn status(
+        &self,
+        status: &StatusReply,
+        update: Option<&UpdateCheck>,
+        disk: Option<&DiskUsage>,
+    ) -> Result<()> {
         if self.json {
             #[derive(Serialize)]
             #[serde(rename_all = "camelCase")]
@@ -289,12 +318,15 @@ impl Output {
                 #[serde(flatten)]
                 status: &'a StatusReply,
                 available_update: Option<&'a UpdateCheck>,
+                #[serde(skip_serializing_if = "Option::is_none")]
+                disk_usage: Option<&'a DiskUsage>,
             }
             return self.document(
                 "Status",
                 &Status {
                     status,
                     available_update: update,
+                    disk_usage: disk,
                 },
             );
         }
@@ -320,6 +352,29 @@ impl Output {
         }
         for d in &status.deployments {
             deployment(d);
+        }
+        if let Some(disk) = disk {
+            println!("Disk use:");
+            match &disk.repository {
+                Some(r) => println!(
+                    "   Repository: {:>10}  {} ({}; `dnf-image cleanup --repo` frees what no \
+                     deployment uses)",
+                    bytes(r.bytes),
+                    r.path,
+                    count(r.objects, "object")
+                ),
+                None => println!("   Repository: unknown"),
+            }
+            match &disk.cache {
+                Some(c) => println!(
+                    "  Image cache: {:>10}  {} ({}, {})",
+                    bytes(c.bytes),
+                    c.path,
+                    count(c.images, "image"),
+                    count(c.blobs, "blob")
+                ),
+                None => println!("  Image cache: unknown"),
+            }
         }
         Ok(())
     }
@@ -409,11 +464,11 @@ impl Output {
     }
 
     /// After `cleanup`.
-    pub fn cleaned(&self, result: &CleanupResult) -> Result<()> {
+    pub fn cleaned(&self, result: &Cleaned) -> Result<()> {
         if self.json {
             return self.document("CleanupResult", result);
         }
-        if result.removed_deployments.is_empty() {
+        if result.removed_deployments.is_empty() && result.repository.is_none() {
             println!("Nothing to clean up.");
         }
         for d in &result.removed_deployments {
@@ -422,6 +477,18 @@ impl Output {
                 d.index,
                 d.image.as_deref().unwrap_or(&d.commit),
                 version_suffix(d.version.as_deref())
+            );
+        }
+        if let Some(p) = &result.repository {
+            for image in &p.removed_images {
+                println!("Removed image {image} from the repository");
+            }
+            println!(
+                "Repository: removed {}, {} and {}; freed {}",
+                count(p.removed_commits, "layered commit"),
+                count(p.removed_layers, "layer"),
+                count(p.removed_objects, "object"),
+                bytes(p.freed_bytes)
             );
         }
         Ok(())
@@ -662,6 +729,13 @@ mod tests {
         for (n, want) in cases {
             assert_eq!(bytes(n), want);
         }
+    }
+
+    #[test]
+    fn counts_things() {
+        assert_eq!(count(0, "blob"), "0 blobs");
+        assert_eq!(count(1, "image"), "1 image");
+        assert_eq!(count(2, "layered commit"), "2 layered commits");
     }
 
     #[test]

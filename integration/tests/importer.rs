@@ -1039,6 +1039,64 @@ fn prune_removes_what_no_deployment_needs() -> Result<()> {
     Ok(())
 }
 
+/// A layered deployment's image commit stays when an upgrade moved the image's reference on:
+/// the layerer builds on it again after a rollback, and the prune does not follow parents.
+#[test]
+fn prune_keeps_the_image_commit_under_a_layered_deployment() -> Result<()> {
+    let f = Fixtures::shared()?;
+    let s = setup()?;
+    let image = registry_ref("latest");
+    let c2 = str_of(
+        &s.import(&fixture_source(tags::BASE_V2)?, &image)?
+            .result()?,
+        "commit",
+    )
+    .to_string();
+    let deployed = layered_commit(&s, &c2, "dnfimage/layered/deployed")?;
+    run_ok(
+        Command::new("ostree")
+            .args(["admin", "deploy", &format!("--os={STATEROOT}")])
+            .arg(format!("--sysroot={}", s.sysroot.path().display()))
+            .arg(&deployed),
+    )?;
+    // The reference moves on to another image, as an upgrade that is not deployed yet does.
+    let c1 = str_of(
+        &s.import(&fixture_source(tags::BASE_V1)?, &image)?
+            .result()?,
+        "commit",
+    )
+    .to_string();
+    assert_ne!(c1, c2);
+
+    let pruned = s.prune(&[])?;
+    assert_eq!(pruned["removedImages"], json!([image]));
+    let show = |commit: &str| {
+        run(Command::new("ostree")
+            .arg(format!("--repo={}", s.repo().display()))
+            .args(["show", commit]))
+    };
+    assert_eq!(
+        show(&c2)?.status.code(),
+        Some(0),
+        "the image commit under the deployment is gone"
+    );
+    assert_ne!(
+        show(&c1)?.status.code(),
+        Some(0),
+        "v1's commit is still there"
+    );
+    // Its layers stay too, so that importing the image again writes nothing.
+    let v2 = f.image(tags::BASE_V2)?;
+    let layers = s.refs_under("ostree/container/blob")?;
+    assert_eq!(layers.len(), v2.layer_digests().len(), "{layers:?}");
+    s.sysroot.fsck()?;
+    let again = s
+        .import(&fixture_source(tags::BASE_V2)?, &image)?
+        .result()?;
+    assert_eq!(u64_of(&again, "layersImported"), 0, "{again}");
+    Ok(())
+}
+
 #[test]
 fn refuses_an_import_the_filesystem_cannot_hold_before_writing() -> Result<()> {
     // Outside the scratch directory, which goes before the filesystem is unmounted.

@@ -241,6 +241,19 @@ pub struct PruneReply {
     pub freed_bytes: u64,
 }
 
+/// Reply of `GetDiskUsage`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, introspect::Type)]
+pub struct GetDiskUsageReply {
+    /// The cache directory.
+    pub path: String,
+    /// The bytes its files and directories take on disk (allocated blocks, as `du` counts them).
+    pub bytes: u64,
+    /// How many images the cache records.
+    pub images: u64,
+    /// How many blobs it holds.
+    pub blobs: u64,
+}
+
 /// Reply of `Cancel`.
 #[derive(Debug, Clone, Serialize, Deserialize, introspect::Type)]
 pub struct CancelReply {
@@ -388,4 +401,6 @@ pub trait FetcherProxy {
     /// Removes cached images not listed in `keep`, and unreferenced blobs.
     async fn prune(&mut self, keep: Vec<String>)
     -> zlink::Result<Result<PruneReply, FetcherError>>;
+    /// The space the cache takes on disk.
+    async fn get_disk_usage(&mut self) -> zlink::Result<Result<GetDiskUsageReply, FetcherError>>;
 }

@@ -142,6 +142,17 @@ pub struct ListImagesReply {
     pub images: Vec<ImportedImage>,
 }
 
+/// Reply of `GetDiskUsage`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, introspect::Type)]
+pub struct GetDiskUsageReply {
+    /// The repository directory.
+    pub path: String,
+    /// The bytes its files and directories take on disk (allocated blocks, as `du` counts them).
+    pub bytes: u64,
+    /// How many objects it holds.
+    pub objects: u64,
+}
+
 /// The phase a prune is in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, introspect::CustomType)]
 #[serde(rename_all = "snake_case")]
@@ -293,6 +304,8 @@ pub trait ImporterProxy {
         &mut self,
         keep: Option<&[String]>,
     ) -> zlink::Result<impl Stream<Item = zlink::Result<Result<PruneReply, ImporterError>>>>;
+    /// The space the repository takes on disk.
+    async fn get_disk_usage(&mut self) -> zlink::Result<Result<GetDiskUsageReply, ImporterError>>;
 }
 
 /// Shared by the interface tests of this crate: the description a `#[zlink::service]` generates,
@@ -573,6 +586,12 @@ mod tests {
             let _ = (more, keep);
             stream::iter([Err(unimplemented())])
         }
+
+        /// The space the repository takes on disk: every file and directory under it, counted
+        /// as `du` does. Reads the whole repository: takes a while on a large one.
+        async fn get_disk_usage(&self) -> Result<GetDiskUsageReply, ImporterError> {
+            Err(unimplemented())
+        }
     }
 
     #[test]
@@ -665,5 +684,6 @@ mod tests {
         check_proxy_call!(IDL, ImporterError, |c| c.list_images());
         check_proxy_call!(more IDL, ImporterError, |c| c.prune(Some(&keep)));
         check_proxy_call!(more IDL, ImporterError, |c| c.prune(None));
+        check_proxy_call!(IDL, ImporterError, |c| c.get_disk_usage());
     }
 }

@@ -446,6 +446,17 @@ impl Cache {
         write_atomic(&self.checks_path(), &bytes, &self.tmp_dir())
     }
 
+    /// How many blobs are stored.
+    pub fn blob_count(&self) -> Result<u64> {
+        let dir = self.blobs_dir();
+        let mut n = 0;
+        for item in std::fs::read_dir(&dir).with_context(|| format!("Listing {}", dir.display()))? {
+            item.context("Listing blobs")?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
     /// Drops every image whose reference is not in `keep`, then deletes unreferenced blobs.
     pub fn prune(&self, keep: &[String]) -> Result<PruneStats> {
         let mut index = self.read_index()?;

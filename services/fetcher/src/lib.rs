@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use dnfimage_interfaces::fetcher::{
     CachedImage, CancelReply, CheckUpdateReply, FetchPhase, FetchProgress, FetchReply, FetchResult,
-    FetcherError, IDL, ImageInfo, InspectReply, LastCheckReply, Layer, ListCachedReply, PruneReply,
-    SignatureCheck, UpdateCheck,
+    FetcherError, GetDiskUsageReply, IDL, ImageInfo, InspectReply, LastCheckReply, Layer,
+    ListCachedReply, PruneReply, SignatureCheck, UpdateCheck,
 };
 use dnfimage_interfaces::reference::{ImageRef, excerpt};
 use dnfimage_runtime::{
@@ -697,6 +697,26 @@ impl Fetcher {
             removed_images: stats.removed_images,
             removed_blobs: stats.removed_blobs,
             freed_bytes: stats.freed_bytes,
+        })
+    }
+
+    /// The space the cache takes on disk: every file and directory under it, counted as `du`
+    /// does.
+    async fn get_disk_usage(&self) -> Result<GetDiskUsageReply, FetcherError> {
+        let cache = self.shared.cache.clone();
+        let measured = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+            let usage = dnfimage_runtime::disk::usage(cache.root())?;
+            Ok((usage, cache.entries()?.len(), cache.blob_count()?))
+        })
+        .await
+        .map_err(|e| failed("Measuring the cache", e))?
+        .map_err(|e| failed("Measuring the cache", e))?;
+        let (usage, images, blobs) = measured;
+        Ok(GetDiskUsageReply {
+            path: self.shared.cache.root().display().to_string(),
+            bytes: usage.bytes,
+            images: images as u64,
+            blobs,
         })
     }
 }

@@ -21,9 +21,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use dnfimage_interfaces::importer::{
-    CancelReply, IDL, ImportPhase, ImportProgress, ImportReply, ImportResult, ImportWarning,
-    ImportWarningKind, ImportedImage, ImporterError, ListImagesReply, PrunePhase, PruneProgress,
-    PruneReply, PruneResult,
+    CancelReply, GetDiskUsageReply, IDL, ImportPhase, ImportProgress, ImportReply, ImportResult,
+    ImportWarning, ImportWarningKind, ImportedImage, ImporterError, ListImagesReply, PrunePhase,
+    PruneProgress, PruneReply, PruneResult,
 };
 use dnfimage_interfaces::reference::{ImageRef, ReferenceError, excerpt};
 use dnfimage_runtime::{
@@ -331,6 +331,22 @@ fn prune_job(
     }
 }
 
+/// What [`disk_usage`] measured.
+struct RepoUsage {
+    bytes: u64,
+    objects: u64,
+}
+
+/// The repository's size on disk and the files under `objects/`.
+fn disk_usage(repo: &std::path::Path) -> Result<RepoUsage> {
+    let all = dnfimage_runtime::disk::usage(repo)?;
+    let objects = dnfimage_runtime::disk::usage(&repo.join("objects"))?;
+    Ok(RepoUsage {
+        bytes: all.bytes,
+        objects: objects.files,
+    })
+}
+
 fn list_images(paths: &Paths) -> Result<Vec<ImportedImage>> {
     let repo = store::open_repo(&paths.repo)?;
     let sysroot = store::load_sysroot(&paths.sysroot)?;
@@ -459,5 +475,20 @@ impl Importer {
                 result: Some(result),
             },
         )
+    }
+
+    /// The space the repository takes on disk: every file and directory under it, counted
+    /// as `du` does. Reads the whole repository: takes a while on a large one.
+    async fn get_disk_usage(&self) -> Result<GetDiskUsageReply, ImporterError> {
+        let repo = self.shared.paths.repo.clone();
+        let usage = tokio::task::spawn_blocking(move || disk_usage(&repo))
+            .await
+            .map_err(|e| failed(format!("Measuring the repository: {e}")))?
+            .map_err(|e| failed(format!("Measuring the repository: {e:#}")))?;
+        Ok(GetDiskUsageReply {
+            path: self.shared.paths.repo.display().to_string(),
+            bytes: usage.bytes,
+            objects: usage.objects,
+        })
     }
 }

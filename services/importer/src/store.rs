@@ -382,10 +382,20 @@ pub fn prune(
         PruneStep::Objects,
         "Deleting objects nothing refers to".into(),
     );
-    // ostree's own sysroot prune also keeps the staged deployment, which has no reference.
-    let protect: Vec<String> = in_use
-        .roots
-        .iter()
+    // ostree's own sysroot prune also keeps the staged deployment, which has no reference. The
+    // parents go too: a layered deployment's image commit is what the layerer builds on again
+    // after a rollback, and the prune below does not follow parents.
+    let mut kept = Vec::new();
+    for commit in in_use.roots.union(&in_use.with_parents) {
+        let present = repo
+            .has_object(ostree::ObjectType::Commit, commit, gio::Cancellable::NONE)
+            .with_context(|| format!("Looking for commit {commit}"))?;
+        if present {
+            kept.push(commit);
+        }
+    }
+    let protect: Vec<String> = kept
+        .into_iter()
         .enumerate()
         .map(|(i, commit)| {
             let name = format!("{PROTECT_PREFIX}/{i}");

@@ -7,6 +7,7 @@
 pub mod activation;
 pub mod child;
 pub mod connections;
+pub mod disk;
 pub mod guard;
 pub mod idle;
 pub mod jobs;
