@@ -48,14 +48,17 @@ pub fn copy(from: &Path, to: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Makes the database in `dir` a single self-contained file again: checkpoints the sqlite WAL
-/// into `rpmdb.sqlite` and removes `rpmdb.sqlite-wal`, `rpmdb.sqlite-shm` and `.rpm.lock`.
+/// Makes the database in `dir` a single self-contained file again, readable where it cannot be
+/// written: checkpoints the sqlite WAL into `rpmdb.sqlite`, leaves WAL mode (a database in WAL
+/// mode cannot be opened on a read-only `/usr` without its `-shm` file: rpm and dnf then fail
+/// with "unable to open database file", as rpm-ostree found too), and removes
+/// `rpmdb.sqlite-wal`, `rpmdb.sqlite-shm` and `.rpm.lock`.
 pub fn clean(dir: &Path) -> Result<()> {
     let db = dir.join("rpmdb.sqlite");
     if db.exists() {
         let out = Command::new("sqlite3")
             .arg(&db)
-            .arg("PRAGMA wal_checkpoint(TRUNCATE);")
+            .arg("PRAGMA wal_checkpoint(TRUNCATE); PRAGMA journal_mode=DELETE;")
             .output()
             .context("Running sqlite3")?;
         if !out.status.success() {
@@ -107,5 +110,35 @@ mod tests {
             std::fs::read_to_string(root.join("home/.rpmmacros")).expect("read"),
             "%_dbpath /usr/lib/sysimage/rpm\n"
         );
+    }
+
+    #[test]
+    fn a_cleaned_database_is_one_file_out_of_wal_mode() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let db = tmp.path().join("rpmdb.sqlite");
+        let out = Command::new("sqlite3")
+            .arg(&db)
+            .arg("PRAGMA journal_mode=WAL; CREATE TABLE p(x); INSERT INTO p VALUES (1);")
+            .output()
+            .expect("sqlite3 runs");
+        assert!(out.status.success(), "{out:?}");
+        // Bytes 18 and 19 of the header: 2 in WAL mode, 1 with a rollback journal.
+        let header = |db: &Path| std::fs::read(db).expect("read")[18..20].to_vec();
+        assert_eq!(header(&db), [2, 2]);
+        std::fs::write(tmp.path().join(".rpm.lock"), "").expect("write");
+        clean(tmp.path()).expect("clean");
+        assert_eq!(header(&db), [1, 1]);
+        let mut left: Vec<String> = std::fs::read_dir(tmp.path())
+            .expect("read_dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["rpmdb.sqlite"]);
+        let out = Command::new("sqlite3")
+            .arg(format!("file:{}?mode=ro", db.display()))
+            .arg("SELECT x FROM p;")
+            .output()
+            .expect("sqlite3 runs");
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1");
     }
 }
