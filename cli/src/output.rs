@@ -169,6 +169,15 @@ fn short(digest: &str) -> &str {
     hex.char_indices().nth(12).map_or(hex, |(i, _)| &hex[..i])
 }
 
+/// A JSON result that says whether the command then asked systemd to reboot (`--apply`).
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Rebooting<'a, T: Serialize> {
+    #[serde(flatten)]
+    body: &'a T,
+    reboot_requested: bool,
+}
+
 impl Output {
     /// JSON when `json`, else text.
     pub fn new(json: bool) -> Self {
@@ -381,8 +390,25 @@ impl Output {
 
     /// The end of rebase, upgrade and kargs: what boots next.
     pub fn deployed(&self, before: &StatusReply, result: &DeployResult) -> Result<()> {
+        self.deployed_then(before, result, false)
+    }
+
+    /// [`deployed`](Self::deployed), saying in JSON whether a reboot was requested
+    /// (`rebootRequested`, `--apply`).
+    pub fn deployed_then(
+        &self,
+        before: &StatusReply,
+        result: &DeployResult,
+        reboot_requested: bool,
+    ) -> Result<()> {
         if self.json {
-            return self.document("DeployResult", result);
+            return self.document(
+                "DeployResult",
+                &Rebooting {
+                    body: result,
+                    reboot_requested,
+                },
+            );
         }
         let d = &result.deployment;
         if !result.changed {
@@ -437,9 +463,15 @@ impl Output {
     }
 
     /// After `rollback`.
-    pub fn next_boot(&self, what: &str, d: &Deployment) -> Result<()> {
+    pub fn next_boot_then(&self, what: &str, d: &Deployment, reboot_requested: bool) -> Result<()> {
         if self.json {
-            return self.document("Deployment", d);
+            return self.document(
+                "Deployment",
+                &Rebooting {
+                    body: d,
+                    reboot_requested,
+                },
+            );
         }
         println!(
             "{what}: deployment {} ({}{}) boots next.",
