@@ -791,6 +791,17 @@ pub(crate) async fn rollback(cli: &Cli, out: &Output, apply: bool) -> Result<u8>
     Ok(0)
 }
 
+pub(crate) async fn apply_live(cli: &Cli, out: &Output, allow_replacement: bool) -> Result<u8> {
+    let mut conn = connect(cli, deployer::INTERFACE).await?;
+    let reply = conn
+        .apply_live(allow_replacement.then_some(true))
+        .await
+        .context("Calling ApplyLive")?
+        .map_err(service_error)?;
+    out.applied_live(&reply)?;
+    Ok(0)
+}
+
 pub(crate) async fn pin(cli: &Cli, out: &Output, index: u64, pinned: bool) -> Result<u8> {
     let (mut conn, _) = status_of(cli).await?;
     let reply = conn

@@ -179,6 +179,17 @@ pub enum Command {
     Override(layer::OverrideCommand),
     /// Drop every layered package and override: back to the image as built.
     Reset,
+    /// Make the pending deployment's additions (packages installed since boot) usable now,
+    /// without a reboot: its new files under /usr are copied into a transient overlay on the
+    /// running /usr that lasts until the next boot, which starts the deployment itself.
+    ///
+    /// Files it changes are refused unless `--allow-replacement`; files it removes and its /etc
+    /// changes wait for the reboot. Works on the booted host only.
+    ApplyLive {
+        /// Also replace the files of the running /usr that the pending deployment changes.
+        #[arg(long)]
+        allow_replacement: bool,
+    },
     /// Work with images in registries and in the local cache.
     #[command(subcommand)]
     Image(image::ImageCommand),
@@ -306,5 +317,8 @@ pub async fn run(cli: Cli) -> Result<u8> {
         }
         Command::Override(cmd) => layer::override_command(&cli, &out, cmd).await,
         Command::Reset => layer::reset(&cli, &out).await,
+        Command::ApplyLive { allow_replacement } => {
+            host::apply_live(&cli, &out, *allow_replacement).await
+        }
     }
 }

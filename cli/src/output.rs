@@ -5,7 +5,9 @@ use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use dnfimage_interfaces::deployer::{DeployResult, Deployment, ImageTrust, StatusReply};
+use dnfimage_interfaces::deployer::{
+    ApplyLiveReply, DeployResult, Deployment, ImageTrust, StatusReply,
+};
 use dnfimage_interfaces::fetcher::{
     self, CachedImage, CheckUpdateReply, FetchResult, ImageInfo, PruneReply, UpdateCheck,
 };
@@ -105,6 +107,12 @@ fn deployment(d: &Deployment) {
     }
     if let Some(trust) = &d.trust {
         println!("    Signature: {}", trust_words(trust));
+    }
+    if let Some(state) = &d.unlocked {
+        println!("     Unlocked: {state} (/usr has an overlay until the next boot)");
+    }
+    if let Some(commit) = &d.live_commit {
+        println!("  Live commit: {commit} (its additions applied live)");
     }
     println!("       Commit: {}", d.commit);
     println!("    Timestamp: {}", d.timestamp);
@@ -479,6 +487,45 @@ impl Output {
             d.image.as_deref().unwrap_or(&d.commit),
             version_suffix(d.version.as_deref())
         );
+        Ok(())
+    }
+
+    /// After `apply-live`.
+    pub fn applied_live(&self, reply: &ApplyLiveReply) -> Result<()> {
+        if self.json {
+            return self.document("ApplyLiveReply", reply);
+        }
+        let Some(commit) = reply
+            .live_commit
+            .as_deref()
+            .filter(|_| reply.nothing_to_apply.is_none())
+        else {
+            println!(
+                "Nothing to apply: {}.",
+                reply
+                    .nothing_to_apply
+                    .as_deref()
+                    .unwrap_or("the pending deployment adds nothing")
+            );
+            return Ok(());
+        };
+        println!(
+            "Applied commit {} live: {} added{} in /usr until the next boot, which starts the \
+             deployment itself.",
+            short(commit),
+            count(reply.added, "path"),
+            if reply.replaced > 0 {
+                format!(", {} replaced", count(reply.replaced, "file"))
+            } else {
+                String::new()
+            }
+        );
+        if reply.removed_kept > 0 {
+            println!(
+                "{} the pending deployment removes stay until the reboot.",
+                count(reply.removed_kept, "path")
+            );
+        }
         Ok(())
     }
 

@@ -1073,6 +1073,7 @@ fn bad_requests_get_typed_errors() -> Result<()> {
         ),
         ("Rollback", json!({}), "NoRollback"),
         ("UnlockStaged", json!({}), "NoSuchDeployment"),
+        ("ApplyLive", json!({}), "NotBooted"),
         (
             "SetKernelArguments",
             json!({"append": ["x"]}),
@@ -1108,6 +1109,23 @@ fn bad_requests_get_typed_errors() -> Result<()> {
     );
 
     s.deploy(&v1.commit, IMAGE_V1, json!({"stateroot": STATEROOT}))?;
+    // A pending deployment on a sysroot that is not booted: still no running /usr to change,
+    // with or without replacements allowed.
+    s.deploy(&v1.commit, IMAGE_V1, json!({"stateroot": STATEROOT}))?;
+    for params in [json!({}), json!({"allowReplacement": true})] {
+        let (_, outcome) = s.call("ApplyLive", params.clone())?;
+        let (name, p) = outcome.err()?;
+        assert_eq!(name, "NotBooted", "{params}: {p}");
+        assert_eq!(p["sysroot"], s.sysroot.path().display().to_string(), "{p}");
+    }
+    let deployments = s.status()?.deployments;
+    assert!(
+        deployments
+            .iter()
+            .all(|d| d.unlocked.is_none() && d.live_commit.is_none()),
+        "{deployments:?}"
+    );
+    s.cleanup(json!({"rollback": true}))?;
     let (_, outcome) = s.call("Pin", json!({"index": 1, "pinned": true}))?;
     let (name, p) = outcome.err()?;
     assert_eq!(name, "NoSuchDeployment");
@@ -1140,6 +1158,7 @@ fn unprivileged_caller_may_read_but_not_change() -> Result<()> {
         ("Rollback", "{}".to_string()),
         ("Pin", r#"{"index":0,"pinned":true}"#.to_string()),
         ("Cancel", "{}".to_string()),
+        ("ApplyLive", "{}".to_string()),
         (
             "Deploy",
             json!({"commit": v1.commit, "image": IMAGE_V1}).to_string(),

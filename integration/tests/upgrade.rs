@@ -556,6 +556,27 @@ fn apply_reboots_nothing_on_a_sysroot_that_is_not_booted() -> Result<()> {
     let (_, stderr) = stderr_of(&["rollback"])?;
     assert!(!stderr.contains("--apply"), "{stderr}");
 
+    // apply-live needs the running system's /usr: refused with a sentence, nothing changed,
+    // and status shows no live changes.
+    let before = host.deployments()?;
+    let out = run(host.cli().args(["apply-live"]))?;
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("is not the sysroot the running system booted from"),
+        "{stderr}"
+    );
+    let out = run(host.cli().args(["apply-live", "--allow-replacement"]))?;
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let after = host.deployments()?;
+    assert_eq!(after, before);
+    assert!(
+        after
+            .iter()
+            .all(|d| d["unlocked"].is_null() && d["liveCommit"].is_null()),
+        "{after:?}"
+    );
+
     // Nothing to deploy with --check, --download-only, --preview or --auto: refused as usage.
     for flag in ["--check", "--download-only", "--preview", "--auto"] {
         let out = run(host.cli().args(["upgrade", "--apply", flag]))?;
