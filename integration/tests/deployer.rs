@@ -1136,6 +1136,36 @@ fn bad_requests_get_typed_errors() -> Result<()> {
     Ok(())
 }
 
+/// The step of ApplyLive that the service runs outside its unit's namespace (through
+/// systemd-run, on a booted host) refuses a sysroot that is not booted before it unlocks or
+/// writes anything, and the deployments stay as they were.
+#[test]
+fn apply_live_step_refuses_a_sysroot_that_is_not_booted() -> Result<()> {
+    let s = setup()?;
+    let v1 = s.import(tags::BASE_V1)?;
+    s.deploy(&v1.commit, IMAGE_V1, json!({"stateroot": STATEROOT}))?;
+    let before = s.status()?.deployments;
+    let record_before = std::fs::read_to_string("/run/dnfimage/live-commit").ok();
+    let out = run(Command::new(dnfimage_integration::bin("dnfimage-deployer"))
+        .arg("--sysroot")
+        .arg(s.sysroot.path())
+        .args(["--apply-live", &v1.commit, &v1.commit]))?;
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("not booted"), "{stderr}");
+    assert_eq!(s.status()?.deployments, before);
+    assert_eq!(
+        std::fs::read_to_string("/run/dnfimage/live-commit").ok(),
+        record_before
+    );
+    // --allow-replacement only goes with --apply-live.
+    let out =
+        run(Command::new(dnfimage_integration::bin("dnfimage-deployer"))
+            .args(["--allow-replacement"]))?;
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    Ok(())
+}
+
 #[test]
 fn unprivileged_caller_may_read_but_not_change() -> Result<()> {
     let s = setup_with(&["--socket-mode", "666"])?;
