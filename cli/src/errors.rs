@@ -135,6 +135,31 @@ pub fn describe(name: &str, params: &Value) -> String {
             get("message")
         ),
         "ImageNotFound" => format!("Image {} not found: {}", get("image"), get("message")),
+        "NotBooted" => format!(
+            "{} is not the sysroot the running system booted from: there is no running /usr to \
+             change (apply-live works on the booted host only)",
+            get("sysroot")
+        ),
+        "ReplacementRefused" => {
+            let files: Vec<&str> = params
+                .get("files")
+                .and_then(Value::as_array)
+                .map(|a| a.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
+            let more = num("count").saturating_sub(files.len() as u64);
+            format!(
+                "The pending deployment changes {} of the running /usr ({}{}); nothing was \
+                 changed. `dnf-image apply-live --allow-replacement` replaces them too; a reboot \
+                 starts the deployment with all its changes",
+                crate::output::count(num("count"), "file"),
+                files.join(", "),
+                if more > 0 {
+                    format!(" and {more} more")
+                } else {
+                    String::new()
+                }
+            )
+        }
         "NotBootable" => format!(
             "{} is not a bootable OS image (it has no containers.bootc=1 or ostree.bootable label)",
             get("image")
@@ -264,6 +289,20 @@ mod tests {
     fn describes_errors() {
         let cases = [
             ("NoRollback", json!({}), "No rollback"),
+            (
+                "NotBooted",
+                json!({"sysroot": "/tmp/s"}),
+                "/tmp/s is not the sysroot the running system booted from: there is no running \
+                 /usr to change (apply-live works on the booted host only)",
+            ),
+            (
+                "ReplacementRefused",
+                json!({"count": 12, "files": ["/usr/lib/a", "/usr/lib/b"]}),
+                "The pending deployment changes 12 files of the running /usr (/usr/lib/a, \
+                 /usr/lib/b and 10 more); nothing was changed. `dnf-image apply-live \
+                 --allow-replacement` replaces them too; a reboot starts the deployment with all \
+                 its changes",
+            ),
             (
                 "NoSuchDeployment",
                 json!({"index": 4}),

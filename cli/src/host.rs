@@ -27,6 +27,8 @@ pub struct RebaseOptions<'a> {
     pub unchanged_exit_77: bool,
     /// Hold the image to the host's signature policy (not `--no-signature-verification`).
     pub verify: bool,
+    /// Reboot once the new deployment is staged (`--apply`).
+    pub apply: bool,
 }
 
 /// Flags of `upgrade`.
@@ -38,6 +40,8 @@ pub struct UpgradeOptions {
     pub from_downloaded: bool,
     pub unchanged_exit_77: bool,
     pub concurrency: Option<u64>,
+    /// Reboot once the new deployment is staged (`--apply`).
+    pub apply: bool,
 }
 
 /// What `upgrade --auto` does, from `[upgrade] policy` in the configuration file.
@@ -515,6 +519,7 @@ pub(crate) async fn rebase(
              at {digest}; `--force` deploys it again.",
             next.index
         ));
+        no_reboot(out, opts.apply);
         if cli.json {
             out.deployed(
                 &status,
@@ -544,8 +549,12 @@ pub(crate) async fn rebase(
     )
     .await?;
     let deployed = deployed.context("The deploy step gave no result")?;
-    out.deployed(&status, &deployed)?;
+    let reboot = reboot_wanted(out, opts.apply, &status, deployed.changed);
+    out.deployed_then(&status, &deployed, reboot)?;
     prune_cache(cli, out).await;
+    if reboot {
+        self::reboot(out)?;
+    }
     Ok(0)
 }
 
@@ -585,6 +594,7 @@ pub(crate) async fn upgrade(cli: &Cli, out: &Output, opts: &UpgradeOptions) -> R
                 "No downloaded update: {image} is deployed at {}",
                 downloaded.digest
             ));
+            no_reboot(out, opts.apply);
             return Ok(unchanged);
         }
         let trust = downloaded_trust(cli, &image, &downloaded.digest, enforced).await?;
@@ -598,8 +608,12 @@ pub(crate) async fn upgrade(cli: &Cli, out: &Output, opts: &UpgradeOptions) -> R
             downloaded.commit.clone()
         };
         let deployed = deploy(cli, out, &status, &commit, &image, None, &trust).await?;
-        out.deployed(&status, &deployed)?;
+        let reboot = reboot_wanted(out, opts.apply, &status, deployed.changed);
+        out.deployed_then(&status, &deployed, reboot)?;
         prune_cache(cli, out).await;
+        if reboot {
+            self::reboot(out)?;
+        }
         return Ok(0);
     }
 
@@ -636,6 +650,7 @@ pub(crate) async fn upgrade(cli: &Cli, out: &Output, opts: &UpgradeOptions) -> R
     }
     if !check.update_available {
         out.note(&format!("No update: {image} is still {}", check.digest));
+        no_reboot(out, opts.apply);
         return Ok(unchanged);
     }
     let (imported, trust, _) = fetch_import_deploy(
@@ -669,8 +684,12 @@ pub(crate) async fn upgrade(cli: &Cli, out: &Output, opts: &UpgradeOptions) -> R
         imported.commit.clone()
     };
     let deployed = deploy(cli, out, &status, &commit, &image, None, &trust).await?;
-    out.deployed(&status, &deployed)?;
+    let reboot = reboot_wanted(out, opts.apply, &status, deployed.changed);
+    out.deployed_then(&status, &deployed, reboot)?;
     prune_cache(cli, out).await;
+    if reboot {
+        self::reboot(out)?;
+    }
     Ok(0)
 }
 
@@ -708,7 +727,51 @@ async fn downloaded_trust(
     }
 }
 
-pub(crate) async fn rollback(cli: &Cli, out: &Output) -> Result<u8> {
+/// Whether `--apply` (`apply`) reboots after a change that `changed` the deployments: only when
+/// the sysroot is the running system's, and says why not otherwise.
+fn reboot_wanted(out: &Output, apply: bool, before: &StatusReply, changed: bool) -> bool {
+    if !apply {
+        return false;
+    }
+    if !changed {
+        no_reboot(out, true);
+        return false;
+    }
+    if !before.booted {
+        out.note(&format!(
+            "--apply: not booted: nothing to reboot ({} is not the running system's sysroot).",
+            before.sysroot
+        ));
+        return false;
+    }
+    true
+}
+
+/// Says that `--apply` (`apply`) reboots nothing because nothing changed.
+fn no_reboot(out: &Output, apply: bool) {
+    if apply {
+        out.note("--apply: nothing changed, so no reboot.");
+    }
+}
+
+/// The reboot of `--apply`, asked of systemd as any administrator would (`systemctl reboot`):
+/// the CLI runs it itself rather than through a service, since rebooting is no change to the
+/// sysroot, the cache or a registry, and the deployer (no network, a private mount namespace)
+/// should not gain the right to stop the machine.
+fn reboot(out: &Output) -> Result<()> {
+    out.note("--apply: rebooting (`systemctl reboot`).");
+    let status = std::process::Command::new("systemctl")
+        .arg("reboot")
+        .status()
+        .context("Running `systemctl reboot`; the change is made: reboot to use it")?;
+    anyhow::ensure!(
+        status.success(),
+        "`systemctl reboot` failed ({status}); the change is made: reboot to use it"
+    );
+    Ok(())
+}
+
+pub(crate) async fn rollback(cli: &Cli, out: &Output, apply: bool) -> Result<u8> {
     let (mut conn, status) = status_of(cli).await?;
     let call = Call {
         interface: deployer::INTERFACE,
@@ -720,7 +783,22 @@ pub(crate) async fn rollback(cli: &Cli, out: &Output) -> Result<u8> {
         .map_err(|e| progress::call_failed(call, "Calling Rollback", true, e))
         .and_then(|r| r.map_err(service_error));
     let reply = explained(cli, &status, result).await?;
-    out.next_boot("Rolled back", &reply.deployment)?;
+    let reboot = reboot_wanted(out, apply, &status, true);
+    out.next_boot_then("Rolled back", &reply.deployment, reboot)?;
+    if reboot {
+        self::reboot(out)?;
+    }
+    Ok(0)
+}
+
+pub(crate) async fn apply_live(cli: &Cli, out: &Output, allow_replacement: bool) -> Result<u8> {
+    let mut conn = connect(cli, deployer::INTERFACE).await?;
+    let reply = conn
+        .apply_live(allow_replacement.then_some(true))
+        .await
+        .context("Calling ApplyLive")?
+        .map_err(service_error)?;
+    out.applied_live(&reply)?;
     Ok(0)
 }
 

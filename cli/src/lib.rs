@@ -38,6 +38,17 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// `--apply`: reboot once the change is made, as bootc spells it (`-r`/`--reboot` as rpm-ostree
+/// does).
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct ApplyArg {
+    /// Reboot (`systemctl reboot`) once the new deployment is staged or the rollback is set.
+    /// Nothing is rebooted when nothing changed, when the change failed, or when the sysroot
+    /// is not the booted one.
+    #[arg(long, short = 'r', visible_alias = "reboot")]
+    pub apply: bool,
+}
+
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -76,14 +87,16 @@ pub enum Command {
         /// `ostree-image-signed:`.
         #[arg(long)]
         no_signature_verification: bool,
+        #[command(flatten)]
+        apply: ApplyArg,
     },
     /// Fetch, import and stage the newest version of the image the host follows.
     Upgrade {
         /// Only tell whether an update exists: version, digest, layers and bytes to download.
-        #[arg(long, conflicts_with_all = ["download_only", "from_downloaded"])]
+        #[arg(long, conflicts_with_all = ["download_only", "from_downloaded", "apply"])]
         check: bool,
         /// Fetch and import the update but do not deploy it.
-        #[arg(long, conflicts_with = "from_downloaded")]
+        #[arg(long, conflicts_with_all = ["from_downloaded", "apply"])]
         download_only: bool,
         /// Deploy what `--download-only` fetched, without the network.
         #[arg(long)]
@@ -92,7 +105,7 @@ pub enum Command {
         #[arg(long)]
         unchanged_exit_77: bool,
         /// Download the update and show the package changes it brings, without deploying it.
-        #[arg(long, conflicts_with_all = ["check", "download_only", "from_downloaded"])]
+        #[arg(long, conflicts_with_all = ["check", "download_only", "from_downloaded", "apply"])]
         preview: bool,
         /// Layers fetched at once.
         #[arg(long)]
@@ -101,11 +114,16 @@ pub enum Command {
         /// (record the update, which `status` then shows) or stage (also download and stage it).
         /// For dnfimage-upgrade.timer. Exits with 75 (EX_TEMPFAIL) when another change to the
         /// deployments ran at the same time: nothing was changed, the next run tries again.
-        #[arg(long, conflicts_with_all = ["check", "download_only", "from_downloaded"])]
+        #[arg(long, conflicts_with_all = ["check", "download_only", "from_downloaded", "apply"])]
         auto: bool,
+        #[command(flatten)]
+        apply: ApplyArg,
     },
     /// Make the previous deployment the one that boots next.
-    Rollback,
+    Rollback {
+        #[command(flatten)]
+        apply: ApplyArg,
+    },
     /// Keep a deployment through upgrades and cleanups (`--unpin` to release it).
     Pin {
         /// The deployment's index in `status`.
@@ -161,6 +179,17 @@ pub enum Command {
     Override(layer::OverrideCommand),
     /// Drop every layered package and override: back to the image as built.
     Reset,
+    /// Make the pending deployment's additions (packages installed since boot) usable now,
+    /// without a reboot: its new files under /usr are copied into a transient overlay on the
+    /// running /usr that lasts until the next boot, which starts the deployment itself.
+    ///
+    /// Files it changes are refused unless `--allow-replacement`; files it removes and its /etc
+    /// changes wait for the reboot. Works on the booted host only.
+    ApplyLive {
+        /// Also replace the files of the running /usr that the pending deployment changes.
+        #[arg(long)]
+        allow_replacement: bool,
+    },
     /// Work with images in registries and in the local cache.
     #[command(subcommand)]
     Image(image::ImageCommand),
@@ -198,6 +227,7 @@ pub async fn run(cli: Cli) -> Result<u8> {
             force,
             unchanged_exit_77,
             no_signature_verification,
+            apply,
         } => {
             let opts = host::RebaseOptions {
                 stateroot: stateroot.as_deref(),
@@ -205,6 +235,7 @@ pub async fn run(cli: Cli) -> Result<u8> {
                 force: *force,
                 unchanged_exit_77: *unchanged_exit_77,
                 verify: !no_signature_verification,
+                apply: apply.apply,
             };
             host::rebase(&cli, &out, image, &opts).await
         }
@@ -216,6 +247,7 @@ pub async fn run(cli: Cli) -> Result<u8> {
             preview,
             concurrency,
             auto,
+            apply,
         } => {
             let mut opts = host::UpgradeOptions {
                 check: *check,
@@ -224,6 +256,7 @@ pub async fn run(cli: Cli) -> Result<u8> {
                 from_downloaded: *from_downloaded,
                 unchanged_exit_77: *unchanged_exit_77,
                 concurrency: *concurrency,
+                apply: apply.apply,
             };
             if *auto {
                 match host::Policy::load()? {
@@ -248,7 +281,7 @@ pub async fn run(cli: Cli) -> Result<u8> {
                 other => other,
             }
         }
-        Command::Rollback => host::rollback(&cli, &out).await,
+        Command::Rollback { apply } => host::rollback(&cli, &out, apply.apply).await,
         Command::Pin { index, unpin } => host::pin(&cli, &out, *index, !unpin).await,
         Command::Cleanup {
             pending,
@@ -284,5 +317,8 @@ pub async fn run(cli: Cli) -> Result<u8> {
         }
         Command::Override(cmd) => layer::override_command(&cli, &out, cmd).await,
         Command::Reset => layer::reset(&cli, &out).await,
+        Command::ApplyLive { allow_replacement } => {
+            host::apply_live(&cli, &out, *allow_replacement).await
+        }
     }
 }

@@ -5,7 +5,9 @@ use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use dnfimage_interfaces::deployer::{DeployResult, Deployment, ImageTrust, StatusReply};
+use dnfimage_interfaces::deployer::{
+    ApplyLiveReply, DeployResult, Deployment, ImageTrust, StatusReply,
+};
 use dnfimage_interfaces::fetcher::{
     self, CachedImage, CheckUpdateReply, FetchResult, ImageInfo, PruneReply, UpdateCheck,
 };
@@ -106,6 +108,12 @@ fn deployment(d: &Deployment) {
     if let Some(trust) = &d.trust {
         println!("    Signature: {}", trust_words(trust));
     }
+    if let Some(state) = &d.unlocked {
+        println!("     Unlocked: {state} (/usr has an overlay until the next boot)");
+    }
+    if let Some(commit) = &d.live_commit {
+        println!("  Live commit: {commit} (its additions applied live)");
+    }
     println!("       Commit: {}", d.commit);
     println!("    Timestamp: {}", d.timestamp);
     println!("       Kernel: {}", d.kernel_version);
@@ -167,6 +175,15 @@ fn image_kernel_arguments(added: &[String], removed: &[String]) -> Option<String
 fn short(digest: &str) -> &str {
     let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
     hex.char_indices().nth(12).map_or(hex, |(i, _)| &hex[..i])
+}
+
+/// A JSON result that says whether the command then asked systemd to reboot (`--apply`).
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Rebooting<'a, T: Serialize> {
+    #[serde(flatten)]
+    body: &'a T,
+    reboot_requested: bool,
 }
 
 impl Output {
@@ -381,8 +398,25 @@ impl Output {
 
     /// The end of rebase, upgrade and kargs: what boots next.
     pub fn deployed(&self, before: &StatusReply, result: &DeployResult) -> Result<()> {
+        self.deployed_then(before, result, false)
+    }
+
+    /// [`deployed`](Self::deployed), saying in JSON whether a reboot was requested
+    /// (`rebootRequested`, `--apply`).
+    pub fn deployed_then(
+        &self,
+        before: &StatusReply,
+        result: &DeployResult,
+        reboot_requested: bool,
+    ) -> Result<()> {
         if self.json {
-            return self.document("DeployResult", result);
+            return self.document(
+                "DeployResult",
+                &Rebooting {
+                    body: result,
+                    reboot_requested,
+                },
+            );
         }
         let d = &result.deployment;
         if !result.changed {
@@ -437,9 +471,15 @@ impl Output {
     }
 
     /// After `rollback`.
-    pub fn next_boot(&self, what: &str, d: &Deployment) -> Result<()> {
+    pub fn next_boot_then(&self, what: &str, d: &Deployment, reboot_requested: bool) -> Result<()> {
         if self.json {
-            return self.document("Deployment", d);
+            return self.document(
+                "Deployment",
+                &Rebooting {
+                    body: d,
+                    reboot_requested,
+                },
+            );
         }
         println!(
             "{what}: deployment {} ({}{}) boots next.",
@@ -447,6 +487,45 @@ impl Output {
             d.image.as_deref().unwrap_or(&d.commit),
             version_suffix(d.version.as_deref())
         );
+        Ok(())
+    }
+
+    /// After `apply-live`.
+    pub fn applied_live(&self, reply: &ApplyLiveReply) -> Result<()> {
+        if self.json {
+            return self.document("ApplyLiveReply", reply);
+        }
+        let Some(commit) = reply
+            .live_commit
+            .as_deref()
+            .filter(|_| reply.nothing_to_apply.is_none())
+        else {
+            println!(
+                "Nothing to apply: {}.",
+                reply
+                    .nothing_to_apply
+                    .as_deref()
+                    .unwrap_or("the pending deployment adds nothing")
+            );
+            return Ok(());
+        };
+        println!(
+            "Applied commit {} live: {} added{} in /usr until the next boot, which starts the \
+             deployment itself.",
+            short(commit),
+            count(reply.added, "path"),
+            if reply.replaced > 0 {
+                format!(", {} replaced", count(reply.replaced, "file"))
+            } else {
+                String::new()
+            }
+        );
+        if reply.removed_kept > 0 {
+            println!(
+                "{} the pending deployment removes stay until the reboot.",
+                count(reply.removed_kept, "path")
+            );
+        }
         Ok(())
     }
 

@@ -1073,6 +1073,7 @@ fn bad_requests_get_typed_errors() -> Result<()> {
         ),
         ("Rollback", json!({}), "NoRollback"),
         ("UnlockStaged", json!({}), "NoSuchDeployment"),
+        ("ApplyLive", json!({}), "NotBooted"),
         (
             "SetKernelArguments",
             json!({"append": ["x"]}),
@@ -1108,6 +1109,23 @@ fn bad_requests_get_typed_errors() -> Result<()> {
     );
 
     s.deploy(&v1.commit, IMAGE_V1, json!({"stateroot": STATEROOT}))?;
+    // A pending deployment on a sysroot that is not booted: still no running /usr to change,
+    // with or without replacements allowed.
+    s.deploy(&v1.commit, IMAGE_V1, json!({"stateroot": STATEROOT}))?;
+    for params in [json!({}), json!({"allowReplacement": true})] {
+        let (_, outcome) = s.call("ApplyLive", params.clone())?;
+        let (name, p) = outcome.err()?;
+        assert_eq!(name, "NotBooted", "{params}: {p}");
+        assert_eq!(p["sysroot"], s.sysroot.path().display().to_string(), "{p}");
+    }
+    let deployments = s.status()?.deployments;
+    assert!(
+        deployments
+            .iter()
+            .all(|d| d.unlocked.is_none() && d.live_commit.is_none()),
+        "{deployments:?}"
+    );
+    s.cleanup(json!({"rollback": true}))?;
     let (_, outcome) = s.call("Pin", json!({"index": 1, "pinned": true}))?;
     let (name, p) = outcome.err()?;
     assert_eq!(name, "NoSuchDeployment");
@@ -1115,6 +1133,36 @@ fn bad_requests_get_typed_errors() -> Result<()> {
     assert!(s.status()?.deployments.len() == 1);
     assert!(s.deployment_dirs()?.len() == 1);
     s.sysroot.fsck()?;
+    Ok(())
+}
+
+/// The step of ApplyLive that the service runs outside its unit's namespace (through
+/// systemd-run, on a booted host) refuses a sysroot that is not booted before it unlocks or
+/// writes anything, and the deployments stay as they were.
+#[test]
+fn apply_live_step_refuses_a_sysroot_that_is_not_booted() -> Result<()> {
+    let s = setup()?;
+    let v1 = s.import(tags::BASE_V1)?;
+    s.deploy(&v1.commit, IMAGE_V1, json!({"stateroot": STATEROOT}))?;
+    let before = s.status()?.deployments;
+    let record_before = std::fs::read_to_string("/run/dnfimage/live-commit").ok();
+    let out = run(Command::new(dnfimage_integration::bin("dnfimage-deployer"))
+        .arg("--sysroot")
+        .arg(s.sysroot.path())
+        .args(["--apply-live", &v1.commit, &v1.commit]))?;
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("not booted"), "{stderr}");
+    assert_eq!(s.status()?.deployments, before);
+    assert_eq!(
+        std::fs::read_to_string("/run/dnfimage/live-commit").ok(),
+        record_before
+    );
+    // --allow-replacement only goes with --apply-live.
+    let out =
+        run(Command::new(dnfimage_integration::bin("dnfimage-deployer"))
+            .args(["--allow-replacement"]))?;
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
     Ok(())
 }
 
@@ -1140,6 +1188,7 @@ fn unprivileged_caller_may_read_but_not_change() -> Result<()> {
         ("Rollback", "{}".to_string()),
         ("Pin", r#"{"index":0,"pinned":true}"#.to_string()),
         ("Cancel", "{}".to_string()),
+        ("ApplyLive", "{}".to_string()),
         (
             "Deploy",
             json!({"commit": v1.commit, "image": IMAGE_V1}).to_string(),

@@ -497,3 +497,91 @@ fn upgrade_replaces_the_image_kernel_arguments_and_keeps_the_users() -> Result<(
     host.sysroot.fsck()?;
     Ok(())
 }
+
+/// `--apply` (and rpm-ostree's `-r`/`--reboot`) on a sysroot that is not the running system's:
+/// the change is made, the machine running the tests is not rebooted, and the command says why
+/// and exits 0; nothing new deployed means no reboot either. JSON says whether a reboot was
+/// requested.
+#[test]
+fn apply_reboots_nothing_on_a_sysroot_that_is_not_booted() -> Result<()> {
+    let host = Host::new()?;
+    let stderr_of = |args: &[&str]| -> Result<(Value, String)> {
+        let out = run(host.cli().args(args))?;
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        let doc = if !args.contains(&"--json") {
+            Value::Null
+        } else {
+            serde_json::from_slice(&out.stdout)?
+        };
+        Ok((doc, String::from_utf8_lossy(&out.stderr).into_owned()))
+    };
+    const NOT_BOOTED: &str = "--apply: not booted: nothing to reboot";
+    const UNCHANGED: &str = "--apply: nothing changed, so no reboot";
+
+    let (doc, stderr) = stderr_of(&["--json", "rebase", "--apply", &host.latest])?;
+    assert!(stderr.contains(NOT_BOOTED), "{stderr}");
+    assert_eq!(doc["changed"], true, "{doc}");
+    assert_eq!(doc["rebootRequested"], false, "{doc}");
+    assert_eq!(host.deployments()?.len(), 1);
+
+    // The same image again: the image specification is unchanged, nothing to reboot into.
+    let (doc, stderr) = stderr_of(&["--json", "rebase", "-r", &host.latest])?;
+    assert!(stderr.contains(UNCHANGED), "{stderr}");
+    assert!(!stderr.contains(NOT_BOOTED), "{stderr}");
+    assert_eq!(doc["changed"], false, "{doc}");
+    assert_eq!(doc["rebootRequested"], false, "{doc}");
+
+    // No update: no reboot.
+    let (_, stderr) = stderr_of(&["upgrade", "--reboot"])?;
+    assert!(stderr.contains("No update"), "{stderr}");
+    assert!(stderr.contains(UNCHANGED), "{stderr}");
+
+    // An update: deployed, and said why nothing reboots.
+    host.publish(tags::BASE_V2)?;
+    let (doc, stderr) = stderr_of(&["--json", "upgrade", "--apply"])?;
+    assert!(stderr.contains(NOT_BOOTED), "{stderr}");
+    assert_eq!(doc["deployment"]["version"], "2", "{doc}");
+    assert_eq!(doc["rebootRequested"], false, "{doc}");
+    let deps = host.deployments()?;
+    assert_eq!(deps[0]["version"], "2");
+
+    // Rollback: set, not rebooted.
+    let (doc, stderr) = stderr_of(&["--json", "rollback", "--apply"])?;
+    assert!(stderr.contains(NOT_BOOTED), "{stderr}");
+    assert_eq!(doc["version"], "1", "{doc}");
+    assert_eq!(doc["rebootRequested"], false, "{doc}");
+    assert_eq!(host.deployments()?[0]["version"], "1");
+
+    // Without --apply nothing is said about rebooting.
+    let (_, stderr) = stderr_of(&["rollback"])?;
+    assert!(!stderr.contains("--apply"), "{stderr}");
+
+    // apply-live needs the running system's /usr: refused with a sentence, nothing changed,
+    // and status shows no live changes.
+    let before = host.deployments()?;
+    let out = run(host.cli().args(["apply-live"]))?;
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("is not the sysroot the running system booted from"),
+        "{stderr}"
+    );
+    let out = run(host.cli().args(["apply-live", "--allow-replacement"]))?;
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let after = host.deployments()?;
+    assert_eq!(after, before);
+    assert!(
+        after
+            .iter()
+            .all(|d| d["unlocked"].is_null() && d["liveCommit"].is_null()),
+        "{after:?}"
+    );
+
+    // Nothing to deploy with --check, --download-only, --preview or --auto: refused as usage.
+    for flag in ["--check", "--download-only", "--preview", "--auto"] {
+        let out = run(host.cli().args(["upgrade", "--apply", flag]))?;
+        assert_eq!(out.status.code(), Some(2), "{flag}: {out:?}");
+    }
+    assert_eq!(host.deployments()?[0]["version"], "2");
+    Ok(())
+}

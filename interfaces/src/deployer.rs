@@ -80,6 +80,14 @@ pub struct Deployment {
     /// How its image is held to the signature policy, from its origin; null when it is not
     /// from an image.
     pub trust: Option<ImageTrust>,
+    /// libostree's unlocked state of its "/usr" ("transient", "development", "hotfix"); null
+    /// when it is locked, as deployments are.
+    #[serde(default)]
+    pub unlocked: Option<String>,
+    /// The commit whose additions `ApplyLive` copied into the running "/usr" of this booted
+    /// deployment (they last until the next boot); null when none were.
+    #[serde(default)]
+    pub live_commit: Option<String>,
 }
 
 impl Deployment {
@@ -185,6 +193,25 @@ pub struct DeployReply {
     pub progress: Option<DeployProgress>,
     /// Set on the last record only.
     pub result: Option<DeployResult>,
+}
+
+/// Reply of `ApplyLive`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, introspect::Type)]
+#[serde(rename_all = "camelCase")]
+#[zlink(rename_all = "camelCase")]
+pub struct ApplyLiveReply {
+    /// The pending deployment's commit whose additions the running "/usr" now has; null when
+    /// nothing was applied.
+    pub live_commit: Option<String>,
+    /// Files, directories and symbolic links added to the running "/usr".
+    pub added: u64,
+    /// Files of the running "/usr" replaced by the pending deployment's: those of the rpm
+    /// database, which list the added packages, and the others only with `allowReplacement`.
+    pub replaced: u64,
+    /// Paths the pending deployment no longer has, left in the running "/usr".
+    pub removed_kept: u64,
+    /// Why nothing was applied, for people ("No pending deployment", …); null when something was.
+    pub nothing_to_apply: Option<String>,
 }
 
 /// Reply of `UnlockStaged`, `Rollback` and `Pin`.
@@ -340,6 +367,20 @@ pub enum DeployerError {
         /// Which limit: "total" or "user".
         scope: String,
     },
+    /// The sysroot is not the one the running system booted from, so it has no running "/usr"
+    /// to change.
+    NotBooted {
+        /// The sysroot the service manages.
+        sysroot: String,
+    },
+    /// The pending deployment changes files the running "/usr" has; nothing was changed. Call
+    /// again with `allowReplacement` to replace them too.
+    ReplacementRefused {
+        /// How many files it changes.
+        count: u64,
+        /// The first of them, "/usr/…".
+        files: Vec<String>,
+    },
     /// Anything else; the message says what went wrong. The deployments are as they were.
     Failed {
         /// What went wrong, with its causes.
@@ -407,6 +448,11 @@ pub trait DeployerProxy {
     ) -> zlink::Result<impl Stream<Item = zlink::Result<Result<CleanupReply, DeployerError>>>>;
     /// Cancels the running deploy, kernel argument change or cleanup.
     async fn cancel(&mut self) -> zlink::Result<Result<CancelReply, DeployerError>>;
+    /// Copies the pending deployment's additions into the running "/usr".
+    async fn apply_live(
+        &mut self,
+        allow_replacement: Option<bool>,
+    ) -> zlink::Result<Result<ApplyLiveReply, DeployerError>>;
 }
 
 #[cfg(test)]
@@ -583,6 +629,24 @@ mod tests {
         async fn cancel(&self) -> Result<CancelReply, DeployerError> {
             Err(unimplemented())
         }
+
+        /// Makes the additions of the pending deployment (the one that boots next, when it is not
+        /// the booted one) usable now, without a reboot: the files, directories and symbolic links
+        /// under "/usr" its commit has and the booted one's does not are copied into the running
+        /// "/usr", over a transient overlay (libostree's transient unlock, gone at the next boot, when
+        /// the deployment itself has them), and so are the rpm database files it changes, which list
+        /// the added packages. Other files both commits have with other contents are refused with
+        /// `ReplacementRefused` unless `allowReplacement` (default false), then replaced too; paths
+        /// the pending deployment removes, and its "/etc" changes, are left alone. Nothing to apply
+        /// (no pending deployment, no additions, already applied) is no error: the reply says why.
+        /// Refused with `NotBooted` on a sysroot that is not booted.
+        async fn apply_live(
+            &self,
+            #[zlink(rename = "allowReplacement")] allow_replacement: Option<bool>,
+        ) -> Result<ApplyLiveReply, DeployerError> {
+            let _ = allow_replacement;
+            Err(unimplemented())
+        }
     }
 
     #[test]
@@ -621,6 +685,8 @@ mod tests {
                 requirement: Some("default: signedBy".into()),
                 signers: vec!["0123 (OS <os@example.org>)".into()],
             }),
+            unlocked: Some("transient".into()),
+            live_commit: Some("4b6d".into()),
         }
     }
 
@@ -715,5 +781,7 @@ mod tests {
         ));
         check_proxy_call!(more IDL, DeployerError, |c| c.cleanup(None, None, None));
         check_proxy_call!(IDL, DeployerError, |c| c.cancel());
+        check_proxy_call!(IDL, DeployerError, |c| c.apply_live(None));
+        check_proxy_call!(IDL, DeployerError, |c| c.apply_live(Some(true)));
     }
 }

@@ -8,6 +8,7 @@
 
 pub mod commit;
 pub mod kargs;
+pub mod live;
 pub mod origin;
 pub mod plan;
 pub mod sysroot;
@@ -17,9 +18,10 @@ use std::sync::Arc;
 
 use anyhow::Result;
 use dnfimage_interfaces::deployer::{
-    CancelReply, CheckSpaceReply, CleanupPhase, CleanupProgress, CleanupReply, CleanupResult,
-    DeployPhase, DeployProgress, DeployReply, DeployResult, DeployerError, Deployment,
-    DeploymentReply, FilesystemSpace, IDL, ImageTrust, LayeringRequest, Package, StatusReply,
+    ApplyLiveReply, CancelReply, CheckSpaceReply, CleanupPhase, CleanupProgress, CleanupReply,
+    CleanupResult, DeployPhase, DeployProgress, DeployReply, DeployResult, DeployerError,
+    Deployment, DeploymentReply, FilesystemSpace, IDL, ImageTrust, LayeringRequest, Package,
+    StatusReply,
 };
 use dnfimage_interfaces::reference::excerpt;
 use dnfimage_runtime::{
@@ -42,6 +44,7 @@ pub const PRIVILEGED: &[&str] = &[
     "Pin",
     "Cleanup",
     "Cancel",
+    "ApplyLive",
 ];
 
 /// Command line of `dnfimage-deployer`.
@@ -60,10 +63,21 @@ pub struct Args {
     /// rpm-ostree, bootc) holds it, before it fails with AlreadyInProgress.
     #[arg(long, default_value_t = 300)]
     pub lock_timeout: u64,
+    /// Not for people: the step of ApplyLive that runs outside the service's mount namespace
+    /// (the service starts it with systemd-run): unlock the booted deployment's /usr
+    /// (transient) and copy into it what commit TO adds to commit FROM.
+    #[arg(long, hide = true, num_args = 2, value_names = ["FROM", "TO"])]
+    pub apply_live: Option<Vec<String>>,
+    /// Not for people: with --apply-live, replace changed files too.
+    #[arg(long, hide = true, requires = "apply_live")]
+    pub allow_replacement: bool,
 }
 
 /// Runs the service until idle or stopped.
 pub async fn run(args: Args, activation: Option<Activation>) -> Result<()> {
+    if let Some([from, to]) = args.apply_live.as_deref() {
+        return live::helper(&args.sysroot, from, to, args.allow_replacement);
+    }
     let activity = Activity::new();
     let jobs = JobSlot::new(activity.clone());
     if !args.sysroot.join("ostree").is_dir() {
@@ -496,5 +510,27 @@ impl Deployer {
         Ok(CancelReply {
             cancelled: self.shared.jobs.cancel(),
         })
+    }
+
+    /// Makes the additions of the pending deployment (the one that boots next, when it is not
+    /// the booted one) usable now, without a reboot: the files, directories and symbolic links
+    /// under "/usr" its commit has and the booted one's does not are copied into the running
+    /// "/usr", over a transient overlay (libostree's transient unlock, gone at the next boot, when
+    /// the deployment itself has them), and so are the rpm database files it changes, which list
+    /// the added packages. Other files both commits have with other contents are refused with
+    /// `ReplacementRefused` unless `allowReplacement` (default false), then replaced too; paths
+    /// the pending deployment removes, and its "/etc" changes, are left alone. Nothing to apply
+    /// (no pending deployment, no additions, already applied) is no error: the reply says why.
+    /// Refused with `NotBooted` on a sysroot that is not booted.
+    async fn apply_live(
+        &self,
+        #[zlink(rename = "allowReplacement")] allow_replacement: Option<bool>,
+    ) -> Result<ApplyLiveReply, DeployerError> {
+        let path = self.path();
+        let allow = allow_replacement.unwrap_or(false);
+        self.exclusive("Applying the pending deployment live", move |lock| {
+            sysroot::apply_live(&path, allow, lock)
+        })
+        .await
     }
 }

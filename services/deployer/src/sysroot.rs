@@ -11,8 +11,8 @@
 use std::path::{Path, PathBuf};
 
 use dnfimage_interfaces::deployer::{
-    CheckSpaceReply, CleanupPhase, CleanupResult, DeployPhase, DeployResult, DeployerError,
-    Deployment, FilesystemSpace, ImageTrust, deployment_id,
+    ApplyLiveReply, CheckSpaceReply, CleanupPhase, CleanupResult, DeployPhase, DeployResult,
+    DeployerError, Deployment, FilesystemSpace, ImageTrust, deployment_id,
 };
 use ostree_ext::glib;
 use ostree_ext::ostree;
@@ -21,6 +21,7 @@ use ostree_ext::prelude::*;
 
 use crate::commit::{self, TreeSummary};
 use crate::kargs::{self, Edits};
+use crate::live;
 use crate::origin::{self, ImageRef};
 use crate::plan::{self, Slot};
 
@@ -391,6 +392,19 @@ impl Loaded {
             finalization_locked: d.is_staged() && Path::new(STAGED_LOCKED).exists(),
             layering: recorded.layering,
             trust: recorded.trust,
+            unlocked: match d.unlocked() {
+                ostree::DeploymentUnlockedState::None => None,
+                state => Some(ostree::Deployment::unlocked_state_to_string(state).to_string()),
+            },
+            live_commit: if self.booted == Some(i) {
+                crate::live::live_commit(&deployment_id(
+                    d.osname().as_str(),
+                    &csum,
+                    u64::try_from(serial).unwrap_or_default(),
+                ))
+            } else {
+                None
+            },
         }
     }
 
@@ -946,6 +960,75 @@ pub fn rollback(
         loaded.remove_unlisted_or_warn();
     }
     Loaded::open(path, None)?.view_after_change(0)
+}
+
+/// `ApplyLive`: the additions of the pending deployment (the one that boots next, when it is
+/// not the booted one) copied into the running `/usr` by [`live::run_helper`], after the
+/// refusals: a sysroot that is not booted, changed files without `allow_replacement`.
+pub fn apply_live(
+    path: &Path,
+    allow_replacement: bool,
+    lock: &LockWait<'_>,
+) -> Result<ApplyLiveReply, DeployerError> {
+    let loaded = Loaded::open(path, Some(lock))?;
+    let booted = match loaded.booted {
+        Some(i) if loaded.staging => i,
+        _ => {
+            return Err(DeployerError::NotBooted {
+                sysroot: path.display().to_string(),
+            });
+        }
+    };
+    let nothing = |why: &str| {
+        tracing::info!("Nothing to apply live: {why}");
+        Ok(ApplyLiveReply {
+            live_commit: None,
+            added: 0,
+            replaced: 0,
+            removed_kept: 0,
+            nothing_to_apply: Some(why.to_string()),
+        })
+    };
+    if booted == 0 {
+        return nothing("No pending deployment: the booted one boots next");
+    }
+    let (b, pending) = (&loaded.deployments[booted], &loaded.deployments[0]);
+    let (from, to) = (b.csum().to_string(), pending.csum().to_string());
+    let id = deployment_id(
+        b.osname().as_str(),
+        &from,
+        u64::try_from(b.deployserial()).unwrap_or_default(),
+    );
+    if live::live_commit(&id).as_deref() == Some(to.as_str()) {
+        return nothing(&format!(
+            "The additions of commit {} are already applied",
+            short(&to)
+        ));
+    }
+    let diff = live::diff(&loaded.repo, &from, &to)
+        .map_err(|e| failed("Comparing the booted and the pending commits", e))?;
+    if let Some(why) = live::decide(&diff, short(&to), allow_replacement)? {
+        return nothing(&why);
+    }
+    tracing::info!(
+        "Applying commit {to} live: {} additions, {} replacements, {} removals left",
+        diff.added.len(),
+        if allow_replacement {
+            diff.changed.len()
+        } else {
+            0
+        },
+        diff.removed.len()
+    );
+    let copied = live::run_helper(path, &from, &to, allow_replacement)
+        .map_err(|e| failed("Applying the pending deployment's additions", e))?;
+    Ok(ApplyLiveReply {
+        live_commit: Some(to),
+        added: copied.added,
+        replaced: copied.replaced,
+        removed_kept: diff.removed.len() as u64,
+        nothing_to_apply: None,
+    })
 }
 
 /// `Pin`.
