@@ -49,6 +49,9 @@ pub enum Policy {
     Check,
     /// Download, import and stage it.
     Stage,
+    /// Stage it, then reboot into it inside the maintenance window after taking a reboot slot
+    /// from the fleet's coordination backend (see `crate::fleet`).
+    Apply,
 }
 
 /// Where the configuration lives (`DNFIMAGE_CONFIG` overrides it).
@@ -82,13 +85,25 @@ impl Policy {
                     "none" => Ok(Self::None),
                     "check" => Ok(Self::Check),
                     "stage" => Ok(Self::Stage),
+                    "apply" => Ok(Self::Apply),
                     other => anyhow::bail!(
-                        "[upgrade] policy is {other:?}; it must be \"none\", \"check\" or \"stage\""
+                        "[upgrade] policy is {other:?}; it must be \"none\", \"check\", \"stage\" \
+                         or \"apply\""
                     ),
                 };
             }
         }
         Ok(Self::Check)
+    }
+
+    /// The value as the configuration spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Check => "check",
+            Self::Stage => "stage",
+            Self::Apply => "apply",
+        }
     }
 }
 
@@ -170,7 +185,7 @@ pub(crate) fn expected(status: &StatusReply) -> String {
 }
 
 /// The deployment that boots next: the pending one, else the booted one.
-fn next_boot(status: &StatusReply) -> Option<&Deployment> {
+pub(crate) fn next_boot(status: &StatusReply) -> Option<&Deployment> {
     status
         .deployments
         .iter()
@@ -964,6 +979,7 @@ mod tests {
                 Some(Policy::None),
             ),
             ("[other]\npolicy = \"stage\"\n", Some(Policy::Check)),
+            ("[upgrade]\npolicy = \"apply\"\n", Some(Policy::Apply)),
             ("[upgrade]\npolicy = \"sometimes\"\n", None),
         ];
         for (text, want) in cases {

@@ -2,6 +2,7 @@
 //! or a registry itself; it asks the services and shows what they say.
 
 pub mod errors;
+mod fleet;
 mod host;
 mod image;
 mod layer;
@@ -98,7 +99,9 @@ pub enum Command {
         #[arg(long)]
         concurrency: Option<u64>,
         /// Do what the `[upgrade] policy` of /etc/dnfimage/dnfimage.conf says: none, check
-        /// (record the update, which `status` then shows) or stage (also download and stage it).
+        /// (record the update, which `status` then shows), stage (also download and stage it)
+        /// or apply (stage it, then reboot into it inside the window, holding a reboot slot of
+        /// the fleet; `dnf-image fleet status` shows how).
         /// For dnfimage-upgrade.timer. Exits with 75 (EX_TEMPFAIL) when another change to the
         /// deployments ran at the same time: nothing was changed, the next run tries again.
         #[arg(long, conflicts_with_all = ["check", "download_only", "from_downloaded"])]
@@ -106,6 +109,9 @@ pub enum Command {
     },
     /// Make the previous deployment the one that boots next.
     Rollback,
+    /// Reboot coordination of `[upgrade] policy = "apply"`.
+    #[command(subcommand)]
+    Fleet(FleetCommand),
     /// Keep a deployment through upgrades and cleanups (`--unpin` to release it).
     Pin {
         /// The deployment's index in `status`.
@@ -164,6 +170,17 @@ pub enum Command {
     /// Work with images in registries and in the local cache.
     #[command(subcommand)]
     Image(image::ImageCommand),
+}
+
+/// `dnf-image fleet …`.
+#[derive(Debug, Subcommand)]
+pub enum FleetCommand {
+    /// After the reboot into a staged deployment: give back the reboot slot once the host is
+    /// up on it (run by dnfimage-fleet-release.service at boot).
+    Release,
+    /// Show the upgrade policy, the coordination backend, the window, this host's rollout wave
+    /// and the reboot slot it holds.
+    Status,
 }
 
 /// Connects to a service, saying what to do when it is not there.
@@ -225,6 +242,7 @@ pub async fn run(cli: Cli) -> Result<u8> {
                 unchanged_exit_77: *unchanged_exit_77,
                 concurrency: *concurrency,
             };
+            let mut apply = false;
             if *auto {
                 match host::Policy::load()? {
                     host::Policy::None => {
@@ -233,9 +251,14 @@ pub async fn run(cli: Cli) -> Result<u8> {
                     }
                     host::Policy::Check => opts.check = true,
                     host::Policy::Stage => {}
+                    host::Policy::Apply => apply = true,
                 }
             }
-            let result = host::upgrade(&cli, &out, &opts).await;
+            let result = if apply {
+                fleet::apply(&cli, &out, &opts).await
+            } else {
+                host::upgrade(&cli, &out, &opts).await
+            };
             match result {
                 Err(e) if *auto && errors::another_change_ran(&e) => {
                     eprintln!("error: {e:#}");
@@ -249,6 +272,8 @@ pub async fn run(cli: Cli) -> Result<u8> {
             }
         }
         Command::Rollback => host::rollback(&cli, &out).await,
+        Command::Fleet(FleetCommand::Release) => fleet::release(&cli, &out).await,
+        Command::Fleet(FleetCommand::Status) => fleet::status(&out, cli.json).await,
         Command::Pin { index, unpin } => host::pin(&cli, &out, *index, !unpin).await,
         Command::Cleanup {
             pending,

@@ -1,0 +1,268 @@
+//! Fleet tests' parts: a real etcd cluster on 127.0.0.1 and light scratch hosts that share one
+//! registry (each its own sysroot, state, services and dnfimage configuration).
+
+use std::ffi::OsStr;
+use std::net::{Ipv4Addr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use dnfimage_interfaces::{deployer, importer};
+
+use crate::sysroot::TestSysroot;
+use crate::{FetcherOptions, Scratch, ServiceProcess, run, run_ok};
+
+fn free_port() -> Result<u16> {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("Binding a free port")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// One member of the cluster.
+struct Member {
+    name: String,
+    client: String,
+    child: Option<Child>,
+}
+
+/// A real etcd cluster (Debian's `etcd-server`): members on 127.0.0.1 with their data in a
+/// scratch directory, stopped when dropped.
+pub struct EtcdCluster {
+    members: Vec<Member>,
+    dir: PathBuf,
+}
+
+impl EtcdCluster {
+    /// Starts `n` members under `dir` and waits until every one of them is healthy.
+    pub fn start(dir: &Path, n: usize) -> Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let ports: Vec<(u16, u16)> = (0..n)
+            .map(|_| Ok((free_port()?, free_port()?)))
+            .collect::<Result<_>>()?;
+        let initial: Vec<String> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, peer))| format!("m{i}=http://127.0.0.1:{peer}"))
+            .collect();
+        let token = format!("dnfimage-test-{}-{}", std::process::id(), ports[0].0);
+        let mut members = Vec::new();
+        for (i, (client, peer)) in ports.iter().enumerate() {
+            let name = format!("m{i}");
+            let client_url = format!("http://127.0.0.1:{client}");
+            let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
+            let child = Command::new("etcd")
+                .args(["--name", &name])
+                .arg("--data-dir")
+                .arg(dir.join(&name))
+                .args(["--listen-client-urls", &client_url])
+                .args(["--advertise-client-urls", &client_url])
+                .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
+                .args([
+                    "--initial-advertise-peer-urls",
+                    &format!("http://127.0.0.1:{peer}"),
+                ])
+                .args(["--initial-cluster", &initial.join(",")])
+                .args(["--initial-cluster-state", "new"])
+                .args(["--initial-cluster-token", &token])
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .spawn()
+                .context("Starting etcd")?;
+            members.push(Member {
+                name,
+                client: client_url,
+                child: Some(child),
+            });
+        }
+        let cluster = Self {
+            members,
+            dir: dir.to_path_buf(),
+        };
+        let start = Instant::now();
+        loop {
+            let healthy = run(Command::new("etcdctl")
+                .env("ETCDCTL_API", "3")
+                .arg(format!("--endpoints={}", cluster.endpoints().join(",")))
+                .args(["endpoint", "health"]))?;
+            if healthy.status.success() {
+                return Ok(cluster);
+            }
+            anyhow::ensure!(
+                start.elapsed() < Duration::from_secs(60),
+                "The etcd cluster did not become healthy: {}; logs in {}",
+                String::from_utf8_lossy(&healthy.stderr),
+                cluster.dir.display()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// The client URLs of the members, running or not.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.members.iter().map(|m| m.client.clone()).collect()
+    }
+
+    /// Stops member `i` (SIGTERM) and waits until it exited.
+    pub fn stop(&mut self, i: usize) -> Result<()> {
+        let m = &mut self.members[i];
+        if let Some(mut child) = m.child.take() {
+            run_ok(Command::new("kill").arg(child.id().to_string()))?;
+            child.wait()?;
+        }
+        eprintln!("fleet: stopped etcd member {}", m.name);
+        Ok(())
+    }
+
+    /// `etcdctl` against the members still running.
+    pub fn etcdctl(&self, args: &[&str]) -> Result<String> {
+        let running: Vec<String> = self
+            .members
+            .iter()
+            .filter(|m| m.child.is_some())
+            .map(|m| m.client.clone())
+            .collect();
+        run_ok(
+            Command::new("etcdctl")
+                .env("ETCDCTL_API", "3")
+                .arg(format!("--endpoints={}", running.join(",")))
+                .args(args),
+        )
+    }
+
+    /// The keys under `prefix`.
+    pub fn keys(&self, prefix: &str) -> Result<Vec<String>> {
+        Ok(self
+            .etcdctl(&["get", "--prefix", "--keys-only", prefix])?
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(str::to_string)
+            .collect())
+    }
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        for m in &mut self.members {
+            if let Some(mut child) = m.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+/// A host of a fleet test: its own sysroot, services, state and configuration; the registry
+/// is shared.
+pub struct FleetHost {
+    pub name: String,
+    pub scratch: Scratch,
+    pub sysroot: TestSysroot,
+    pub services: Vec<ServiceProcess>,
+    registry_addr: String,
+}
+
+impl FleetHost {
+    /// A host named `name` with machine id `machine_id`, following images from the registry
+    /// at `registry_addr`.
+    pub fn new(name: &str, machine_id: &str, registry_addr: &str) -> Result<Self> {
+        let scratch = Scratch::new()?;
+        let sysroot = TestSysroot::create(&scratch.path().join("sysroot"))?;
+        std::fs::write(scratch.path().join("machine-id"), format!("{machine_id}\n"))?;
+        let mut host = Self {
+            name: name.to_string(),
+            scratch,
+            sysroot,
+            services: Vec::new(),
+            registry_addr: registry_addr.to_string(),
+        };
+        host.start_services()?;
+        Ok(host)
+    }
+
+    /// (Re)starts the fetcher, importer and deployer.
+    pub fn start_services(&mut self) -> Result<()> {
+        let conf = self.scratch.registries_conf(&self.registry_addr)?;
+        self.services.clear();
+        self.services.push(ServiceProcess::fetcher(
+            &self.scratch,
+            &FetcherOptions {
+                registries_conf: Some(conf),
+                ..Default::default()
+            },
+        )?);
+        let sysroot = self.sysroot.path().as_os_str().to_owned();
+        for (name, interface) in [
+            ("importer", importer::INTERFACE),
+            ("deployer", deployer::INTERFACE),
+        ] {
+            self.services.push(ServiceProcess::start(
+                &self.scratch,
+                name,
+                interface,
+                &[OsStr::new("--sysroot"), &sysroot],
+            )?);
+        }
+        Ok(())
+    }
+
+    /// The configuration file `dnf-image` reads.
+    pub fn config_path(&self) -> PathBuf {
+        self.scratch.path().join("dnfimage.conf")
+    }
+
+    /// Where this host's CLI writes its output when run by [`FleetHost::spawn_cli`].
+    pub fn cli_log(&self) -> PathBuf {
+        self.scratch.path().join("logs/cli.log")
+    }
+
+    /// `dnf-image` for this host: its services, sysroot, configuration, machine id and state.
+    pub fn cli(&self) -> Command {
+        let mut cmd = self.scratch.cli();
+        cmd.arg("--sysroot")
+            .arg(self.sysroot.path())
+            .env("DNFIMAGE_CONFIG", self.config_path())
+            .env(
+                "DNFIMAGE_MACHINE_ID_FILE",
+                self.scratch.path().join("machine-id"),
+            )
+            .env(
+                "DNFIMAGE_FLEET_STATE",
+                self.scratch.path().join("fleet.json"),
+            );
+        cmd
+    }
+
+    pub fn ok(&self, args: &[&str]) -> Result<String> {
+        run_ok(self.cli().args(args)).with_context(|| format!("{}: dnf-image {args:?}", self.name))
+    }
+
+    /// Starts `dnf-image ARGS` in a process group of its own, output appended to
+    /// [`FleetHost::cli_log`].
+    pub fn spawn_cli(&self, args: &[&str]) -> Result<Child> {
+        use std::os::unix::process::CommandExt;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.cli_log())?;
+        Ok(self
+            .cli()
+            .args(args)
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .process_group(0)
+            .spawn()?)
+    }
+
+    /// The default deployment's image digest (what the next boot runs).
+    pub fn next_boot_digest(&self) -> Result<String> {
+        let status: serde_json::Value = serde_json::from_str(&self.ok(&["status", "--json"])?)?;
+        let deployments = status["deployments"].as_array().context("deployments")?;
+        let d = deployments
+            .iter()
+            .find(|d| d["default"] == true)
+            .or_else(|| deployments.first())
+            .context("no deployment")?;
+        Ok(d["imageDigest"].as_str().unwrap_or_default().to_string())
+    }
+}

@@ -1,0 +1,267 @@
+//! Fleets: hosts under `[upgrade] policy = "apply"` reboot a few at a time, coordinated
+//! through a real etcd cluster on 127.0.0.1.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use dnfimage_integration::fleet::{EtcdCluster, FleetHost};
+use dnfimage_integration::{Scratch, run_ok};
+use dnfimage_testimage::{Fixtures, Registry, tags};
+
+const GROUP: &str = "test";
+const MAX_REBOOTING: usize = 2;
+/// The victim's slot lease: short, so the test sees it end, and long enough for the other
+/// hosts to stage and find one slot taken by it.
+const VICTIM_TTL: u64 = 10;
+/// Everyone else's: far longer than the test takes, so only a release frees their slots.
+const TTL: u64 = 900;
+/// A guard against a hang, not a measurement.
+const GIVE_UP: Duration = Duration::from_secs(1200);
+
+fn hosts_wanted() -> usize {
+    std::env::var("DNFIMAGE_FLEET_HOSTS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(12)
+}
+
+/// The configuration of host `i`: the endpoints rotated by `i`, so that some hosts ask the
+/// member stopped later first and must go on to the next one.
+fn config(i: usize, endpoints: &[String], reboots: &std::path::Path, victim: bool) -> String {
+    let mut rotated = endpoints.to_vec();
+    rotated.rotate_left(i % endpoints.len());
+    let list: Vec<String> = rotated.iter().map(|e| format!("{e:?}")).collect();
+    // The hook records which host reboots and how many slot keys etcd holds at that moment.
+    let count = format!(
+        "ETCDCTL_API=3 etcdctl --endpoints={} get --prefix --keys-only /dnfimage/fleet/{GROUP}/slots/ | grep -c slots",
+        endpoints.join(",")
+    );
+    let hook = if victim {
+        // Holds its slot and never comes back: the test kills it.
+        format!(
+            "echo \"h{i} $({count})\" >> {}; exec sleep 100000",
+            reboots.display()
+        )
+    } else {
+        format!("echo \"h{i} $({count})\" >> {}", reboots.display())
+    };
+    format!(
+        "[upgrade]\npolicy = \"apply\"\nwindow = \"\"\nreboot-command = {hook:?}\n\
+         [fleet]\nbackend = \"etcd\"\ngroup = \"{GROUP}\"\nmax-rebooting = {MAX_REBOOTING}\n\
+         slot-ttl = {}\nretry-interval = 1\netcd-endpoints = [{}]\n",
+        if victim { VICTIM_TTL } else { TTL },
+        list.join(", ")
+    )
+}
+
+fn waits(host: &FleetHost) -> usize {
+    std::fs::read_to_string(host.cli_log())
+        .unwrap_or_default()
+        .matches("Waiting for a reboot slot")
+        .count()
+}
+
+/// 12 hosts (`DNFIMAGE_FLEET_HOSTS`), one update, at most 2 rebooting: no third host ever
+/// reboots while two hold a slot, every host ends on the new image, the victim killed while
+/// holding its slot frees it when its lease ends, and the rollout goes on after one of the
+/// three etcd members stops half-way.
+#[test]
+fn rollout_reboots_at_most_two_hosts_at_a_time() -> Result<()> {
+    let started = Instant::now();
+    let scratch = Scratch::new()?;
+    let registry = Registry::start(&scratch.path().join("registry"))?;
+    let f = Fixtures::shared()?;
+    let latest = f.push_as(&registry, tags::BASE_V1, "dnfimage/os:latest")?;
+    let v2 = f.image(tags::BASE_V2)?;
+    let mut etcd = EtcdCluster::start(&scratch.path().join("etcd"), 3)?;
+    let endpoints = etcd.endpoints();
+    let reboots = scratch.path().join("reboots");
+    std::fs::write(&reboots, "")?;
+
+    let n = hosts_wanted();
+    let victim = 0;
+    let mut hosts = Vec::new();
+    for i in 0..n {
+        let host = FleetHost::new(
+            &format!("h{i}"),
+            &format!("{:032x}", 0xd1f0 + i),
+            &registry.addr(),
+        )?;
+        std::fs::write(
+            host.config_path(),
+            config(i, &endpoints, &reboots, i == victim),
+        )?;
+        host.ok(&["rebase", &latest])?;
+        hosts.push(host);
+    }
+    eprintln!("fleet: {n} hosts on v1 after {:?}", started.elapsed());
+    f.push_as(&registry, tags::BASE_V2, "dnfimage/os:latest")?;
+
+    // The victim goes first: it takes a slot and dies holding it; then the others start.
+    let mut running: BTreeMap<usize, Child> = BTreeMap::new();
+    running.insert(victim, hosts[victim].spawn_cli(&["upgrade", "--auto"])?);
+    let mut others_started = false;
+    let mut most_after_victim = 0;
+
+    // Hosts that rebooted and were not "booted" (released) yet; the victim stays in it until
+    // its lease ends.
+    let mut held: BTreeSet<usize> = BTreeSet::new();
+    let mut released: BTreeSet<usize> = BTreeSet::new();
+    let mut seen_lines = 0;
+    let mut most = 0;
+    let mut victim_id = None;
+    let mut victim_gone = false;
+    let mut member_stopped = false;
+    // Waiting lines of each host when the last reboot was seen.
+    let mut waits_at_last_reboot: Vec<usize> = hosts.iter().map(waits).collect();
+    let slots_prefix = format!("/dnfimage/fleet/{GROUP}/slots/");
+    let holders_prefix = format!("/dnfimage/fleet/{GROUP}/holders/");
+    while released.len() + usize::from(victim_gone) < n {
+        anyhow::ensure!(
+            started.elapsed() < GIVE_UP,
+            "the rollout is stuck: held {held:?}, released {released:?}, reboots:\n{}",
+            std::fs::read_to_string(&reboots)?
+        );
+        // A non-victim upgrade that failed is a failure of the test.
+        for (i, child) in running.iter_mut() {
+            if let Some(status) = child.try_wait()? {
+                anyhow::ensure!(
+                    status.success(),
+                    "h{i}: upgrade --auto failed ({status}):\n{}",
+                    std::fs::read_to_string(hosts[*i].cli_log())?
+                );
+            }
+        }
+        let text = std::fs::read_to_string(&reboots)?;
+        let lines: Vec<&str> = text.lines().collect();
+        if lines.len() > seen_lines {
+            for line in &lines[seen_lines..] {
+                let (who, count) = line.split_once(' ').context("a hook line")?;
+                let i: usize = who.trim_start_matches('h').parse()?;
+                let count: usize = count.trim().parse()?;
+                anyhow::ensure!(
+                    count <= MAX_REBOOTING,
+                    "{who} rebooted while etcd held {count} slot keys"
+                );
+                anyhow::ensure!(held.insert(i), "{who} rebooted twice");
+                anyhow::ensure!(
+                    held.len() <= MAX_REBOOTING,
+                    "{who} rebooted while {held:?} were rebooting"
+                );
+                most = most.max(held.len());
+                if victim_gone {
+                    most_after_victim = most_after_victim.max(held.len());
+                }
+                eprintln!("fleet: {who} reboots (slot keys: {count}, rebooting: {held:?})");
+                if i == victim {
+                    // Its id, to watch its keys; then the host dies holding its slot.
+                    let status: serde_json::Value =
+                        serde_json::from_str(&hosts[victim].ok(&["--json", "fleet", "status"])?)?;
+                    assert_eq!(status["slot"]["backend"], "etcd", "{status}");
+                    victim_id = status["id"].as_str().map(str::to_string);
+                    let mut child = running.remove(&victim).context("the victim runs")?;
+                    run_ok(std::process::Command::new("kill").args([
+                        "-KILL",
+                        "--",
+                        &format!("-{}", child.id()),
+                    ]))?;
+                    child.wait()?;
+                    hosts[victim].services.clear();
+                }
+                if !others_started {
+                    for (j, host) in hosts.iter().enumerate().filter(|(j, _)| *j != victim) {
+                        running.insert(j, host.spawn_cli(&["upgrade", "--auto"])?);
+                    }
+                    others_started = true;
+                }
+            }
+            seen_lines = lines.len();
+            waits_at_last_reboot = hosts.iter().map(waits).collect();
+        }
+
+        // The victim's slot ends with its lease, without anyone releasing it.
+        if let (Some(id), false) = (&victim_id, victim_gone) {
+            let keys = etcd.keys(&holders_prefix)?;
+            if !keys.iter().any(|k| k.ends_with(id.as_str())) {
+                eprintln!("fleet: the victim's lease ended; its slot is free");
+                held.remove(&victim);
+                victim_gone = true;
+                // Refusals before now were for want of the victim's slot.
+                waits_at_last_reboot = hosts.iter().map(waits).collect();
+            }
+        }
+
+        // Release ("boot") a rebooted host when the maximum is reached — after a waiting host
+        // was refused once more, which shows a third could not get in — or when every host
+        // still upgrading waits and so no more can reboot now.
+        let waiting: Vec<usize> = running
+            .keys()
+            .copied()
+            .filter(|i| !held.contains(i) && !released.contains(i))
+            .collect();
+        let refused_since = |i: &usize| waits(&hosts[*i]) > waits_at_last_reboot[*i];
+        let full = held.len() == MAX_REBOOTING;
+        let release_now = if full {
+            waiting.is_empty() || waiting.iter().any(refused_since)
+        } else {
+            !held.iter().any(|i| *i != victim) || waiting.iter().all(refused_since)
+        };
+        // Until the victim's lease ends, keep enough hosts back to show its slot is used
+        // again afterwards.
+        let release_now = release_now && (victim_gone || n - 1 - released.len() > MAX_REBOOTING);
+        let oldest = lines
+            .iter()
+            .filter_map(|l| {
+                l.split_once(' ')?
+                    .0
+                    .trim_start_matches('h')
+                    .parse::<usize>()
+                    .ok()
+            })
+            .find(|i| held.contains(i) && *i != victim);
+        if let (true, Some(i)) = (release_now, oldest) {
+            let mut child = running.remove(&i).context("the host's upgrade ran")?;
+            let status = child.wait()?;
+            anyhow::ensure!(status.success(), "h{i}: upgrade --auto exited {status}");
+            let out = run_ok(hosts[i].cli().args(["fleet", "release"]))?;
+            let _ = out;
+            held.remove(&i);
+            released.insert(i);
+            eprintln!("fleet: h{i} is up on the new image and released its slot");
+            if !member_stopped && released.len() >= n / 2 {
+                etcd.stop(1)?;
+                member_stopped = true;
+            }
+            continue;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!(
+        "fleet: {n} hosts rolled out in {:?}, at most {most} rebooting at once",
+        started.elapsed()
+    );
+    assert_eq!(most, MAX_REBOOTING, "the maximum was never used");
+    if n > 3 {
+        assert_eq!(
+            most_after_victim, MAX_REBOOTING,
+            "the victim's slot was not used again after its lease ended"
+        );
+    }
+    assert!(member_stopped);
+    assert!(etcd.keys(&slots_prefix)?.is_empty(), "slots left held");
+
+    // Every host ends on v2; the victim too once it comes back: its staged deployment boots
+    // and the release finds its slot already gone.
+    hosts[victim].start_services()?;
+    let out = run_ok(hosts[victim].cli().args(["fleet", "release"]))?;
+    let _ = out;
+    for host in &hosts {
+        assert_eq!(host.next_boot_digest()?, v2.digest, "{}", host.name);
+        let status: serde_json::Value =
+            serde_json::from_str(&host.ok(&["--json", "fleet", "status"])?)?;
+        assert!(status["slot"].is_null(), "{}: {status}", host.name);
+    }
+    Ok(())
+}
