@@ -283,6 +283,11 @@ pub(crate) async fn status(cli: &Cli, out: &Output, booted_only: bool, disk: boo
         status.deployments.retain(|d| Some(d.index) == keep);
     }
     out.status(&status, update.as_ref(), disk.as_ref())?;
+    if !cli.json
+        && let Some(line) = crate::fleet::summary()
+    {
+        println!("{line}");
+    }
     Ok(0)
 }
 

@@ -265,3 +265,169 @@ fn rollout_reboots_at_most_two_hosts_at_a_time() -> Result<()> {
     }
     Ok(())
 }
+
+/// A day of the week (`Mon`…) three days away from today (UTC): neither today, yesterday
+/// nor tomorrow, so a window on it is closed now whatever the hour.
+fn a_closed_day() -> &'static str {
+    let days = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+        / 86_400;
+    // 1970-01-01 was a Thursday; Monday first.
+    ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"][((days + 3 + 3) % 7) as usize]
+}
+
+fn one_config(window: &str, backend: &str, endpoints: &[String], reboot: &str) -> String {
+    let list: Vec<String> = endpoints.iter().map(|e| format!("{e:?}")).collect();
+    format!(
+        "[upgrade]\npolicy = \"apply\"\nwindow = {window:?}\nreboot-command = {reboot:?}\n\
+         [fleet]\nbackend = {backend:?}\ngroup = \"{GROUP}\"\nmax-rebooting = 1\n\
+         slot-ttl = {TTL}\nretry-interval = 1\netcd-endpoints = [{}]\n",
+        list.join(", ")
+    )
+}
+
+/// What `dnf-image ARGS` printed and whether it succeeded.
+fn try_cli(host: &FleetHost, args: &[&str]) -> Result<(bool, String)> {
+    let out = host.cli().args(args).output()?;
+    Ok((
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    ))
+}
+
+/// One host through what goes wrong: a configuration that does not parse changes nothing, a
+/// closed window stages without a reboot, a later rollout wave waits, an etcd that does not answer takes no slot, a
+/// failed reboot command gives the slot back, a host that came up on another deployment
+/// gives it back too, and with no backend the host reboots alone.
+#[test]
+fn apply_keeps_to_its_window_and_gives_slots_back_on_failure() -> Result<()> {
+    let scratch = Scratch::new()?;
+    let registry = Registry::start(&scratch.path().join("registry"))?;
+    let f = Fixtures::shared()?;
+    let latest = f.push_as(&registry, tags::BASE_V1, "dnfimage/os:latest")?;
+    let v2 = f.image(tags::BASE_V2)?;
+    let etcd = EtcdCluster::start(&scratch.path().join("etcd"), 1)?;
+    let endpoints = etcd.endpoints();
+    let hook = scratch.path().join("reboots");
+    let reboot = format!("echo rebooted >> {}", hook.display());
+    let reboots = || -> usize {
+        std::fs::read_to_string(&hook)
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    let slots = || etcd.keys("/dnfimage/fleet/");
+    let host = FleetHost::new("h", &format!("{:032x}", 0xabc), &registry.addr())?;
+    host.ok(&["rebase", &latest])?;
+    f.push_as(&registry, tags::BASE_V2, "dnfimage/os:latest")?;
+    let v1 = host.next_boot_digest()?;
+    let write = |text: String| std::fs::write(host.config_path(), text);
+
+    // A window that does not parse: an error naming the key, nothing staged.
+    write(one_config("Mon 25:00-26:00", "etcd", &endpoints, &reboot))?;
+    let (ok, said) = try_cli(&host, &["upgrade", "--auto"])?;
+    assert!(!ok && said.contains("[upgrade] window"), "{said}");
+    assert!(said.contains("\"25:00\" is not a time"), "{said}");
+    assert_eq!(host.next_boot_digest()?, v1);
+
+    // Outside the window: staged, no slot, no reboot.
+    let closed = format!("{} 00:00-01:00", a_closed_day());
+    write(one_config(&closed, "etcd", &endpoints, &reboot))?;
+    let (ok, said) = try_cli(&host, &["upgrade", "--auto"])?;
+    assert!(ok && said.contains("the reboot waits for it"), "{said}");
+    assert_eq!(host.next_boot_digest()?, v2.digest);
+    assert_eq!((reboots(), slots()?.len()), (0, 0));
+
+    // Rollout waves: a host of wave 1 waits a wave's delay after staging; find a machine id
+    // that puts it there.
+    let waves = format!(
+        "[upgrade]\npolicy = \"apply\"\nreboot-command = {reboot:?}\nrollout-waves = 2\n\
+         wave-delay = 86400\n"
+    );
+    write(waves)?;
+    let machine_id = host.scratch.path().join("machine-id");
+    let mut found = false;
+    for n in 0..64 {
+        std::fs::write(&machine_id, format!("{:032x}\n", 0xabc + n))?;
+        let status: serde_json::Value =
+            serde_json::from_str(&host.ok(&["--json", "fleet", "status"])?)?;
+        if status["wave"] == 1 {
+            found = true;
+            break;
+        }
+    }
+    assert!(found, "no machine id in wave 1 of 2 among 64");
+    let (ok, said) = try_cli(&host, &["upgrade", "--auto"])?;
+    assert!(ok && said.contains("rollout wave 1 of 2"), "{said}");
+    assert_eq!(reboots(), 0);
+
+    // etcd does not answer: no slot, no reboot, the update stays staged.
+    let closed_port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let nowhere = vec![format!("http://127.0.0.1:{closed_port}")];
+    write(one_config("", "etcd", &nowhere, &reboot))?;
+    let (ok, said) = try_cli(&host, &["upgrade", "--auto"])?;
+    assert!(!ok && said.contains("No etcd endpoint answered"), "{said}");
+    assert_eq!((reboots(), slots()?.len()), (0, 0));
+
+    // The reboot command fails: the slot is given back.
+    let failing = format!("{reboot}; exit 3");
+    write(one_config("", "etcd", &endpoints, &failing))?;
+    let (ok, said) = try_cli(&host, &["upgrade", "--auto"])?;
+    assert!(!ok && said.contains("The reboot command"), "{said}");
+    assert_eq!((reboots(), slots()?.len()), (1, 0));
+    let status: serde_json::Value =
+        serde_json::from_str(&host.ok(&["--json", "fleet", "status"])?)?;
+    assert!(status["slot"].is_null(), "{status}");
+
+    // It reboots holding the slot; the host comes up on the old deployment (a rollback): the
+    // release says so and gives the slot back.
+    write(one_config("", "etcd", &endpoints, &reboot))?;
+    let (ok, said) = try_cli(&host, &["upgrade", "--auto"])?;
+    assert!(ok && said.contains("Rebooting into deployment"), "{said}");
+    assert_eq!(reboots(), 2);
+    assert_eq!(slots()?.len(), 2, "a slot key and a holder key");
+    let shown = host.ok(&["fleet", "status"])?;
+    assert!(
+        shown.contains("Holding: slot 0 of group \"test\" (etcd)"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("Slots held in the group: 1 (one by this host)"),
+        "{shown}"
+    );
+    let shown = host.ok(&["status"])?;
+    assert!(
+        shown.contains(
+            "Automatic upgrades: apply, reboot slots from etcd (group \"test\"), window any \
+             time; holding slot 0 of group \"test\" (etcd)"
+        ),
+        "{shown}"
+    );
+    host.ok(&["rollback"])?;
+    let (ok, said) = try_cli(&host, &["fleet", "release"])?;
+    assert!(ok && said.contains("neither booted nor pending"), "{said}");
+    assert_eq!(slots()?.len(), 0);
+    let (ok, said) = try_cli(&host, &["fleet", "release"])?;
+    assert!(ok && said.contains("holds no reboot slot"), "{said}");
+
+    // No backend: it stages again and reboots alone; the release after the "boot" is clean.
+    write(one_config("", "none", &[], &reboot))?;
+    let (ok, said) = try_cli(&host, &["upgrade", "--auto"])?;
+    assert!(ok && said.contains("Rebooting into deployment"), "{said}");
+    assert_eq!(reboots(), 3);
+    assert_eq!(host.next_boot_digest()?, v2.digest);
+    let (ok, said) = try_cli(&host, &["fleet", "release"])?;
+    assert!(ok && said.contains("Up on deployment"), "{said}");
+    // Nothing left to do: no update, nothing pending, no reboot.
+    let (ok, said) = try_cli(&host, &["upgrade", "--auto"])?;
+    assert!(ok, "{said}");
+    assert_eq!(reboots(), 3);
+    Ok(())
+}

@@ -385,6 +385,33 @@ pub(crate) async fn release(cli: &Cli, out: &Output) -> Result<u8> {
     Ok(0)
 }
 
+/// The line `status` adds for a host under `policy = "apply"` or holding a slot: the
+/// policy, the coordination backend and the slot held. `None` for the other policies.
+pub(crate) fn summary() -> Option<String> {
+    let policy = host::Policy::load().ok()?;
+    let state = State::load().ok().unwrap_or_default();
+    if policy != host::Policy::Apply && state.slot.is_none() {
+        return None;
+    }
+    let config = match Config::load() {
+        Ok(c) => c,
+        Err(e) => return Some(format!("Automatic upgrades: {e:#}")),
+    };
+    let backend = match &config.backend {
+        Backend::None => "rebooting alone".to_string(),
+        b => format!("reboot slots from {} (group {:?})", b.name(), config.group),
+    };
+    let held = match &state.slot {
+        Some(slot) => format!("; holding {}", slot_text(slot)),
+        None => String::new(),
+    };
+    Some(format!(
+        "Automatic upgrades: {}, {backend}, window {}{held}",
+        policy.name(),
+        config.window
+    ))
+}
+
 /// `dnf-image fleet status`: the policy, the backend, the window, the wave and the slot held.
 pub(crate) async fn status(out: &Output, json: bool) -> Result<u8> {
     let policy = host::Policy::load()?;
