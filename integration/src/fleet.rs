@@ -160,12 +160,33 @@ pub struct FleetHost {
     pub sysroot: TestSysroot,
     pub services: Vec<ServiceProcess>,
     registry_addr: String,
+    /// A pull-through mirror of the registry, when the host pulls through one.
+    mirror: Option<String>,
 }
 
 impl FleetHost {
     /// A host named `name` with machine id `machine_id`, following images from the registry
     /// at `registry_addr`.
     pub fn new(name: &str, machine_id: &str, registry_addr: &str) -> Result<Self> {
+        Self::build(name, machine_id, registry_addr, None)
+    }
+
+    /// The same, pulling through the mirror at `mirror_addr` (registries.conf `[[registry.mirror]]`).
+    pub fn with_mirror(
+        name: &str,
+        machine_id: &str,
+        registry_addr: &str,
+        mirror_addr: &str,
+    ) -> Result<Self> {
+        Self::build(name, machine_id, registry_addr, Some(mirror_addr))
+    }
+
+    fn build(
+        name: &str,
+        machine_id: &str,
+        registry_addr: &str,
+        mirror: Option<&str>,
+    ) -> Result<Self> {
         let scratch = Scratch::new()?;
         let sysroot = TestSysroot::create(&scratch.path().join("sysroot"))?;
         std::fs::write(scratch.path().join("machine-id"), format!("{machine_id}\n"))?;
@@ -175,6 +196,7 @@ impl FleetHost {
             sysroot,
             services: Vec::new(),
             registry_addr: registry_addr.to_string(),
+            mirror: mirror.map(str::to_string),
         };
         host.start_services()?;
         Ok(host)
@@ -183,6 +205,16 @@ impl FleetHost {
     /// (Re)starts the fetcher, importer and deployer.
     pub fn start_services(&mut self) -> Result<()> {
         let conf = self.scratch.registries_conf(&self.registry_addr)?;
+        if let Some(mirror) = &self.mirror {
+            std::fs::write(
+                &conf,
+                format!(
+                    "[[registry]]\nlocation = \"{}\"\ninsecure = true\n\
+                     [[registry.mirror]]\nlocation = \"{mirror}\"\ninsecure = true\n",
+                    self.registry_addr
+                ),
+            )?;
+        }
         self.services.clear();
         self.services.push(ServiceProcess::fetcher(
             &self.scratch,
@@ -264,5 +296,63 @@ impl FleetHost {
             .or_else(|| deployments.first())
             .context("no deployment")?;
         Ok(d["imageDigest"].as_str().unwrap_or_default().to_string())
+    }
+}
+
+/// A site mirror: `docker-registry` in pull-through (proxy) mode in front of a registry, as
+/// units/README.md describes it; stopped when dropped.
+pub struct PullThroughMirror {
+    child: Child,
+    addr: String,
+}
+
+impl PullThroughMirror {
+    /// Starts a mirror of the registry at `upstream` (`127.0.0.1:PORT`), caching under `dir`.
+    pub fn start(dir: &Path, upstream: &str) -> Result<Self> {
+        std::fs::create_dir_all(dir.join("storage"))?;
+        let addr = format!("127.0.0.1:{}", free_port()?);
+        let config = dir.join("config.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\n\
+                 storage:\n  filesystem:\n    rootdirectory: {}\n\
+                 http:\n  addr: {addr}\n  secret: dnfimage-test-mirror\n\
+                 proxy:\n  remoteurl: http://{upstream}\n",
+                dir.join("storage").display()
+            ),
+        )?;
+        let log = std::fs::File::create(dir.join("mirror.log"))?;
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("Starting docker-registry as a mirror")?;
+        let mirror = Self { child, addr };
+        let start = Instant::now();
+        while std::net::TcpStream::connect(&mirror.addr).is_err() {
+            anyhow::ensure!(
+                start.elapsed() < Duration::from_secs(30),
+                "The mirror did not listen on {}",
+                mirror.addr
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(mirror)
+    }
+
+    /// `127.0.0.1:PORT`.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+}
+
+impl Drop for PullThroughMirror {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

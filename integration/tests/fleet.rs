@@ -6,7 +6,7 @@ use std::process::Child;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use dnfimage_integration::fleet::{EtcdCluster, FleetHost};
+use dnfimage_integration::fleet::{EtcdCluster, FleetHost, PullThroughMirror};
 use dnfimage_integration::{Scratch, run_ok};
 use dnfimage_testimage::{Fixtures, Registry, tags};
 
@@ -239,7 +239,7 @@ fn rollout_reboots_at_most_two_hosts_at_a_time() -> Result<()> {
         std::thread::sleep(Duration::from_millis(100));
     }
     eprintln!(
-        "fleet: {n} hosts rolled out in {:?}, at most {most} rebooting at once",
+        "fleet-bench: {n} hosts rolled out in {:?} with at most {MAX_REBOOTING} rebooting (most seen: {most})",
         started.elapsed()
     );
     assert_eq!(most, MAX_REBOOTING, "the maximum was never used");
@@ -429,5 +429,117 @@ fn apply_keeps_to_its_window_and_gives_slots_back_on_failure() -> Result<()> {
     let (ok, said) = try_cli(&host, &["upgrade", "--auto"])?;
     assert!(ok, "{said}");
     assert_eq!(reboots(), 3);
+    Ok(())
+}
+
+/// The blob GETs the primary answered since `pos`: digest to (requests, bytes).
+fn blobs_served(registry: &Registry, pos: u64) -> Result<BTreeMap<String, (usize, u64)>> {
+    let mut served: BTreeMap<String, (usize, u64)> = BTreeMap::new();
+    for e in registry.requests_since(pos)? {
+        if let (true, Some(d)) = (e.method == "GET" && e.status == 200, e.blob_digest()) {
+            let entry = served.entry(d.to_string()).or_default();
+            entry.0 += 1;
+            entry.1 += e.bytes;
+        }
+    }
+    Ok(served)
+}
+
+fn total_bytes(served: &BTreeMap<String, (usize, u64)>) -> u64 {
+    served.values().map(|(_, b)| b).sum()
+}
+
+/// A cold mirror fetches a blob from the primary for the client and, separately, for its
+/// cache (distribution's proxy does both), so at most twice; never more, whoever asks.
+fn cold_miss(served: &BTreeMap<String, (usize, u64)>, what: &str) {
+    assert!(!served.is_empty(), "{what}: the primary served no blob");
+    for (digest, (count, _)) in served {
+        assert!(
+            *count <= 2,
+            "{what}: the primary served {digest} {count} times"
+        );
+    }
+}
+
+/// 12 hosts (`DNFIMAGE_FLEET_HOSTS`) pull through one pull-through mirror: the primary
+/// registry serves each blob only for the mirror's first miss, for the first install and for
+/// an update that a canary fetches first and then all other hosts fetch at the same time; every
+/// host ends on the update.
+#[test]
+fn hosts_pull_through_a_mirror_that_asks_the_primary_only_on_a_miss() -> Result<()> {
+    let scratch = Scratch::new()?;
+    let registry = Registry::start(&scratch.path().join("registry"))?;
+    let f = Fixtures::shared()?;
+    let latest = f.push_as(&registry, tags::BASE_V1, "dnfimage/os:latest")?;
+    let v2 = f.image(tags::BASE_V2)?;
+    let mirror = PullThroughMirror::start(&scratch.path().join("mirror"), &registry.addr())?;
+    let n = hosts_wanted();
+
+    // One host straight from the primary: what each host costs it without a mirror.
+    let direct = FleetHost::new("direct", &format!("{:032x}", 0xd0), &registry.addr())?;
+    let pos = registry.log_position()?;
+    direct.ok(&["rebase", &latest])?;
+    let one_host = blobs_served(&registry, pos)?;
+    assert!(one_host.values().all(|(c, _)| *c == 1), "{one_host:?}");
+    drop(direct);
+
+    let mut hosts = Vec::new();
+    let mut with_mirror = 0;
+    for i in 0..n {
+        let host = FleetHost::with_mirror(
+            &format!("h{i}"),
+            &format!("{:032x}", 0xe0 + i),
+            &registry.addr(),
+            mirror.addr(),
+        )?;
+        let pos = registry.log_position()?;
+        host.ok(&["rebase", &latest])?;
+        let served = blobs_served(&registry, pos)?;
+        if i == 0 {
+            cold_miss(&served, "the first install through the mirror");
+        } else {
+            assert!(served.is_empty(), "h{i}: the primary served {served:?}");
+        }
+        with_mirror += total_bytes(&served);
+        hosts.push(host);
+    }
+    eprintln!(
+        "fleet-bench: primary blob bytes for {n} hosts installing v1: {with_mirror} through the \
+         mirror; {} without (measured for one host: {}, times {n})",
+        total_bytes(&one_host) * n as u64,
+        total_bytes(&one_host)
+    );
+
+    // The update: a canary fetches it first, then all the others at once.
+    f.push_as(&registry, tags::BASE_V2, "dnfimage/os:latest")?;
+    let pos = registry.log_position()?;
+    hosts[0].ok(&["upgrade"])?;
+    let canary = blobs_served(&registry, pos)?;
+    cold_miss(&canary, "the canary's update");
+    let pos = registry.log_position()?;
+    let children: Vec<Child> = hosts[1..]
+        .iter()
+        .map(|h| h.spawn_cli(&["upgrade"]))
+        .collect::<Result<_>>()?;
+    for (host, mut child) in hosts[1..].iter().zip(children) {
+        let status = child.wait()?;
+        anyhow::ensure!(
+            status.success(),
+            "{}: upgrade failed:\n{}",
+            host.name,
+            std::fs::read_to_string(host.cli_log())?
+        );
+    }
+    let rest = blobs_served(&registry, pos)?;
+    assert!(rest.is_empty(), "the primary served {rest:?}");
+    eprintln!(
+        "fleet-bench: primary blob bytes for {n} hosts fetching v2 (a canary, then {} at once) \
+         through the mirror: {}",
+        n - 1,
+        total_bytes(&canary)
+    );
+    for host in &hosts {
+        assert_eq!(host.next_boot_digest()?, v2.digest, "{}", host.name);
+    }
     Ok(())
 }
