@@ -30,12 +30,107 @@ struct Member {
 pub struct EtcdCluster {
     members: Vec<Member>,
     dir: PathBuf,
+    /// Client TLS, when the members serve https and require a client certificate.
+    pub tls: Option<EtcdTls>,
+    /// `USER:PASSWORD` once authentication is on.
+    user: Option<String>,
+}
+
+/// Certificates made by `openssl` for a cluster on 127.0.0.1: a CA, the members' server
+/// certificate and a client certificate, all PEM.
+#[derive(Debug, Clone)]
+pub struct EtcdTls {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    server_cert: PathBuf,
+    server_key: PathBuf,
+}
+
+fn openssl(args: &[&str], paths: &[(&str, &Path)]) -> Result<String> {
+    let mut cmd = Command::new("openssl");
+    cmd.args(args);
+    for (flag, path) in paths {
+        cmd.arg(flag).arg(path);
+    }
+    run_ok(&mut cmd)
+}
+
+impl EtcdTls {
+    /// Makes them in `dir`.
+    pub fn make(dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let p = |name: &str| dir.join(name);
+        let x509 = ["-days", "1"];
+        openssl(
+            &[
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", x509[0], x509[1],
+            ],
+            &[
+                ("-subj", Path::new("/CN=dnfimage test CA")),
+                ("-keyout", &p("ca.key")),
+                ("-out", &p("ca.pem")),
+            ],
+        )?;
+        // The member's certificate is also a client one: etcd's JSON gateway calls the member
+        // with it, which a member requiring client certificates checks like any other.
+        for (name, ext) in [
+            (
+                "server",
+                "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n",
+            ),
+            ("client", "extendedKeyUsage=clientAuth\n"),
+        ] {
+            let file = |ending: &str| p(&format!("{name}.{ending}"));
+            std::fs::write(file("ext"), ext)?;
+            openssl(
+                &["req", "-newkey", "rsa:2048", "-nodes"],
+                &[
+                    ("-subj", Path::new(&format!("/CN={name}"))),
+                    ("-keyout", &file("key")),
+                    ("-out", &file("csr")),
+                ],
+            )?;
+            openssl(
+                &["x509", "-req", x509[0], x509[1], "-CAcreateserial"],
+                &[
+                    ("-in", &file("csr")),
+                    ("-CA", &p("ca.pem")),
+                    ("-CAkey", &p("ca.key")),
+                    ("-extfile", &file("ext")),
+                    ("-out", &file("pem")),
+                ],
+            )?;
+        }
+        Ok(Self {
+            ca: p("ca.pem"),
+            cert: p("client.pem"),
+            key: p("client.key"),
+            server_cert: p("server.pem"),
+            server_key: p("server.key"),
+        })
+    }
 }
 
 impl EtcdCluster {
     /// Starts `n` members under `dir` and waits until every one of them is healthy.
     pub fn start(dir: &Path, n: usize) -> Result<Self> {
+        Self::launch(dir, n, None)
+    }
+
+    /// The same, serving clients over TLS with `tls`'s certificates; with `client_certs`,
+    /// requiring a client certificate signed by its CA.
+    pub fn start_tls(dir: &Path, n: usize, tls: EtcdTls, client_certs: bool) -> Result<Self> {
+        Self::launch(dir, n, Some((tls, client_certs)))
+    }
+
+    fn launch(dir: &Path, n: usize, tls: Option<(EtcdTls, bool)>) -> Result<Self> {
+        let (tls, client_certs) = match tls {
+            Some((t, c)) => (Some(t), c),
+            None => (None, false),
+        };
         std::fs::create_dir_all(dir)?;
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let ports: Vec<(u16, u16)> = (0..n)
             .map(|_| Ok((free_port()?, free_port()?)))
             .collect::<Result<_>>()?;
@@ -48,9 +143,22 @@ impl EtcdCluster {
         let mut members = Vec::new();
         for (i, (client, peer)) in ports.iter().enumerate() {
             let name = format!("m{i}");
-            let client_url = format!("http://127.0.0.1:{client}");
+            let client_url = format!("{scheme}://127.0.0.1:{client}");
             let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
-            let child = Command::new("etcd")
+            let mut cmd = Command::new("etcd");
+            if let Some(tls) = &tls {
+                cmd.arg("--cert-file")
+                    .arg(&tls.server_cert)
+                    .arg("--key-file")
+                    .arg(&tls.server_key);
+                // A trusted CA makes etcd ask every client for a certificate.
+                if client_certs {
+                    cmd.arg("--trusted-ca-file")
+                        .arg(&tls.ca)
+                        .arg("--client-cert-auth");
+                }
+            }
+            let child = cmd
                 .args(["--name", &name])
                 .arg("--data-dir")
                 .arg(dir.join(&name))
@@ -78,12 +186,13 @@ impl EtcdCluster {
         let cluster = Self {
             members,
             dir: dir.to_path_buf(),
+            tls,
+            user: None,
         };
         let start = Instant::now();
         loop {
-            let healthy = run(Command::new("etcdctl")
-                .env("ETCDCTL_API", "3")
-                .arg(format!("--endpoints={}", cluster.endpoints().join(",")))
+            let healthy = run(cluster
+                .etcdctl_command(&cluster.endpoints())
                 .args(["endpoint", "health"]))?;
             if healthy.status.success() {
                 return Ok(cluster);
@@ -114,6 +223,24 @@ impl EtcdCluster {
         Ok(())
     }
 
+    fn etcdctl_command(&self, endpoints: &[String]) -> Command {
+        let mut cmd = Command::new("etcdctl");
+        cmd.env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", endpoints.join(",")));
+        if let Some(tls) = &self.tls {
+            cmd.arg("--cacert")
+                .arg(&tls.ca)
+                .arg("--cert")
+                .arg(&tls.cert)
+                .arg("--key")
+                .arg(&tls.key);
+        }
+        if let Some(user) = &self.user {
+            cmd.arg(format!("--user={user}"));
+        }
+        cmd
+    }
+
     /// `etcdctl` against the members still running.
     pub fn etcdctl(&self, args: &[&str]) -> Result<String> {
         let running: Vec<String> = self
@@ -122,12 +249,20 @@ impl EtcdCluster {
             .filter(|m| m.child.is_some())
             .map(|m| m.client.clone())
             .collect();
-        run_ok(
-            Command::new("etcdctl")
-                .env("ETCDCTL_API", "3")
-                .arg(format!("--endpoints={}", running.join(",")))
-                .args(args),
-        )
+        run_ok(self.etcdctl_command(&running).args(args))
+    }
+
+    /// Turns authentication on with user `root` and `password` (which then has every right).
+    pub fn enable_auth(&mut self, password: &str) -> Result<()> {
+        self.etcdctl(&[
+            "user",
+            "add",
+            "root",
+            &format!("--new-user-password={password}"),
+        ])?;
+        self.etcdctl(&["auth", "enable"])?;
+        self.user = Some(format!("root:{password}"));
+        Ok(())
     }
 
     /// The keys under `prefix`.

@@ -6,7 +6,7 @@ use std::process::Child;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use dnfimage_integration::fleet::{EtcdCluster, FleetHost, PullThroughMirror};
+use dnfimage_integration::fleet::{EtcdCluster, EtcdTls, FleetHost, PullThroughMirror};
 use dnfimage_integration::{Scratch, run_ok};
 use dnfimage_testimage::{Fixtures, Registry, tags};
 
@@ -541,5 +541,89 @@ fn hosts_pull_through_a_mirror_that_asks_the_primary_only_on_a_miss() -> Result<
     for host in &hosts {
         assert_eq!(host.next_boot_digest()?, v2.digest, "{}", host.name);
     }
+    Ok(())
+}
+
+/// etcd over TLS: with a client certificate required, and with authentication on (the
+/// gateway refuses a client certificate then, so that cluster takes the password alone). The
+/// host takes and gives back its slot with the settings of its configuration, and is refused
+/// with a clear error with the wrong CA, no certificate or the wrong password.
+#[test]
+fn apply_talks_to_etcd_over_tls_with_a_certificate_or_a_password() -> Result<()> {
+    let scratch = Scratch::new()?;
+    let registry = Registry::start(&scratch.path().join("registry"))?;
+    let f = Fixtures::shared()?;
+    let latest = f.push_as(&registry, tags::BASE_V1, "dnfimage/os:latest")?;
+    let tls = EtcdTls::make(&scratch.path().join("pki"))?;
+    let other = EtcdTls::make(&scratch.path().join("other-pki"))?;
+    let hook = scratch.path().join("reboots");
+    let reboot = format!("echo rebooted >> {}", hook.display());
+    let reboots = || {
+        std::fs::read_to_string(&hook)
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    let password = scratch.path().join("password");
+    std::fs::write(&password, "s3cret\n")?;
+    let wrong = scratch.path().join("wrong");
+    std::fs::write(&wrong, "guess\n")?;
+    let host = FleetHost::new("h", &format!("{:032x}", 0x715), &registry.addr())?;
+    host.ok(&["rebase", &latest])?;
+    f.push_as(&registry, tags::BASE_V2, "dnfimage/os:latest")?;
+    let write = |endpoints: &[String], extra: String| {
+        std::fs::write(
+            host.config_path(),
+            format!("{}{extra}", one_config("", "etcd", endpoints, &reboot)),
+        )
+    };
+    let ca = |path: &std::path::Path| format!("etcd-ca-file = {path:?}\n");
+    let cert = format!(
+        "etcd-cert-file = {:?}\netcd-key-file = {:?}\n",
+        tls.cert, tls.key
+    );
+    let user =
+        |pw: &std::path::Path| format!("etcd-username = \"root\"\netcd-password-file = {pw:?}\n");
+    let take_and_release = |etcd: &EtcdCluster, n: usize| -> Result<()> {
+        let (ok, said) = try_cli(&host, &["upgrade", "--auto"])?;
+        assert!(ok && said.contains("Rebooting into deployment"), "{said}");
+        assert_eq!(reboots(), n);
+        assert_eq!(etcd.keys("/dnfimage/fleet/")?.len(), 2);
+        let (ok, said) = try_cli(&host, &["fleet", "release"])?;
+        assert!(ok && said.contains("Up on deployment"), "{said}");
+        assert!(etcd.keys("/dnfimage/fleet/")?.is_empty());
+        // The next update to reboot into: the rollback of the one just "booted".
+        host.ok(&["rollback"])?;
+        Ok(())
+    };
+
+    // A client certificate required.
+    let etcd = EtcdCluster::start_tls(&scratch.path().join("etcd"), 1, tls.clone(), true)?;
+    let endpoints = etcd.endpoints();
+    assert!(endpoints[0].starts_with("https://"), "{endpoints:?}");
+    // A CA that did not sign the member's certificate: TLS fails, no slot, no reboot.
+    write(&endpoints, format!("{}{cert}", ca(&other.ca)))?;
+    let (ok, said) = try_cli(&host, &["upgrade", "--auto"])?;
+    assert!(!ok && said.contains("Setting up TLS"), "{said}");
+    // No client certificate: the member refuses.
+    write(&endpoints, ca(&tls.ca))?;
+    let (ok, said) = try_cli(&host, &["upgrade", "--auto"])?;
+    assert!(!ok && said.contains("No etcd endpoint answered"), "{said}");
+    assert_eq!(reboots(), 0);
+    write(&endpoints, format!("{}{cert}", ca(&tls.ca)))?;
+    take_and_release(&etcd, 1)?;
+    drop(etcd);
+
+    // Authentication on, over TLS.
+    let mut etcd =
+        EtcdCluster::start_tls(&scratch.path().join("etcd-auth"), 1, tls.clone(), false)?;
+    etcd.enable_auth("s3cret")?;
+    let endpoints = etcd.endpoints();
+    write(&endpoints, format!("{}{}", ca(&tls.ca), user(&wrong)))?;
+    let (ok, said) = try_cli(&host, &["upgrade", "--auto"])?;
+    assert!(!ok && said.contains("authentication failed"), "{said}");
+    assert_eq!(reboots(), 1);
+    write(&endpoints, format!("{}{}", ca(&tls.ca), user(&password)))?;
+    take_and_release(&etcd, 2)?;
     Ok(())
 }
