@@ -98,6 +98,7 @@ fn rollout_reboots_at_most_two_hosts_at_a_time() -> Result<()> {
     }
     eprintln!("fleet: {n} hosts on v1 after {:?}", started.elapsed());
     f.push_as(&registry, tags::BASE_V2, "dnfimage/os:latest")?;
+    let rollout_started = Instant::now();
 
     // The victim goes first: it takes a slot and dies holding it; then the others start.
     let mut running: BTreeMap<usize, Child> = BTreeMap::new();
@@ -239,8 +240,9 @@ fn rollout_reboots_at_most_two_hosts_at_a_time() -> Result<()> {
         std::thread::sleep(Duration::from_millis(100));
     }
     eprintln!(
-        "fleet-bench: {n} hosts rolled out in {:?} with at most {MAX_REBOOTING} rebooting (most seen: {most})",
-        started.elapsed()
+        "fleet-bench: {n} hosts rolled out in {:?} with at most {MAX_REBOOTING} rebooting (most seen: {most}; \
+         one host dead holding a slot for {VICTIM_TTL} s, one etcd member stopped half-way)",
+        rollout_started.elapsed()
     );
     assert_eq!(most, MAX_REBOOTING, "the maximum was never used");
     if n > 3 {
@@ -374,6 +376,19 @@ fn apply_keeps_to_its_window_and_gives_slots_back_on_failure() -> Result<()> {
     write(one_config("", "etcd", &nowhere, &reboot))?;
     let (ok, said) = try_cli(&host, &["upgrade", "--auto"])?;
     assert!(!ok && said.contains("No etcd endpoint answered"), "{said}");
+    assert_eq!((reboots(), slots()?.len()), (0, 0));
+
+    // Nor does a FleetLock server: the same.
+    let fleetlock = format!(
+        "{}fleetlock-url = \"http://127.0.0.1:{closed_port}\"\n",
+        one_config("", "fleetlock", &[], &reboot)
+    );
+    write(fleetlock)?;
+    let (ok, said) = try_cli(&host, &["upgrade", "--auto"])?;
+    assert!(
+        !ok && said.contains(&format!("Connecting to http://127.0.0.1:{closed_port}")),
+        "{said}"
+    );
     assert_eq!((reboots(), slots()?.len()), (0, 0));
 
     // The reboot command fails: the slot is given back.

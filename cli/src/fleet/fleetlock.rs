@@ -30,27 +30,28 @@ impl FleetLock<'_> {
         )
     }
 
-    /// Asks for a slot: `Ok(None)` with the server's reason when it says no.
+    /// Asks for a slot: `Ok(Err(reason))` with the server's reason when it says no.
     pub fn take(&self, id: &str) -> Result<Result<(), String>> {
         let r = self.post("/v1/pre-reboot", id)?;
-        Ok(if r.status == 200 {
-            Ok(())
-        } else {
-            Err(reason(&r))
-        })
+        Ok(if success(&r) { Ok(()) } else { Err(reason(&r)) })
     }
 
     /// Gives the slot back (the server answers success when none was held).
     pub fn release(&self, id: &str) -> Result<()> {
         let r = self.post("/v1/steady-state", id)?;
         anyhow::ensure!(
-            r.status == 200,
+            success(&r),
             "The FleetLock server at {} refused to release the slot: {}",
             self.url,
             reason(&r)
         );
         Ok(())
     }
+}
+
+/// Any 2xx answer grants (the protocol says 200; Zincati accepts the class).
+fn success(r: &http::Response) -> bool {
+    (200..300).contains(&r.status)
 }
 
 /// The server's `{"kind": …, "value": …}`, else the status and body.
