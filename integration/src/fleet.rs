@@ -297,6 +297,9 @@ pub struct FleetHost {
     registry_addr: String,
     /// A pull-through mirror of the registry, when the host pulls through one.
     mirror: Option<String>,
+    /// The fetcher's `--policy` and `--registries-d` (default: the machine's), taken by the
+    /// next [`FleetHost::start_services`].
+    pub signature_policy: Option<(PathBuf, PathBuf)>,
 }
 
 impl FleetHost {
@@ -332,6 +335,7 @@ impl FleetHost {
             services: Vec::new(),
             registry_addr: registry_addr.to_string(),
             mirror: mirror.map(str::to_string),
+            signature_policy: None,
         };
         host.start_services()?;
         Ok(host)
@@ -355,6 +359,8 @@ impl FleetHost {
             &self.scratch,
             &FetcherOptions {
                 registries_conf: Some(conf),
+                policy: self.signature_policy.as_ref().map(|p| p.0.clone()),
+                registries_d: self.signature_policy.as_ref().map(|p| p.1.clone()),
                 ..Default::default()
             },
         )?);

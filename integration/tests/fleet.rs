@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use dnfimage_integration::fleet::{EtcdCluster, EtcdTls, FleetHost, PullThroughMirror};
 use dnfimage_integration::{Scratch, run_ok};
-use dnfimage_testimage::{Fixtures, Registry, tags};
+use dnfimage_testimage::{Fixtures, Lookaside, Registry, SigningKey, tags, write_signed_by_policy};
 
 const GROUP: &str = "test";
 const MAX_REBOOTING: usize = 2;
@@ -640,5 +640,79 @@ fn apply_talks_to_etcd_over_tls_with_a_certificate_or_a_password() -> Result<()>
     assert_eq!(reboots(), 1);
     write(&endpoints, format!("{}{}", ca(&tls.ca), user(&password)))?;
     take_and_release(&etcd, 2)?;
+    Ok(())
+}
+
+/// A mirror that serves another image under the primary's name is caught by the signature
+/// policy: the signatures are looked up for the primary's reference at the digest the mirror
+/// served, and there are none. The same host through an honest pull-through mirror installs
+/// the signed image.
+#[test]
+fn a_mirror_serving_another_image_fails_signature_verification() -> Result<()> {
+    let scratch = Scratch::new()?;
+    let primary = Registry::start(&scratch.path().join("primary"))?;
+    let lookaside = Lookaside::new(&scratch.path().join("lookaside"), &primary, true)?;
+    let key = SigningKey::generate(&scratch.path().join("gpg"), "fleet <f@example.invalid>")?;
+    let policy = write_signed_by_policy(
+        &scratch.path().join("policy.json"),
+        &primary.addr(),
+        &key.public_key,
+        false,
+    )?;
+    let f = Fixtures::shared()?;
+    let latest = lookaside.push(&f.oci_ref(tags::BASE_V1), "dnfimage/os:latest", Some(&key))?;
+    let v1 = f.image(tags::BASE_V1)?;
+    // A registry standing in the mirror's place with another image under the same name.
+    let rogue = Registry::start(&scratch.path().join("rogue"))?;
+    f.push_as(&rogue, tags::BASE_V2, "dnfimage/os:latest")?;
+    let honest = PullThroughMirror::start(&scratch.path().join("mirror"), &primary.addr())?;
+    let policy_files = (policy, lookaside.registries_d().to_path_buf());
+    // Signatures are looked up where the image is pulled from: the site gives each mirror the
+    // primary's signature store in registries.d.
+    let primary_yaml =
+        std::fs::read_to_string(lookaside.registries_d().join("dnfimage-test.yaml"))?;
+    for (name, addr) in [
+        ("rogue", rogue.addr()),
+        ("honest", honest.addr().to_string()),
+    ] {
+        std::fs::write(
+            lookaside.registries_d().join(format!("{name}.yaml")),
+            primary_yaml.replace(&primary.addr(), &addr),
+        )?;
+    }
+
+    let mut host = FleetHost::with_mirror(
+        "rogue",
+        &format!("{:032x}", 0xbad),
+        &primary.addr(),
+        &rogue.addr(),
+    )?;
+    host.signature_policy = Some(policy_files.clone());
+    host.start_services()?;
+    let pos = rogue.log_position()?;
+    let (ok, said) = try_cli(&host, &["rebase", &latest])?;
+    assert!(!ok && said.to_lowercase().contains("signature"), "{said}");
+    assert!(
+        !rogue.requests_since(pos)?.is_empty(),
+        "the pull did not go through the mirror"
+    );
+    let status: serde_json::Value = serde_json::from_str(&host.ok(&["status", "--json"])?)?;
+    assert_eq!(
+        status["deployments"].as_array().map(Vec::len),
+        Some(0),
+        "{status}"
+    );
+
+    let mut host = FleetHost::with_mirror(
+        "honest",
+        &format!("{:032x}", 0x600d),
+        &primary.addr(),
+        honest.addr(),
+    )?;
+    host.signature_policy = Some(policy_files);
+    host.start_services()?;
+    let (ok, said) = try_cli(&host, &["rebase", &latest])?;
+    assert!(ok, "{said}");
+    assert_eq!(host.next_boot_digest()?, v1.digest);
     Ok(())
 }
