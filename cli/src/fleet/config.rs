@@ -172,14 +172,26 @@ impl Url {
             anyhow::bail!("{text:?} is not an http:// or https:// URL");
         };
         let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
-        let (host, port) = match authority.rsplit_once(':') {
-            Some((h, p)) if !h.is_empty() && !h.ends_with(']') || h.starts_with('[') => (
-                h,
-                p.parse::<u16>()
-                    .ok()
-                    .with_context(|| format!("{text:?} has no valid port"))?,
-            ),
-            _ => (authority, if tls { 443 } else { 80 }),
+        // An IPv6 address is in brackets: `[::1]:2379`.
+        let (host, port) = match authority.strip_prefix('[') {
+            Some(v6) => {
+                let (host, after) = v6
+                    .split_once(']')
+                    .with_context(|| format!("{text:?} has an unclosed ["))?;
+                (host, after.strip_prefix(':'))
+            }
+            None => match authority.split_once(':') {
+                Some((host, port)) => (host, Some(port)),
+                None => (authority, None),
+            },
+        };
+        let port = match port {
+            Some(p) => p
+                .parse::<u16>()
+                .ok()
+                .with_context(|| format!("{text:?} has no valid port"))?,
+            None if tls => 443,
+            None => 80,
         };
         anyhow::ensure!(!host.is_empty(), "{text:?} names no host");
         anyhow::ensure!(
@@ -189,10 +201,7 @@ impl Url {
         let path = path.trim_end_matches('/');
         Ok(Self {
             tls,
-            host: host
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .to_string(),
+            host: host.to_string(),
             port,
             path: if path.is_empty() {
                 String::new()
@@ -530,6 +539,17 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.backend.name(), "fleetlock");
+        // (URL, as shown)
+        let urls = [
+            ("http://127.0.0.1", "http://127.0.0.1:80"),
+            ("https://etcd.example.com", "https://etcd.example.com:443"),
+            ("http://[::1]", "http://::1:80"),
+            ("http://[::1]:2379/", "http://::1:2379"),
+            ("https://h:8443/lock/base", "https://h:8443/lock/base"),
+        ];
+        for (text, shown) in urls {
+            assert_eq!(Url::parse(text).unwrap().to_string(), shown, "{text}");
+        }
     }
 
     #[test]
@@ -559,6 +579,18 @@ mod tests {
             (
                 "[fleet]\nbackend = \"fleetlock\"\n",
                 "fleetlock-url is empty",
+            ),
+            (
+                "[fleet]\nbackend = \"fleetlock\"\nfleetlock-url = \"http://[::1\"\n",
+                "has an unclosed [",
+            ),
+            (
+                "[fleet]\nbackend = \"fleetlock\"\nfleetlock-url = \"http://h:1:2\"\n",
+                "has no valid port",
+            ),
+            (
+                "[fleet]\nbackend = \"fleetlock\"\nfleetlock-url = \"http://:80\"\n",
+                "names no host",
             ),
             ("[fleet]\ngroup = \"Web Servers\"\n", "[fleet] group is"),
             ("[fleet]\nmax-rebooting = -1\n", "invalid value"),
