@@ -37,6 +37,7 @@ bench: setup
 	./target/release/bench-serve
 	./target/release/bench-upgrade
 	./target/release/bench-layer
+	./target/release/bench-fleet
 
 clean:
 	$(CARGO) clean

@@ -19,6 +19,8 @@ APT_PACKAGES=(
   systemd-container
   # grub-syslinux2cfg: how GRUB reads the boot menu libostree keeps (tests/deployer.rs).
   grub-common
+  # etcd (3.4) and etcdctl: the fleet tests' coordination store (integration/tests/fleet.rs).
+  etcd-server etcd-client
   # The test image factory copies a static busybox into its images.
   busybox-static
   python3 python3-pip

@@ -53,6 +53,9 @@ pub enum Policy {
     Check,
     /// Download, import and stage it.
     Stage,
+    /// Stage it, then reboot into it inside the maintenance window after taking a reboot slot
+    /// from the fleet's coordination backend (see `crate::fleet`).
+    Apply,
 }
 
 /// Where the configuration lives (`DNFIMAGE_CONFIG` overrides it).
@@ -86,13 +89,25 @@ impl Policy {
                     "none" => Ok(Self::None),
                     "check" => Ok(Self::Check),
                     "stage" => Ok(Self::Stage),
+                    "apply" => Ok(Self::Apply),
                     other => anyhow::bail!(
-                        "[upgrade] policy is {other:?}; it must be \"none\", \"check\" or \"stage\""
+                        "[upgrade] policy is {other:?}; it must be \"none\", \"check\", \"stage\" \
+                         or \"apply\""
                     ),
                 };
             }
         }
         Ok(Self::Check)
+    }
+
+    /// The value as the configuration spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Check => "check",
+            Self::Stage => "stage",
+            Self::Apply => "apply",
+        }
     }
 }
 
@@ -174,7 +189,7 @@ pub(crate) fn expected(status: &StatusReply) -> String {
 }
 
 /// The deployment that boots next: the pending one, else the booted one.
-fn next_boot(status: &StatusReply) -> Option<&Deployment> {
+pub(crate) fn next_boot(status: &StatusReply) -> Option<&Deployment> {
     status
         .deployments
         .iter()
@@ -272,6 +287,11 @@ pub(crate) async fn status(cli: &Cli, out: &Output, booted_only: bool, disk: boo
         status.deployments.retain(|d| Some(d.index) == keep);
     }
     out.status(&status, update.as_ref(), disk.as_ref())?;
+    if !cli.json
+        && let Some(line) = crate::fleet::summary()
+    {
+        println!("{line}");
+    }
     Ok(0)
 }
 
@@ -1042,6 +1062,7 @@ mod tests {
                 Some(Policy::None),
             ),
             ("[other]\npolicy = \"stage\"\n", Some(Policy::Check)),
+            ("[upgrade]\npolicy = \"apply\"\n", Some(Policy::Apply)),
             ("[upgrade]\npolicy = \"sometimes\"\n", None),
         ];
         for (text, want) in cases {

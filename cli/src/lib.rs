@@ -2,6 +2,7 @@
 //! or a registry itself; it asks the services and shows what they say.
 
 pub mod errors;
+mod fleet;
 mod host;
 mod image;
 mod layer;
@@ -111,7 +112,9 @@ pub enum Command {
         #[arg(long)]
         concurrency: Option<u64>,
         /// Do what the `[upgrade] policy` of /etc/dnfimage/dnfimage.conf says: none, check
-        /// (record the update, which `status` then shows) or stage (also download and stage it).
+        /// (record the update, which `status` then shows), stage (also download and stage it)
+        /// or apply (stage it, then reboot into it inside the window, holding a reboot slot of
+        /// the fleet; `dnf-image fleet status` shows how).
         /// For dnfimage-upgrade.timer. Exits with 75 (EX_TEMPFAIL) when another change to the
         /// deployments ran at the same time: nothing was changed, the next run tries again.
         #[arg(long, conflicts_with_all = ["check", "download_only", "from_downloaded", "apply"])]
@@ -124,6 +127,9 @@ pub enum Command {
         #[command(flatten)]
         apply: ApplyArg,
     },
+    /// Reboot coordination of `[upgrade] policy = "apply"`.
+    #[command(subcommand)]
+    Fleet(FleetCommand),
     /// Keep a deployment through upgrades and cleanups (`--unpin` to release it).
     Pin {
         /// The deployment's index in `status`.
@@ -195,6 +201,17 @@ pub enum Command {
     Image(image::ImageCommand),
 }
 
+/// `dnf-image fleet …`.
+#[derive(Debug, Subcommand)]
+pub enum FleetCommand {
+    /// After the reboot into a staged deployment: give back the reboot slot once the host is
+    /// up on it (run by dnfimage-fleet-release.service at boot).
+    Release,
+    /// Show the upgrade policy, the coordination backend, the window, this host's rollout wave
+    /// and the reboot slot it holds.
+    Status,
+}
+
 /// Connects to a service, saying what to do when it is not there.
 pub(crate) async fn connect(cli: &Cli, interface: &str) -> Result<dnfimage_interfaces::Connection> {
     let path = dnfimage_interfaces::socket_path(&cli.runtime_dir, interface);
@@ -258,6 +275,7 @@ pub async fn run(cli: Cli) -> Result<u8> {
                 concurrency: *concurrency,
                 apply: apply.apply,
             };
+            let mut auto_apply = false;
             if *auto {
                 match host::Policy::load()? {
                     host::Policy::None => {
@@ -266,9 +284,14 @@ pub async fn run(cli: Cli) -> Result<u8> {
                     }
                     host::Policy::Check => opts.check = true,
                     host::Policy::Stage => {}
+                    host::Policy::Apply => auto_apply = true,
                 }
             }
-            let result = host::upgrade(&cli, &out, &opts).await;
+            let result = if auto_apply {
+                fleet::apply(&cli, &out, &opts).await
+            } else {
+                host::upgrade(&cli, &out, &opts).await
+            };
             match result {
                 Err(e) if *auto && errors::another_change_ran(&e) => {
                     eprintln!("error: {e:#}");
@@ -282,6 +305,8 @@ pub async fn run(cli: Cli) -> Result<u8> {
             }
         }
         Command::Rollback { apply } => host::rollback(&cli, &out, apply.apply).await,
+        Command::Fleet(FleetCommand::Release) => fleet::release(&cli, &out).await,
+        Command::Fleet(FleetCommand::Status) => fleet::status(&out, cli.json).await,
         Command::Pin { index, unpin } => host::pin(&cli, &out, *index, !unpin).await,
         Command::Cleanup {
             pending,

@@ -241,7 +241,11 @@ fn services_units_and_configuration_have_pages() {
     for section in &config.sections {
         assert!(text.contains(&format!("[{}]", section.name)));
         for key in &section.keys {
-            assert!(text.contains(&format!("{}=", key.name)), "no {}", key.name);
+            assert!(
+                text.contains(&format!("{}=", roff(&key.name))),
+                "no {}",
+                key.name
+            );
         }
     }
     assert_eq!(groff_warnings(dir, &conf), "");

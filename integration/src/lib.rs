@@ -13,6 +13,7 @@ use serde_json::Value;
 
 pub mod bench;
 pub mod deploy_support;
+pub mod fleet;
 pub mod host;
 pub mod importer_support;
 pub mod layout;

@@ -28,12 +28,14 @@ const SERVICES: [(&str, &str); 4] = [
 
 /// The highest `systemd-analyze security` exposure each service may reach; a unit change that
 /// opens more fails here and must raise the number on purpose.
-const MAX_EXPOSURE: [(&str, f64); 5] = [
+const MAX_EXPOSURE: [(&str, f64); 6] = [
     ("dnfimage-fetcher.service", 2.0),
     ("dnfimage-importer.service", 2.5),
     ("dnfimage-deployer.service", 2.8),
     ("dnfimage-layerer.service", 4.5),
-    ("dnfimage-upgrade.service", 1.2),
+    // 1.2 before `policy = "apply"`: the network (for the fleet's coordination backend) costs 0.4.
+    ("dnfimage-upgrade.service", 1.6),
+    ("dnfimage-fleet-release.service", 1.6),
 ];
 
 /// The services' idle timeout in the container: short, with room for a slow machine between a
@@ -60,6 +62,7 @@ fn units_follow_the_house_rules() -> Result<()> {
         })
         .collect();
     want.extend([
+        "dnfimage-fleet-release.service".into(),
         "dnfimage-upgrade.service".into(),
         "dnfimage-upgrade.timer".into(),
     ]);
