@@ -325,7 +325,11 @@ impl Call {
                 self.done = reply.get("continues").and_then(Value::as_bool) != Some(true);
                 return Ok(Some(reply));
             }
-            let n = self.stream.read(&mut chunk).context("Reading replies")?;
+            // A signal to the test process (a child's exit) interrupts the read: read again.
+            let n = match self.stream.read(&mut chunk) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                r => r.context("Reading replies")?,
+            };
             anyhow::ensure!(n > 0, "The service closed the connection");
             self.buf.extend_from_slice(&chunk[..n]);
         }

@@ -437,7 +437,11 @@ impl RawConnection {
                     return Ok(replies);
                 }
             }
-            let n = self.stream.read(&mut chunk).context("Reading replies")?;
+            // A signal to the test process (a child's exit) interrupts the read: read again.
+            let n = match self.stream.read(&mut chunk) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                r => r.context("Reading replies")?,
+            };
             anyhow::ensure!(
                 n > 0,
                 "The service closed the connection after {} replies (no error reply)",

@@ -622,6 +622,66 @@ fn content_outside_usr_is_reported_as_dropped_or_moved() -> Result<()> {
     Ok(())
 }
 
+#[test]
+fn each_derived_layer_is_read_for_dropped_content_once() -> Result<()> {
+    let f = Fixtures::shared()?;
+    let s = setup()?;
+    let layout = s.scratch.path().join("layout");
+    copy_layout(&f.oci_dir, &[tags::BASE_V1], &layout)?;
+    let write = |root: &Path, path: &str, content: &str| -> Result<()> {
+        let p = root.join(path);
+        std::fs::create_dir_all(p.parent().context("parent")?)?;
+        Ok(std::fs::write(p, content)?)
+    };
+    let root = s.scratch.path().join("root");
+    write(&root, "opt/app/bin/tool", "#!/bin/sh\n")?;
+    write(&root, "var/lib/app/state", "fresh\n")?;
+    let app = derive(&layout, tags::BASE_V1, "app", &root)?;
+    let root2 = s.scratch.path().join("root2");
+    write(&root2, "srv/www/index.html", "<p>\n")?;
+    write(&root2, "usr/share/app2/ok", "kept\n")?;
+    let app2 = derive(&layout, "app", "app2", &root2)?;
+
+    let first = s
+        .import(&oci_ref(&layout, "app"), &registry_ref("app"))?
+        .result()?;
+    // The layer the second image shares is gone from the source: the second import neither
+    // imports it again (its commit is in the repository) nor reads it for its warnings.
+    std::fs::remove_file(blob_path(&layout, &app))?;
+    let out = s.import(&oci_ref(&layout, "app2"), &registry_ref("app2"))?;
+    let progress = out.progress.clone();
+    let r = out.result()?;
+    assert_eq!(u64_of(&r, "layersImported"), 1);
+    let summary: Vec<Value> = r["warnings"]
+        .as_array()
+        .context("warnings")?
+        .iter()
+        .map(|w| json!([w["kind"], w["path"], w["files"], w["layer"]]))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            json!(["dropped", "/opt", 1, app]),
+            json!(["moved", "/var", 1, app]),
+            json!(["dropped", "/srv", 1, app2]),
+        ]
+    );
+    // The shared layer's warnings are the ones its first import gave.
+    assert_eq!(r["warnings"][0], first["warnings"][0]);
+    assert_eq!(r["warnings"][1], first["warnings"][1]);
+    assert!(
+        progress.iter().any(|p| str_of(p, "message").contains(
+            "Checking 2 derived layers for content the commit does not hold (1 read during the \
+             import, 1 known from earlier imports)"
+        )),
+        "{progress:?}"
+    );
+    let commit = str_of(&r, "commit");
+    assert_eq!(s.cat(commit, "/usr/share/app2/ok")?, "kept\n");
+    s.sysroot.fsck()?;
+    Ok(())
+}
+
 /// Starts importing `source`, and kills the service (SIGKILL) once `layer` is partly imported.
 fn kill_while_importing(s: &mut Setup, source: &str, image: &str, layer: &str) -> Result<()> {
     let mut call = s.start_import(source, image)?;

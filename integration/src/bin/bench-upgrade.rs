@@ -9,30 +9,112 @@
 //! (the repository, before and after ostree-ext's `deploy::prune`, which bootc runs after an
 //! upgrade).
 //!
+//! Then the shape of issue 13: the fixture base plus `--derived-layers` derived layers of
+//! `--derived-kib` KiB of random data each, where the next version changes only the last
+//! layer: rebase and that one-layer upgrade through both, on loopback and behind a
+//! [`DISTANT`] proxy.
+//!
 //! Run with `make bench` (release binaries). Options: `--runs R` (default 3), `--disk-mib M`
-//! (default 200), `--upgrades U` (default 5).
+//! (default 200), `--upgrades U` (default 5), `--derived-layers N` (default 8), `--derived-kib K`
+//! (default 25600; 0 skips the derived images), `--slow 0|1` (default 1: also behind the proxy).
 
 use std::ffi::OsStr;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use dnfimage_integration::bench::{Options, median};
+use dnfimage_integration::bench::{DISTANT, DISTANT_LABEL, Options, median};
+use dnfimage_integration::importer_support::{Call, copy_layout, derive, random_file};
+use dnfimage_integration::proxy::SlowProxy;
 use dnfimage_integration::sysroot::{STATEROOT, TestSysroot};
-use dnfimage_integration::{FetcherOptions, Scratch, ServiceProcess, run_ok};
+use dnfimage_integration::{FetcherOptions, Scratch, ServiceProcess, error_name, run_ok};
 use dnfimage_interfaces::{deployer, importer};
 use dnfimage_testimage::{BaseOptions, Fixtures, Registry, build_base, oci_ref, skopeo_copy, tags};
 use ostree_ext::container::{ImageReference, OstreeImageReference, SignatureSource};
 use ostree_ext::{gio, ostree};
 
-/// (rebase seconds, upgrade seconds) through dnf-image and the services.
-fn ours(registry: &Registry) -> Result<(f64, f64)> {
+/// Moves repository `name` to version 1 or 2 of a benchmark's image and returns the reference
+/// to pull it by.
+type Publish<'a> = &'a dyn Fn(u32, &str) -> Result<String>;
+
+/// The fixture base, v1 then v2 (two changed layers).
+fn fixture_publish(registry: &Registry) -> impl Fn(u32, &str) -> Result<String> + '_ {
+    move |v, name| {
+        let tag = if v == 1 { tags::BASE_V1 } else { tags::BASE_V2 };
+        Fixtures::shared()?.push_as(registry, tag, &format!("{name}:latest"))
+    }
+}
+
+/// Runs `cmd` (the CLI, whose progress lines go to stderr, "Fetching: …", "Importing: …",
+/// "Deploying: …") and returns its seconds and where they went: the seconds from the start to
+/// the first line of each phase and to the end.
+fn timed(cmd: &mut std::process::Command) -> Result<(f64, String)> {
+    use std::io::BufRead;
+    let start = Instant::now();
+    let mut child = cmd
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("Starting {cmd:?}"))?;
+    let stderr = child.stderr.take().context("stderr")?;
+    let mut marks: Vec<(&str, f64)> = Vec::new();
+    let mut text = String::new();
+    for line in std::io::BufReader::new(stderr).lines() {
+        let line = line?;
+        let at = start.elapsed().as_secs_f64();
+        for phase in ["Fetching", "Importing", "Deploying"] {
+            if line.starts_with(&format!("{phase}:")) && marks.iter().all(|(p, _)| *p != phase) {
+                marks.push((phase, at));
+            }
+        }
+        if line.contains("derived layers for content") {
+            marks.push(("scan", at));
+        }
+        text.push_str(&line);
+        text.push('\n');
+    }
+    let status = child.wait()?;
+    let total = start.elapsed().as_secs_f64();
+    anyhow::ensure!(status.success(), "{cmd:?} failed with {status}:\n{text}");
+    let split: Vec<String> = marks
+        .iter()
+        .map(|(p, at)| format!("{p} {at:.2}"))
+        .chain([format!("end {total:.2}")])
+        .collect();
+    Ok((total, split.join(", ")))
+}
+
+/// The peak resident set of process `pid` in bytes (`VmHWM`).
+fn peak_rss(pid: u32) -> Result<u64> {
+    let path = format!("/proc/{pid}/status");
+    let status = std::fs::read_to_string(&path).with_context(|| format!("Reading {path}"))?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .context("VmHWM")?
+        .trim()
+        .parse()
+        .context("VmHWM")?;
+    Ok(kib << 10)
+}
+
+/// The services whose peak RSS the benchmark reports, in [`ours`]'s order.
+const SERVICES: [&str; 3] = ["fetcher", "importer", "deployer"];
+
+/// (rebase seconds, upgrade seconds, peak RSS of each of [`SERVICES`]) through dnf-image and
+/// the services.
+fn ours(addrs: &[String], publish: Publish<'_>) -> Result<(f64, f64, [u64; 3])> {
     let scratch = Scratch::new()?;
     let sysroot = TestSysroot::create(&scratch.path().join("sysroot"))?;
-    let fixtures = Fixtures::shared()?;
-    let latest = fixtures.push_as(registry, tags::BASE_V1, "bench/os:latest")?;
-    let conf = scratch.registries_conf(&registry.addr())?;
+    let latest = publish(1, "bench/os")?;
+    let conf = scratch.path().join("bench-registries.conf");
+    let text: String = addrs
+        .iter()
+        .map(|a| format!("[[registry]]\nlocation = \"{a}\"\ninsecure = true\n\n"))
+        .collect();
+    std::fs::write(&conf, text)?;
     let root = sysroot.path().as_os_str().to_owned();
-    let _services = [
+    let services = [
         ServiceProcess::fetcher(
             &scratch,
             &FetcherOptions {
@@ -53,22 +135,23 @@ fn ours(registry: &Registry) -> Result<(f64, f64)> {
             &[OsStr::new("--sysroot"), &root],
         )?,
     ];
-    let start = Instant::now();
-    run_ok(scratch.cli().args(["rebase", &latest]))?;
-    let rebase = start.elapsed().as_secs_f64();
-    fixtures.push_as(registry, tags::BASE_V2, "bench/os:latest")?;
-    let start = Instant::now();
-    run_ok(scratch.cli().arg("upgrade"))?;
-    let upgrade = start.elapsed().as_secs_f64();
-    Ok((rebase, upgrade))
+    let (rebase, split) = timed(scratch.cli().args(["rebase", &latest]))?;
+    eprintln!("  dnf-image rebase:  {split}");
+    publish(2, "bench/os")?;
+    let (upgrade, split) = timed(scratch.cli().arg("upgrade"))?;
+    eprintln!("  dnf-image upgrade: {split}");
+    let mut rss = [0; 3];
+    for (r, service) in rss.iter_mut().zip(&services) {
+        *r = peak_rss(service.pid())?;
+    }
+    Ok((rebase, upgrade, rss))
 }
 
 /// The same with ostree-ext's pull + deploy.
-fn reference(registry: &Registry) -> Result<(f64, f64)> {
+fn reference(publish: Publish<'_>) -> Result<(f64, f64)> {
     let scratch = Scratch::new()?;
     let sysroot_dir = TestSysroot::create(&scratch.path().join("sysroot"))?;
-    let fixtures = Fixtures::shared()?;
-    let latest = fixtures.push_as(registry, tags::BASE_V1, "bench/ref:latest")?;
+    let latest = publish(1, "bench/ref")?;
     let sysroot = ostree::Sysroot::new(Some(&gio::File::for_path(sysroot_dir.path())));
     sysroot.load(gio::Cancellable::NONE)?;
     let imgref = OstreeImageReference {
@@ -95,10 +178,100 @@ fn reference(registry: &Registry) -> Result<(f64, f64)> {
         Ok(start.elapsed().as_secs_f64())
     };
     let rebase = deploy(&sysroot)?;
-    fixtures.push_as(registry, tags::BASE_V2, "bench/ref:latest")?;
+    publish(2, "bench/ref")?;
     sysroot.load_if_changed(gio::Cancellable::NONE)?;
     let upgrade = deploy(&sysroot)?;
     Ok((rebase, upgrade))
+}
+
+/// The fixture base plus `layers` derived layers of `kib` KiB of random data each, tagged "v1",
+/// and the same with the last layer's data replaced, tagged "v2", in one OCI layout.
+fn derived_images(dir: &std::path::Path, layers: u32, kib: u64) -> Result<std::path::PathBuf> {
+    let layout = dir.join("derived-oci");
+    copy_layout(&Fixtures::shared()?.oci_dir, &[tags::BASE_V1], &layout)?;
+    let mut below = tags::BASE_V1.to_string();
+    for i in 1..=layers {
+        let data = |v: u32| -> Result<std::path::PathBuf> {
+            let root = dir.join(format!("derived-root-{i}-{v}"));
+            random_file(
+                &root.join(format!("usr/share/dnfimage-bench/layer-{i:03}.bin")),
+                kib << 10,
+            )?;
+            Ok(root)
+        };
+        if i == layers {
+            derive(&layout, &below, "v2", &data(2)?)?;
+        }
+        let tag = if i == layers {
+            "v1".to_string()
+        } else {
+            format!("d{i}")
+        };
+        derive(&layout, &below, &tag, &data(1)?)?;
+        below = tag;
+    }
+    Ok(layout)
+}
+
+/// Seconds to import image "v1" of `layout` into a fresh sysroot through the importer (the
+/// varlink `Import` from an `oci:` source), and the importer's peak RSS.
+fn our_import(layout: &std::path::Path) -> Result<(f64, u64)> {
+    let scratch = Scratch::new()?;
+    let sysroot = TestSysroot::create(&scratch.path().join("sysroot"))?;
+    let root = sysroot.path().as_os_str().to_owned();
+    let service = ServiceProcess::start(
+        &scratch,
+        "importer",
+        importer::INTERFACE,
+        &[OsStr::new("--sysroot"), &root],
+    )?;
+    let start = Instant::now();
+    let replies = Call::start(
+        &scratch.socket(importer::INTERFACE),
+        &format!("{}.Import", importer::INTERFACE),
+        serde_json::json!({
+            "source": oci_ref(layout, "v1"),
+            "image": "docker://bench.example/os:latest",
+        }),
+        true,
+    )?
+    .rest()?;
+    let secs = start.elapsed().as_secs_f64();
+    let last = replies.last().context("no reply")?;
+    anyhow::ensure!(error_name(last).is_none(), "the import failed: {last}");
+    Ok((secs, peak_rss(service.pid())?))
+}
+
+/// Seconds to import the same with ostree-ext's `ImageImporter` into a fresh sysroot.
+fn reference_import(layout: &std::path::Path) -> Result<f64> {
+    let scratch = Scratch::new()?;
+    let sysroot = TestSysroot::create(&scratch.path().join("sysroot"))?;
+    let repo = ostree::Repo::new_for_path(sysroot.repo());
+    repo.open(gio::Cancellable::NONE)?;
+    let imgref = OstreeImageReference {
+        sigverify: SignatureSource::ContainerPolicyAllowInsecure,
+        imgref: ImageReference::try_from(oci_ref(layout, "v1").as_str())?,
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let start = Instant::now();
+    rt.block_on(async {
+        let mut imp =
+            ostree_ext::container::store::ImageImporter::new(&repo, &imgref, Default::default())
+                .await?;
+        match imp.prepare().await? {
+            ostree_ext::container::store::PrepareResult::Ready(prep) => {
+                imp.import(prep).await?;
+            }
+            ostree_ext::container::store::PrepareResult::AlreadyPresent(_) => {
+                anyhow::bail!("a fresh repository has the image")
+            }
+        }
+        anyhow::Ok(())
+    })
+    .context("ostree-ext import")?;
+    Ok(start.elapsed().as_secs_f64())
 }
 
 /// `du -s -B1 PATH`: the bytes `path` takes on disk.
@@ -226,32 +399,109 @@ fn reference_disk(
     Ok((repo, du(&sysroot_dir.repo())?))
 }
 
-fn main() -> Result<()> {
-    let options = Options::parse(&["--runs", "--disk-mib", "--upgrades"])?;
-    let runs: usize = options.get("--runs", 3)?;
-    let disk_mib: u64 = options.get("--disk-mib", 200)?;
-    let upgrades: u32 = options.get("--upgrades", 5)?;
-    let scratch = Scratch::new()?;
-    let registry = Registry::start(&scratch.path().join("registry"))?;
+/// Runs [`ours`] and [`reference`] `runs` times each, alternating, and prints the medians.
+fn compare(runs: usize, what: &str, addrs: &[String], publish: Publish<'_>) -> Result<()> {
     let (mut our_r, mut our_u, mut ref_r, mut ref_u) = (vec![], vec![], vec![], vec![]);
+    let mut peak = [0u64; 3];
     for _ in 0..runs {
-        let (r, u) = ours(&registry)?;
+        let (r, u, rss) = ours(addrs, publish)?;
         our_r.push(r);
         our_u.push(u);
-        let (r, u) = reference(&registry)?;
+        for (p, r) in peak.iter_mut().zip(rss) {
+            *p = (*p).max(r);
+        }
+        let (r, u) = reference(publish)?;
         ref_r.push(r);
         ref_u.push(u);
     }
     let (or, ou, rr, ru) = (median(our_r), median(our_u), median(ref_r), median(ref_u));
-    println!("{runs} runs, median; images: fixture base v1 → v2 (2 changed layers)");
+    println!("{runs} runs, median; {what}");
     println!(
-        "rebase   dnf-image {or:6.2} s   ostree-ext pull+deploy {rr:6.2} s   ratio ostree-ext/dnf-image {:.2}x",
-        rr / or
+        "rebase   dnf-image {or:6.2} s   ostree-ext pull+deploy {rr:6.2} s   dnf-image/ostree-ext {:.2}x",
+        or / rr
     );
     println!(
-        "upgrade  dnf-image {ou:6.2} s   ostree-ext pull+deploy {ru:6.2} s   ratio ostree-ext/dnf-image {:.2}x",
-        ru / ou
+        "upgrade  dnf-image {ou:6.2} s   ostree-ext pull+deploy {ru:6.2} s   dnf-image/ostree-ext {:.2}x",
+        ou / ru
     );
+    let peaks: Vec<String> = SERVICES
+        .iter()
+        .zip(peak)
+        .map(|(s, p)| format!("{s} {:.0} MiB", p as f64 / f64::from(1 << 20)))
+        .collect();
+    println!("peak RSS  {}", peaks.join(", "));
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let options = Options::parse(&[
+        "--runs",
+        "--disk-mib",
+        "--upgrades",
+        "--derived-layers",
+        "--derived-kib",
+        "--slow",
+    ])?;
+    let runs: usize = options.get("--runs", 3)?;
+    let disk_mib: u64 = options.get("--disk-mib", 200)?;
+    let upgrades: u32 = options.get("--upgrades", 5)?;
+    let derived_layers: u32 = options.get("--derived-layers", 8)?;
+    let derived_kib: u64 = options.get("--derived-kib", 25600)?;
+    let slow: u8 = options.get("--slow", 1)?;
+    let scratch = Scratch::new()?;
+    let registry = Registry::start(&scratch.path().join("registry"))?;
+    let addrs = [registry.addr()];
+    compare(
+        runs,
+        "images: fixture base v1 → v2 (2 changed layers), loopback",
+        &addrs,
+        &fixture_publish(&registry),
+    )?;
+
+    if derived_kib > 0 && derived_layers > 0 {
+        let layout = derived_images(scratch.path(), derived_layers, derived_kib)?;
+        let direct = |v: u32, name: &str| publish(&registry, &layout, v, &format!("{name}:latest"));
+        let what = format!(
+            "images: base + {derived_layers} derived layers of {derived_kib} KiB, v2 changes \
+             the last one"
+        );
+        compare(runs, &format!("{what}, loopback"), &addrs, &direct)?;
+        let (mut our_i, mut ref_i, mut rss) = (vec![], vec![], 0);
+        for _ in 0..runs {
+            let (secs, peak) = our_import(&layout)?;
+            our_i.push(secs);
+            rss = rss.max(peak);
+            ref_i.push(reference_import(&layout)?);
+        }
+        let bytes = dnfimage_testimage::read_image(&layout, "v1")?.layers_size() as f64;
+        let (oi, ri) = (median(our_i), median(ref_i));
+        println!(
+            "import of the local oci: image ({:.0} MiB): dnf-image {oi:.2} s ({:.0} MB/s, importer \
+             peak RSS {:.0} MiB)   ostree-ext {ri:.2} s ({:.0} MB/s)   rate dnf-image/ostree-ext {:.2}x",
+            bytes / f64::from(1 << 20),
+            bytes / oi / 1e6,
+            rss as f64 / f64::from(1 << 20),
+            bytes / ri / 1e6,
+            ri / oi
+        );
+        if slow != 0 {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()?;
+            let proxy = rt.block_on(SlowProxy::start(&registry.addr(), DISTANT))?;
+            let through = |v: u32, name: &str| {
+                let r = publish(&registry, &layout, v, &format!("{name}:latest"))?;
+                Ok(r.replace(&registry.addr(), &proxy.addr()))
+            };
+            compare(
+                runs,
+                &format!("{what}, {DISTANT_LABEL}"),
+                &[registry.addr(), proxy.addr()],
+                &through,
+            )?;
+        }
+    }
 
     let images = disk_images(scratch.path(), disk_mib, upgrades + 1)?;
     let (repo, cache, pruned) = our_disk(&registry, &images, upgrades)?;

@@ -598,12 +598,9 @@ fn decompressor(
     })
 }
 
-/// Reads derived layer `layer` from the source and finds what the commit does not hold.
-async fn scan_layer(
-    opened: &Opened,
-    layer: &Descriptor,
-    rules: Rules,
-) -> Result<Vec<ImportWarning>> {
+/// Reads derived layer `layer` from the source and counts what it holds outside `/usr` and
+/// `/etc`.
+async fn scan_layer(opened: &Opened, layer: &Descriptor) -> Result<scan::Summary> {
     let digest = layer.digest().to_string();
     let (mut reader, driver) = opened
         .proxy
@@ -620,7 +617,7 @@ async fn scan_layer(
             buf: Vec::new(),
             pos: 0,
         };
-        scan::scan_tar(decompressor(&media_type, reader)?, &scan_digest, rules)
+        scan::summarize_tar(decompressor(&media_type, reader)?, &scan_digest)
     });
     let feed = async move {
         let mut buf = vec![0u8; 256 * 1024];
@@ -826,6 +823,34 @@ async fn import_opened(
     if to_import.is_empty() {
         tracker.phase(ImportPhase::Committing, "Writing the merged commit".into());
     }
+    // Each derived layer is read for what the commit does not hold once, while the import
+    // runs (on the other core), unless an earlier import recorded it with the layer's commit.
+    let derived = opened.derived_layers();
+    let mut summaries: Vec<Option<scan::Summary>> = Vec::with_capacity(derived.len());
+    for layer in derived {
+        let digest = layer.digest().to_string();
+        summaries.push(store::layer_summary(repo, &digest).unwrap_or_else(|e| {
+            tracing::warn!(
+                "Reading the recorded summary of layer {digest}, reading it again: {e:#}"
+            );
+            None
+        }));
+    }
+    let to_scan: Vec<&Descriptor> = derived
+        .iter()
+        .zip(&summaries)
+        .filter(|(_, s)| s.is_none())
+        .map(|(l, _)| l)
+        .collect();
+    let scan_all = async {
+        let mut out = Vec::with_capacity(to_scan.len());
+        for layer in &to_scan {
+            out.push(scan_layer(opened, layer).await);
+        }
+        out
+    };
+    tokio::pin!(scan_all);
+    let mut scanned = None;
     let layers_total = tracker.record.layers_total;
     let mut on_event = |tracker: &mut Tracker<'_>, event: LayerEvent| match event {
         LayerEvent::OstreeChunkStarted(layer) | LayerEvent::DerivedLayerStarted(layer) => {
@@ -852,6 +877,7 @@ async fn import_opened(
         loop {
             tokio::select! {
                 r = &mut run => break r,
+                found = &mut scan_all, if scanned.is_none() => scanned = Some(found),
                 Some(event) = events.recv() => on_event(tracker, event),
                 Ok(()) = byte_counts.changed() => {
                     let progress = byte_counts.borrow_and_update();
@@ -894,11 +920,13 @@ async fn import_opened(
 
     // What ostree-ext dropped or moved, from the derived layers themselves.
     let mut warnings = Vec::new();
-    let derived = opened.derived_layers();
     if !derived.is_empty() {
         tracker.message(format!(
-            "Checking {} derived layers for content the commit does not hold",
-            derived.len()
+            "Checking {} derived layers for content the commit does not hold ({} read during \
+             the import, {} known from earlier imports)",
+            derived.len(),
+            to_scan.len(),
+            derived.len() - to_scan.len()
         ));
         let rules = Rules {
             retain_var: ostree::check_version(2024, 3),
@@ -907,18 +935,35 @@ async fn import_opened(
                 false
             }),
         };
-        for layer in derived {
-            match scan_layer(opened, layer, rules).await {
-                Ok(found) => {
-                    for w in &found {
-                        tracker.warning(w);
+        let scanned = match scanned {
+            Some(found) => found,
+            None => scan_all.await,
+        };
+        let mut scanned = to_scan.iter().zip(scanned);
+        for (layer, known) in derived.iter().zip(summaries) {
+            let digest = layer.digest().to_string();
+            let summary = match known {
+                Some(summary) => summary,
+                None => match scanned.next() {
+                    Some((_, Ok(summary))) => {
+                        if let Err(e) = store::record_layer_summary(repo, &digest, &summary) {
+                            tracing::warn!("Recording the summary of layer {digest}: {e:#}");
+                        }
+                        summary
                     }
-                    warnings.extend(found);
-                }
-                Err(e) => tracing::warn!(
-                    "Looking for content the commit does not hold in layer {}, skipping: {e:#}",
-                    layer.digest()
-                ),
+                    Some((_, Err(e))) => {
+                        tracing::warn!(
+                            "Looking for content the commit does not hold in layer {digest}, \
+                             skipping: {e:#}"
+                        );
+                        continue;
+                    }
+                    None => continue,
+                },
+            };
+            for w in summary.warnings(&digest, rules) {
+                tracker.warning(&w);
+                warnings.push(w);
             }
         }
         if let Err(e) = store::record_warnings(repo, &state.merge_commit, &warnings) {

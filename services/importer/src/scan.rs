@@ -77,11 +77,68 @@ struct Count {
     files: u64,
 }
 
-/// Reads the (uncompressed) tar stream of layer `digest` and returns a warning for each
-/// top-level directory whose content the commit does not hold where the layer has it.
-pub fn scan_tar(reader: impl Read, digest: &str, rules: Rules) -> Result<Vec<ImportWarning>> {
-    let mut moved: BTreeMap<String, Count> = BTreeMap::new();
-    let mut dropped: BTreeMap<String, Count> = BTreeMap::new();
+/// What one top-level directory of a layer holds: the entry of the directory itself (or a file
+/// of that name) and the entries below it, counted apart because the rules treat them apart.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TopCount {
+    /// Entries naming the top-level path itself.
+    pub own_entries: u64,
+    /// Of those, the ones that are not directories.
+    pub own_files: u64,
+    /// Entries below it.
+    pub entries: u64,
+    /// Of those, the ones that are not directories.
+    pub files: u64,
+}
+
+/// What a layer holds outside `/usr` and `/etc`, by top-level directory, whatever the rules:
+/// read once per layer and kept with the layer's commit, so that the warnings of an image are
+/// found again without reading its layers (see [`Summary::warnings`]).
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Summary {
+    /// Counts by top-level directory (without `usr` and `etc`, which are always kept).
+    pub tops: BTreeMap<String, TopCount>,
+}
+
+impl Summary {
+    /// The warnings for layer `digest` under `rules`, the same as [`scan_tar`] gives.
+    pub fn warnings(&self, digest: &str, rules: Rules) -> Vec<ImportWarning> {
+        let mut moved: BTreeMap<&str, Count> = BTreeMap::new();
+        let mut dropped: BTreeMap<&str, Count> = BTreeMap::new();
+        for (top, count) in &self.tops {
+            let child = format!("{top}/x");
+            for (path, entries, files) in [
+                (top.as_str(), count.own_entries, count.own_files),
+                (child.as_str(), count.entries, count.files),
+            ] {
+                if entries == 0 {
+                    continue;
+                }
+                let map = match fate(path, rules) {
+                    Fate::Kept => continue,
+                    Fate::Moved(_) => &mut moved,
+                    Fate::Dropped(_) => &mut dropped,
+                };
+                let c = map.entry(top.as_str()).or_default();
+                c.entries += entries;
+                c.files += files;
+            }
+        }
+        let mut warnings = Vec::new();
+        for (top, count) in dropped {
+            warnings.push(dropped_warning(Some(digest), top, Some(count.files)));
+        }
+        for (top, count) in moved {
+            warnings.push(moved_warning(Some(digest), top, Some(count.files)));
+        }
+        warnings
+    }
+}
+
+/// Reads the (uncompressed) tar stream of layer `digest` and counts what it holds outside
+/// `/usr` and `/etc`.
+pub fn summarize_tar(reader: impl Read, digest: &str) -> Result<Summary> {
+    let mut summary = Summary::default();
     let mut archive = tar::Archive::new(reader);
     let entries = archive
         .entries()
@@ -93,23 +150,32 @@ pub fn scan_tar(reader: impl Read, digest: &str, rules: Rules) -> Result<Vec<Imp
             .path()
             .with_context(|| format!("Reading a path in layer {digest}"))?;
         let path = path.to_string_lossy();
-        let (map, top) = match fate(&path, rules) {
-            Fate::Kept => continue,
-            Fate::Moved(top) => (&mut moved, top),
-            Fate::Dropped(top) => (&mut dropped, top),
-        };
-        let count = map.entry(top.to_string()).or_default();
-        count.entries += 1;
-        count.files += u64::from(!is_dir);
+        let relative = path.trim_start_matches('/').trim_start_matches("./");
+        if relative.starts_with(SYSROOT_REPO) {
+            continue;
+        }
+        let mut parts = relative.split('/').filter(|p| !p.is_empty() && *p != ".");
+        let Some(top) = parts.next() else { continue };
+        if top == "usr" || top == "etc" {
+            continue;
+        }
+        let has_child = parts.next().is_some();
+        let count = summary.tops.entry(top.to_string()).or_default();
+        if has_child {
+            count.entries += 1;
+            count.files += u64::from(!is_dir);
+        } else {
+            count.own_entries += 1;
+            count.own_files += u64::from(!is_dir);
+        }
     }
-    let mut warnings = Vec::new();
-    for (top, count) in dropped {
-        warnings.push(dropped_warning(Some(digest), &top, Some(count.files)));
-    }
-    for (top, count) in moved {
-        warnings.push(moved_warning(Some(digest), &top, Some(count.files)));
-    }
-    Ok(warnings)
+    Ok(summary)
+}
+
+/// Reads the (uncompressed) tar stream of layer `digest` and returns a warning for each
+/// top-level directory whose content the commit does not hold where the layer has it.
+pub fn scan_tar(reader: impl Read, digest: &str, rules: Rules) -> Result<Vec<ImportWarning>> {
+    Ok(summarize_tar(reader, digest)?.warnings(digest, rules))
 }
 
 fn files_text(files: Option<u64>) -> String {
@@ -276,6 +342,55 @@ mod tests {
         assert_eq!(warnings.len(), 1);
         let clean = layer(&[("usr/", None), ("usr/lib/x", Some("1"))]);
         assert!(scan_tar(&clean[..], "sha256:cd", OLD).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_recorded_summary_gives_what_reading_each_path_gives() {
+        let entries: &[(&str, Option<&str>)] = &[
+            ("usr/", None),
+            ("usr/lib/x", Some("1")),
+            ("opt", Some("a file named opt")),
+            ("srv/", None),
+            ("srv/www/", None),
+            ("srv/www/index.html", Some("<p>")),
+            ("var/", None),
+            ("var/lib/app/db", Some("z")),
+            ("tmp/", None),
+            ("tmp/x", Some("t")),
+            ("run/lock/y", Some("r")),
+            ("sysroot/ostree/repo/objects/00/x.file", Some("o")),
+            ("sysroot/other", Some("s")),
+            ("./root/.bashrc", Some("b")),
+        ];
+        let tar = layer(entries);
+        let summary = summarize_tar(&tar[..], "sha256:ab").unwrap();
+        let text = serde_json::to_string(&summary).unwrap();
+        let recorded: Summary = serde_json::from_str(&text).unwrap();
+        assert_eq!(recorded, summary);
+        for rules in [OLD, NEW, TRANSIENT] {
+            // Every path through `fate`, one at a time, as the import rewrites it.
+            let mut moved: BTreeMap<&str, u64> = BTreeMap::new();
+            let mut dropped: BTreeMap<&str, u64> = BTreeMap::new();
+            for (path, content) in entries {
+                let (map, top) = match fate(path, rules) {
+                    Fate::Kept => continue,
+                    Fate::Moved(top) => (&mut moved, top),
+                    Fate::Dropped(top) => (&mut dropped, top),
+                };
+                *map.entry(top).or_default() += u64::from(content.is_some());
+            }
+            let want: Vec<_> = dropped
+                .iter()
+                .map(|(t, n)| dropped_warning(Some("sha256:ab"), t, Some(*n)))
+                .chain(
+                    moved
+                        .iter()
+                        .map(|(t, n)| moved_warning(Some("sha256:ab"), t, Some(*n))),
+                )
+                .collect();
+            assert!(!want.is_empty());
+            assert_eq!(recorded.warnings("sha256:ab", rules), want, "{rules:?}");
+        }
     }
 
     #[test]

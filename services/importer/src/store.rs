@@ -232,6 +232,63 @@ pub fn record_warnings(
     Ok(())
 }
 
+/// Detached metadata of a layer's commit holding what the layer has outside `/usr` and `/etc`
+/// ([`scan::Summary`], JSON), so that each layer is read for it once.
+const META_LAYER_SUMMARY: &str = "dnfimage.layer-summary";
+
+/// The commit of layer `digest`, if the repository has it.
+pub fn layer_commit(repo: &ostree::Repo, digest: &str) -> Result<Option<String>> {
+    let name = layer_ref(digest)?;
+    Ok(repo
+        .resolve_rev(&name, true)
+        .with_context(|| format!("Resolving {name}"))?
+        .map(|c| c.to_string()))
+}
+
+/// The summary recorded with layer `digest`, if the repository has the layer and one is
+/// recorded.
+pub fn layer_summary(repo: &ostree::Repo, digest: &str) -> Result<Option<scan::Summary>> {
+    let Some(commit) = layer_commit(repo, digest)? else {
+        return Ok(None);
+    };
+    let detached = repo
+        .read_commit_detached_metadata(&commit, gio::Cancellable::NONE)
+        .with_context(|| format!("Reading the detached metadata of {commit}"))?;
+    let Some(text) = detached
+        .as_ref()
+        .and_then(|v| {
+            glib::VariantDict::new(Some(v))
+                .lookup::<String>(META_LAYER_SUMMARY)
+                .ok()
+        })
+        .flatten()
+    else {
+        return Ok(None);
+    };
+    let summary = serde_json::from_str(&text)
+        .with_context(|| format!("Parsing the layer summary recorded with {commit}"))?;
+    Ok(Some(summary))
+}
+
+/// Records `summary` with the commit of layer `digest` (which the repository must have).
+pub fn record_layer_summary(
+    repo: &ostree::Repo,
+    digest: &str,
+    summary: &scan::Summary,
+) -> Result<()> {
+    let commit = layer_commit(repo, digest)?
+        .with_context(|| format!("The repository has no commit of layer {digest}"))?;
+    let detached = repo
+        .read_commit_detached_metadata(&commit, gio::Cancellable::NONE)
+        .with_context(|| format!("Reading the detached metadata of {commit}"))?;
+    let dict = glib::VariantDict::new(detached.as_ref());
+    let text = serde_json::to_string(summary).context("Serializing the layer summary")?;
+    dict.insert(META_LAYER_SUMMARY, text);
+    repo.write_commit_detached_metadata(&commit, Some(&dict.end()), gio::Cancellable::NONE)
+        .with_context(|| format!("Writing the detached metadata of {commit}"))?;
+    Ok(())
+}
+
 /// Commit metadata holding the manifest digest and the image configuration (ostree-ext's).
 const META_MANIFEST_DIGEST: &str = "ostree.manifest-digest";
 const META_CONFIG: &str = "ostree.container.image-config";
