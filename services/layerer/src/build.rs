@@ -761,7 +761,8 @@ pub fn run(
         0,
         "Cleaning the package database".into(),
     ));
-    rpmdb::clean(&merged.join(dbpath)).map_err(|e| failed("Cleaning the rpm database", e))?;
+    rpmdb::clean(&merged.join(dbpath), Some(&ws.lower().join(dbpath)))
+        .map_err(|e| failed("Cleaning the rpm database", e))?;
     if etc_link {
         std::fs::remove_file(&etc).map_err(|e| failed("Removing the /etc link", e))?;
     }

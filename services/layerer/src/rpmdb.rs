@@ -52,21 +52,18 @@ pub fn copy(from: &Path, to: &Path) -> Result<()> {
 /// written: checkpoints the sqlite WAL into `rpmdb.sqlite`, leaves WAL mode (a database in WAL
 /// mode cannot be opened on a read-only `/usr` without its `-shm` file: rpm and dnf then fail
 /// with "unable to open database file", as rpm-ostree found too), and removes
-/// `rpmdb.sqlite-wal`, `rpmdb.sqlite-shm` and `.rpm.lock`.
-pub fn clean(dir: &Path) -> Result<()> {
+/// `rpmdb.sqlite-wal`, `rpmdb.sqlite-shm` and `.rpm.lock`. A database that ends byte for byte
+/// the one in `base` (the build's starting point: nothing was installed or removed) is left
+/// as it is, so that such a build gives the image's own tree.
+pub fn clean(dir: &Path, base: Option<&Path>) -> Result<()> {
     let db = dir.join("rpmdb.sqlite");
     if db.exists() {
-        let out = Command::new("sqlite3")
-            .arg(&db)
-            .arg("PRAGMA wal_checkpoint(TRUNCATE); PRAGMA journal_mode=DELETE;")
-            .output()
-            .context("Running sqlite3")?;
-        if !out.status.success() {
-            bail!(
-                "sqlite3 failed to checkpoint {}: {}",
-                db.display(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
+        sqlite(&db, "PRAGMA wal_checkpoint(TRUNCATE);")?;
+        let unchanged = base
+            .and_then(|b| std::fs::read(b.join("rpmdb.sqlite")).ok())
+            .is_some_and(|before| std::fs::read(&db).is_ok_and(|now| now == before));
+        if !unchanged {
+            sqlite(&db, "PRAGMA journal_mode=DELETE;")?;
         }
     }
     for name in ["rpmdb.sqlite-wal", "rpmdb.sqlite-shm", ".rpm.lock"] {
@@ -76,6 +73,23 @@ pub fn clean(dir: &Path) -> Result<()> {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(e).with_context(|| format!("Removing {}", p.display())),
         }
+    }
+    Ok(())
+}
+
+/// Runs `sql` on the database `db` with the sqlite3 program.
+fn sqlite(db: &Path, sql: &str) -> Result<()> {
+    let out = Command::new("sqlite3")
+        .arg(db)
+        .arg(sql)
+        .output()
+        .context("Running sqlite3")?;
+    if !out.status.success() {
+        bail!(
+            "sqlite3 failed on {} ({sql}): {}",
+            db.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(())
 }
@@ -126,7 +140,20 @@ mod tests {
         let header = |db: &Path| std::fs::read(db).expect("read")[18..20].to_vec();
         assert_eq!(header(&db), [2, 2]);
         std::fs::write(tmp.path().join(".rpm.lock"), "").expect("write");
-        clean(tmp.path()).expect("clean");
+        // The same database as the build started from: left in its mode.
+        let base = tempfile::tempdir().expect("tempdir");
+        std::fs::copy(&db, base.path().join("rpmdb.sqlite")).expect("copy");
+        clean(tmp.path(), Some(base.path())).expect("clean");
+        assert_eq!(header(&db), [2, 2]);
+        // Changed: out of WAL mode.
+        let out = Command::new("sqlite3")
+            .arg(&db)
+            .arg("INSERT INTO p VALUES (2);")
+            .output()
+            .expect("sqlite3 runs");
+        assert!(out.status.success(), "{out:?}");
+        std::fs::write(tmp.path().join(".rpm.lock"), "").expect("write");
+        clean(tmp.path(), Some(base.path())).expect("clean");
         assert_eq!(header(&db), [1, 1]);
         let mut left: Vec<String> = std::fs::read_dir(tmp.path())
             .expect("read_dir")
@@ -139,6 +166,6 @@ mod tests {
             .arg("SELECT x FROM p;")
             .output()
             .expect("sqlite3 runs");
-        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1");
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1\n2");
     }
 }
