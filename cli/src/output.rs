@@ -137,7 +137,9 @@ fn deployment(d: &Deployment) {
 /// FPR (UID); policy docker scope …", "not verified: --no-signature-verification", …
 pub fn trust_words(trust: &ImageTrust) -> String {
     if !trust.enforced {
-        return "not verified (--no-signature-verification; upgrades do not check it either)"
+        return "not verified: the origin opts out (ostree-unverified-…, as \
+                --no-signature-verification records), so upgrades take unsigned images too; \
+                `dnf-image rebase IMAGE` turns checking on"
             .into();
     }
     let policy = trust

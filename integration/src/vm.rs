@@ -39,13 +39,15 @@ pub struct Vm {
 }
 
 impl Vm {
-    /// Starts qemu with `firmware` and `drives`, logging the console to `log`.
+    /// Starts qemu with `firmware` and `drives`, logging the console to `log`; `extra`: more
+    /// qemu arguments (a network device, say; none gives the guest no network).
     pub fn start(
         name: &str,
         firmware: &Firmware,
         drives: &[Drive],
         memory_mib: u32,
         log: &Path,
+        extra: &[String],
     ) -> Result<Self> {
         // setpriv: qemu dies with the test process, even when that is killed.
         let mut cmd = Command::new("setpriv");
@@ -77,6 +79,7 @@ impl Vm {
                 if d.read_only { ",readonly=on" } else { "" }
             ));
         }
+        cmd.args(extra);
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());

@@ -4,7 +4,10 @@
 //! through OVMF and the disk's own GRUB, whose menu is the one libostree rewrites on each
 //! deployment change, so each reboot also shows the bootloader follows upgrade and rollback.
 //! Update images come from a second, read-only disk holding an OCI layout (`oci:` transport):
-//! the guest has no network.
+//! the guest has no network, except in the last boot, where a registry on the host's 127.0.0.1
+//! is all it can reach (qemu's user network with `restrict=on` and one `guestfwd`), for the
+//! signed upgrade of step 6. The guest is driven as its users would: `dnf image …`, `dnf
+//! upgrade`, `dnf install` (the dnf plugin hands them to `dnf-image`).
 //!
 //! Slow (about 15 minutes on 2 cores) and root-only: ignored by plain `cargo test`; `make test`
 //! runs it last and `make test-vm` alone (`scripts/vm/setup.sh` then
@@ -17,7 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use dnfimage_integration::repo_root;
 use dnfimage_integration::vm::{Drive, Firmware, Vm};
-use dnfimage_testimage::TestRpms;
+use dnfimage_testimage::{Registry, SigningKey, TestRpms};
 
 const USER: &str = "dnfuser";
 const PASSWORD: &str = "dnfimage-vm-test";
@@ -33,6 +36,11 @@ const SERVICES: [&str; 4] = ["fetcher", "importer", "deployer", "layerer"];
 /// The layered package of step 5 (from the test packages' repository, with a dependency).
 const LAYERED: &str = "dnfimage-hello";
 const LAYERED_FILE: &str = "/usr/share/dnfimage-hello/hello.txt";
+/// Where the guest finds the host's registry (qemu's guestfwd), in step 6.
+const REGISTRY_IN_GUEST: &str = "10.0.2.100:5000";
+/// The image step 6 rebases to: signed v2, then unsigned v3.
+const SIGNED_REPO: &str = "dnfimage/os";
+const SIGNED_TAG: &str = "signed";
 
 /// Why step 5 (layering) cannot run, if it cannot.
 fn layering_unavailable(root: &Path, target: &Path) -> Option<String> {
@@ -84,6 +92,7 @@ fn missing_tools() -> Vec<&'static str> {
         "genisoimage",
         "debugfs",
         "qemu-img",
+        "socat",
     ]
     .into_iter()
     .filter(|t| {
@@ -121,6 +130,8 @@ fn tag_latest(dir: &Path, tag: &str) -> Result<()> {
 
 struct Env {
     work: PathBuf,
+    /// qemu arguments giving a guest the registry (and nothing else) as its network.
+    network: Vec<String>,
     vmimage: PathBuf,
     /// OVMF's variable store, kept across boots like a machine's NVRAM.
     vars: PathBuf,
@@ -153,6 +164,11 @@ impl Env {
     /// Boots the disk through OVMF and its GRUB; logs in as root; checks GRUB booted the
     /// default BLS entry (read from the disk before booting).
     fn boot(&self, name: &str, t: &mut Timings) -> Result<Vm> {
+        self.boot_with(name, t, &[])
+    }
+
+    /// [`Env::boot`] with more qemu arguments.
+    fn boot_with(&self, name: &str, t: &mut Timings, extra: &[String]) -> Result<Vm> {
         let entry_dir = self.work.join(format!("entry-{name}"));
         run(Command::new(&self.vmimage)
             .args(["boot-entry", "--disk"])
@@ -177,7 +193,7 @@ impl Env {
             vars: self.vars.clone(),
         };
         let log = self.work.join(format!("console-{name}.log"));
-        let mut vm = Vm::start(name, &firmware, &self.drives(), 2048, &log)?;
+        let mut vm = Vm::start(name, &firmware, &self.drives(), 2048, &log, extra)?;
         vm.wait_for("GRUB", BOOT_TIMEOUT)?;
         vm.login(USER, PASSWORD, BOOT_TIMEOUT)?;
         t.add(
@@ -226,11 +242,11 @@ fn os_version(vm: &mut Vm) -> Result<String> {
         .to_string())
 }
 
-/// `dnf-image status --json`, parsed; prints the human form too.
+/// `dnf image status --json`, parsed; prints the human form too.
 fn status(vm: &mut Vm, when: &str) -> Result<serde_json::Value> {
-    let text = vm.sh("dnf-image status", STEP)?;
-    println!("vm: dnf-image status ({when}):\n{text}");
-    let out = vm.sh("dnf-image status --json", STEP)?;
+    let text = vm.sh("dnf image status", STEP)?;
+    println!("vm: dnf image status ({when}):\n{text}");
+    let out = vm.sh("dnf image status --json", STEP)?;
     let json = out
         .find('{')
         .zip(out.rfind('}'))
@@ -247,6 +263,75 @@ fn version_where(status: &serde_json::Value, flag: &str) -> Option<String> {
         .iter()
         .find(|d| d[flag].as_bool() == Some(true))
         .and_then(|d| d["version"].as_str().map(str::to_string))
+}
+
+/// Step 6, on a booted guest whose network is the registry: policy, rebase to the signed v2,
+/// then the tag moved to the unsigned v3.
+fn signed_upgrade(vm: &mut Vm, registry: &Registry, key: &SigningKey, oci: &Path) -> Result<()> {
+    let image = format!("docker://{REGISTRY_IN_GUEST}/{SIGNED_REPO}:{SIGNED_TAG}");
+    let policy = serde_json::json!({
+        "default": [{"type": "insecureAcceptAnything"}],
+        "transports": {"docker": {REGISTRY_IN_GUEST: [{
+            "type": "signedBy", "keyType": "GPGKeys",
+            "keyPath": "/etc/pki/containers/dnfimage-vm.gpg",
+        }]}},
+    });
+    vm.sh(
+        &format!(
+            "mkdir -p {UPDATES_MOUNT} && mount -o ro LABEL={UPDATES_LABEL} {UPDATES_MOUNT} && \
+             nic=$(ls /sys/class/net | grep -v '^lo$' | head -n1) && ip link set \"$nic\" up && \
+             ip addr replace 10.0.2.15/24 dev \"$nic\" && \
+             mkdir -p /etc/pki/containers /etc/containers/registries.d \
+               /etc/containers/registries.conf.d && \
+             cp {UPDATES_MOUNT}/signing-key.gpg /etc/pki/containers/dnfimage-vm.gpg && \
+             printf '%s\\n' '{policy}' >/etc/containers/policy.json && \
+             printf 'docker:\\n  {REGISTRY_IN_GUEST}:\\n    lookaside: file://{UPDATES_MOUNT}/sigs\\n' \
+               >/etc/containers/registries.d/dnfimage-vm.yaml && \
+             printf '[[registry]]\\nlocation = \"{REGISTRY_IN_GUEST}\"\\ninsecure = true\\n' \
+               >/etc/containers/registries.conf.d/50-dnfimage-vm.conf"
+        ),
+        STEP,
+    )?;
+    let out = vm.sh(
+        &format!("dnf image rebase {image} 2>&1"),
+        Duration::from_secs(900),
+    )?;
+    println!("vm: dnf image rebase {image}:\n{out}");
+    let st = status(vm, "signed v2 staged")?;
+    let staged = st["deployments"]
+        .as_array()
+        .and_then(|d| d.iter().find(|d| d["staged"] == true))
+        .cloned()
+        .context("no staged deployment after the signed rebase")?;
+    ensure!(
+        staged["version"] == "2",
+        "the staged deployment is not v2: {staged}"
+    );
+    ensure!(
+        staged["trust"]["verified"] == true
+            && staged["trust"]["signers"]
+                .to_string()
+                .contains(&key.fingerprint),
+        "status does not name the signer {}: {staged}",
+        key.fingerprint
+    );
+    // The tag moves to an image nobody signed.
+    dnfimage_testimage::skopeo_copy(
+        &format!("oci:{}:v3", oci.display()),
+        &format!("docker://{}/{SIGNED_REPO}:{SIGNED_TAG}", registry.addr()),
+    )?;
+    let (rc, out) = vm.sh_status("dnf upgrade -y 2>&1", Duration::from_secs(600))?;
+    println!("vm: dnf upgrade to the unsigned v3 (exit {rc}):\n{out}");
+    ensure!(
+        rc != 0 && out.contains("The signature policy refuses") && out.contains("not signed"),
+        "the unsigned v3 was not refused (exit {rc}): {out}"
+    );
+    let after = status(vm, "after the refused upgrade")?;
+    ensure!(
+        after["deployments"] == st["deployments"],
+        "the refused upgrade changed the deployments: {after}"
+    );
+    Ok(())
 }
 
 fn suite() -> Result<()> {
@@ -284,6 +369,36 @@ fn suite() -> Result<()> {
         std::fs::copy(&rpms.key_file, images.join("RPM-GPG-KEY-dnfimage-test"))
             .context("Copying the package key")?;
     }
+
+    // Step 6's registry and signatures: a registry on 127.0.0.1, which the guest reaches as
+    // REGISTRY_IN_GUEST; v2 there signed by a key made now (the signature names the image as
+    // the guest sees it), and v3 (v2 plus a layer) to push unsigned later. The signature and
+    // the public key go on the updates disk.
+    let start = Instant::now();
+    let registry = Registry::start(&work.join("registry"))?;
+    let key = SigningKey::generate(&work.join("gpg"), "dnfimage VM test <vm@example.invalid>")?;
+    dnfimage_testimage::build_derived(&oci, "v2", "v3")?;
+    let on_host = format!("docker://{}/{SIGNED_REPO}:{SIGNED_TAG}", registry.addr());
+    dnfimage_testimage::skopeo_copy(&format!("oci:{}:v2", oci.display()), &on_host)?;
+    let (manifest, digest) = dnfimage_testimage::raw_manifest(&on_host)?;
+    let manifest_file = work.join("v2-manifest.json");
+    std::fs::write(&manifest_file, manifest)?;
+    let sig_dir = images.join(format!(
+        "sigs/{SIGNED_REPO}@{}",
+        digest.replacen(':', "=", 1)
+    ));
+    std::fs::create_dir_all(&sig_dir)?;
+    run(Command::new("skopeo")
+        .env("GNUPGHOME", key.home())
+        .arg("standalone-sign")
+        .arg(&manifest_file)
+        .arg(format!("{REGISTRY_IN_GUEST}/{SIGNED_REPO}:{SIGNED_TAG}"))
+        .arg(&key.fingerprint)
+        .arg("--output")
+        .arg(sig_dir.join("signature-1")))?;
+    std::fs::copy(&key.public_key, images.join("signing-key.gpg"))
+        .context("Copying the signing key")?;
+    t.secs("step 6 preparation: registry, v3, signature of v2", start);
 
     let vmimage = target.join("debug/dnfimage-vmimage");
     let disk = work.join("disk.qcow2");
@@ -323,6 +438,18 @@ fn suite() -> Result<()> {
     std::fs::copy(OVMF_VARS, &vars).context("Copying OVMF variables (apt-get install ovmf)")?;
     let env = Env {
         work: work.clone(),
+        network: vec![
+            "-netdev".into(),
+            format!(
+                "user,id=net0,restrict=on,guestfwd=tcp:{REGISTRY_IN_GUEST}-cmd:socat STDIO \
+                 TCP:{}",
+                registry.addr()
+            ),
+            // A slot of its own (the disks keep the PCI addresses the firmware's boot entries
+            // name) and no option ROM (the firmware does not try to boot from the network).
+            "-device".into(),
+            "virtio-net-pci,netdev=net0,addr=0x10,romfile=".into(),
+        ],
         vmimage,
         vars,
         disk: disk.clone(),
@@ -416,26 +543,59 @@ fn suite() -> Result<()> {
                 ),
                 STEP,
             )?;
+            // dnf as usual: a read-only command works, `install` layers, a command that
+            // would write /usr in place says what to do instead.
+            let out = vm.sh(&format!("dnf repoquery --quiet {LAYERED}"), STEP)?;
+            ensure!(out.contains(LAYERED), "dnf repoquery: {out}");
+            let (rc, out) = vm.sh_status("dnf downgrade -y bash 2>&1", STEP)?;
+            ensure!(
+                rc != 0 && out.contains("dnf image rollback"),
+                "dnf downgrade was not refused with its sentence (exit {rc}): {out}"
+            );
             let out = vm.sh(
-                &format!("dnf-image install {LAYERED}"),
+                &format!("dnf install -y {LAYERED}"),
                 Duration::from_secs(900),
             )?;
-            println!("vm: dnf-image install {LAYERED}:\n{out}");
-            t.secs(
-                "step 5: dnf-image install (layered deployment staged)",
-                start,
+            println!("vm: dnf install {LAYERED}:\n{out}");
+            t.secs("step 5: dnf install (layered deployment staged)", start);
+            // apply-live: the package's files are usable now, before any reboot.
+            let start = Instant::now();
+            ensure!(
+                vm.sh_status(&format!("test -e {LAYERED_FILE}"), STEP)?.0 != 0,
+                "{LAYERED_FILE} is there before apply-live"
             );
+            let out = vm.sh("dnf image apply-live 2>&1", Duration::from_secs(600))?;
+            println!("vm: dnf image apply-live:\n{out}");
+            ensure!(out.contains("Applied commit"), "apply-live: {out}");
+            let out = vm.sh(&format!("cat {LAYERED_FILE} && rpm -q {LAYERED}"), STEP)?;
+            ensure!(
+                out.contains("hello") && out.contains(LAYERED),
+                "{LAYERED} not usable after apply-live: {out}"
+            );
+            let st = status(&mut vm, "live")?;
+            let deps = st["deployments"].as_array().context("deployments")?;
+            let booted = deps
+                .iter()
+                .find(|d| d["booted"] == true)
+                .context("no booted deployment")?;
+            ensure!(
+                booted["unlocked"] == "transient" && booted["liveCommit"] == deps[0]["commit"],
+                "status does not show the live change: {booted}"
+            );
+            let out = vm.sh("dnf image apply-live 2>&1", STEP)?;
+            ensure!(out.contains("Nothing to apply"), "apply-live again: {out}");
+            t.secs("step 5: dnf image apply-live", start);
         }
     }
     let start = Instant::now();
-    let out = vm.sh("dnf-image upgrade", Duration::from_secs(900))?;
-    println!("vm: dnf-image upgrade:\n{out}");
+    let out = vm.sh("dnf upgrade -y", Duration::from_secs(900))?;
+    println!("vm: dnf upgrade:\n{out}");
     let st = status(&mut vm, "staged")?;
     ensure!(
         version_where(&st, "staged").as_deref() == Some("2"),
         "v2 is not staged"
     );
-    t.secs("step 3: dnf-image upgrade (fetch + import + stage)", start);
+    t.secs("step 3: dnf upgrade (fetch + import + stage)", start);
     reboot(&mut vm, "boot1-v1", &mut t)?;
     drop(vm);
     let mut vm = env.boot("boot2-v2", &mut t)?;
@@ -460,6 +620,9 @@ fn suite() -> Result<()> {
     if no_layering.is_none() {
         let out = vm.sh(&format!("cat {LAYERED_FILE}"), STEP)?;
         ensure!(out.contains("hello"), "layered file missing in v2: {out}");
+        // The package database the layerer committed opens on the read-only /usr.
+        let out = vm.sh(&format!("rpm -q {LAYERED}"), STEP)?;
+        ensure!(out.contains(LAYERED), "rpm -q {LAYERED} in v2: {out}");
         let packages = st["deployments"]
             .as_array()
             .and_then(|d| d.iter().find(|d| d["booted"].as_bool() == Some(true)))
@@ -469,17 +632,28 @@ fn suite() -> Result<()> {
             packages.contains(LAYERED),
             "status does not list {LAYERED}: {packages}"
         );
-        println!("vm: step 5: {LAYERED} survived the upgrade to v2");
+        let live = st["deployments"]
+            .as_array()
+            .and_then(|d| d.iter().find(|d| d["booted"] == true))
+            .map(|d| d["unlocked"].clone())
+            .unwrap_or_default();
+        ensure!(
+            live.is_null(),
+            "the live change outlived the reboot: unlocked {live}"
+        );
+        println!("vm: step 5: {LAYERED} survived the upgrade to v2, from the deployment");
     }
 
-    // 4. Rollback + reboot returns to v1.
+    // 4. `rollback --apply` reboots by itself, into v1.
     let start = Instant::now();
-    let out = vm.sh("dnf-image rollback", STEP)?;
-    println!("vm: dnf-image rollback:\n{out}");
-    t.secs("step 4: dnf-image rollback", start);
-    reboot(&mut vm, "boot2-v2", &mut t)?;
+    vm.send("dnf image rollback --apply")?;
+    vm.wait_exit(SHUTDOWN_TIMEOUT)?;
+    t.secs(
+        "step 4: dnf image rollback --apply (until the guest is off)",
+        start,
+    );
     drop(vm);
-    let mut vm = env.boot("boot3-v1", &mut t)?;
+    let mut vm = env.boot_with("boot3-v1", &mut t, &env.network)?;
     ensure!(
         os_version(&mut vm)? == "1",
         "not running v1 after the rollback"
@@ -493,6 +667,13 @@ fn suite() -> Result<()> {
         version_where(&st, "booted").as_deref() == Some("1"),
         "status: v1 not booted"
     );
+
+    // 6. The host's signature policy requires the test key for the registry: the signed v2 is
+    // staged and status names its signer; once the tag moves to an unsigned v3, `dnf upgrade`
+    // is refused and nothing changes.
+    let start = Instant::now();
+    signed_upgrade(&mut vm, &registry, &key, &oci)?;
+    t.secs("step 6: signed rebase, unsigned upgrade refused", start);
     vm.send("systemctl poweroff")?;
     vm.wait_exit(SHUTDOWN_TIMEOUT)?;
     drop(vm);

@@ -7,7 +7,7 @@
 # qemu-utils by bookworm's 7.2 (qemu-img 7.2 does all the suite needs), which `apt-get -y`
 # allows only with --allow-downgrades.
 set -euo pipefail
-PACKAGES=(mmdebstrap ovmf grub-efi-amd64-bin mtools dosfstools genisoimage gdisk e2fsprogs
+PACKAGES=(mmdebstrap ovmf grub-efi-amd64-bin mtools dosfstools genisoimage gdisk e2fsprogs socat
   buildah uidmap fuse-overlayfs)
 missing=()
 for p in "${PACKAGES[@]}"; do
