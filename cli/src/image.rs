@@ -33,7 +33,7 @@ pub enum ImageCommand {
     Fetch {
         /// The image reference.
         image: String,
-        /// How many layers to download at once (default 4).
+        /// How many layers to download at once (default 8).
         #[arg(long)]
         concurrency: Option<u64>,
         /// Do not check the image against the host's signature policy.

@@ -10,8 +10,10 @@ use zlink::{ReplyError, introspect, proxy};
 pub const INTERFACE: &str = "org.dnfimage.Fetcher";
 /// The committed interface description, the contract the service must match.
 pub const IDL: &str = include_str!("../org.dnfimage.Fetcher.varlink");
-/// How many layers `Fetch` downloads at once when the caller does not say.
-pub const DEFAULT_CONCURRENCY: u64 = 4;
+/// How many layers `Fetch` downloads at once when the caller does not say: 8, measured behind
+/// a link of 50 ms a request and 10 MB/s a connection, 4.07× faster than one at a time where 4
+/// gave 2.84× (`bench-fetch`), and no slower on loopback.
+pub const DEFAULT_CONCURRENCY: u64 = 8;
 
 /// One layer of an image.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, introspect::CustomType)]

@@ -593,7 +593,7 @@ impl Fetcher {
     }
 
     /// Downloads the layers of `image` that are not in the cache, `concurrency` at once (default
-    /// 4, at most 32), verifying each digest, and records the image in the cache. Streams
+    /// 8, at most 32), verifying each digest, and records the image in the cache. Streams
     /// progress records, then one record with the result. Refuses images that are not bootable
     /// and fails before downloading when the cache filesystem lacks space. First checks the
     /// image against the host's signature policy (containers-policy.json) and fails with
