@@ -159,44 +159,55 @@ pub struct TreeSummary {
     pub usr_etc_bytes: u64,
 }
 
-struct DirTree {
-    files: Vec<(String, String)>,
-    dirs: Vec<(String, String)>,
+/// The entries of a dirtree object.
+pub(crate) struct DirTree {
+    /// Name and content checksum.
+    pub files: Vec<(String, String)>,
+    /// Name, dirtree and dirmeta checksums.
+    pub dirs: Vec<(String, String, String)>,
 }
 
 impl DirTree {
-    fn load(repo: &ostree::Repo, csum: &str) -> Result<Self> {
+    pub(crate) fn load(repo: &ostree::Repo, csum: &str) -> Result<Self> {
         let v = repo
             .load_variant(ostree::ObjectType::DirTree, csum)
             .with_context(|| format!("Loading dirtree {csum}"))?;
-        let entries = |i: usize| -> Vec<(String, String)> {
-            v.child_value(i)
-                .iter()
-                .map(|e| {
-                    let name = e.child_value(0).str().unwrap_or_default().to_string();
-                    let checksum = ostree::checksum_from_bytes_v(&e.child_value(1)).to_string();
-                    (name, checksum)
-                })
-                .collect()
-        };
+        let name = |e: &glib::Variant| e.child_value(0).str().unwrap_or_default().to_string();
+        let sum =
+            |e: &glib::Variant, i| ostree::checksum_from_bytes_v(&e.child_value(i)).to_string();
         Ok(Self {
-            files: entries(0),
-            dirs: entries(1),
+            files: v
+                .child_value(0)
+                .iter()
+                .map(|e| (name(&e), sum(&e, 1)))
+                .collect(),
+            dirs: v
+                .child_value(1)
+                .iter()
+                .map(|e| (name(&e), sum(&e, 1), sum(&e, 2)))
+                .collect(),
         })
     }
 
-    fn file(&self, name: &str) -> Option<&str> {
+    /// The content checksum of the file `name`.
+    pub(crate) fn file(&self, name: &str) -> Option<&str> {
         self.files
             .iter()
             .find(|(n, _)| n == name)
             .map(|(_, c)| c.as_str())
     }
 
-    fn dir(&self, name: &str) -> Option<&str> {
+    /// The dirtree checksum of the directory `name`.
+    pub(crate) fn dir(&self, name: &str) -> Option<&str> {
         self.dirs
             .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, c)| c.as_str())
+            .find(|(n, _, _)| n == name)
+            .map(|(_, t, _)| t.as_str())
+    }
+
+    /// Whether it has an entry `name`.
+    pub(crate) fn has(&self, name: &str) -> bool {
+        self.file(name).is_some() || self.dir(name).is_some()
     }
 }
 
@@ -241,7 +252,7 @@ impl<'a> Walker<'a> {
         }
         let tree = self.tree(csum)?;
         let mut n = 1;
-        for (_, child) in &tree.dirs {
+        for (_, child, _) in &tree.dirs {
             n += self.directories(child)?;
         }
         self.counts.insert(csum.to_string(), n);
@@ -269,7 +280,7 @@ impl<'a> Walker<'a> {
         for (_, csum) in &tree.files {
             total += blocks(self.file(csum)?.size);
         }
-        for (_, child) in &tree.dirs {
+        for (_, child, _) in &tree.dirs {
             let child = self.tree(child)?;
             total += self.file_bytes(&child)?;
         }
@@ -323,7 +334,7 @@ fn kernel_of(w: &mut Walker<'_>, root: &str) -> Result<Option<Kernel>> {
     let Some(modules) = w.path(root, &["usr", "lib", "modules"])? else {
         return Ok(None);
     };
-    for (version, dir) in &modules.dirs {
+    for (version, dir, _) in &modules.dirs {
         let dir = w.tree(dir)?;
         let Some(vmlinuz) = dir.file("vmlinuz") else {
             continue;

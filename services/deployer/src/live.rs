@@ -24,6 +24,8 @@ use ostree_ext::ostree;
 use ostree_ext::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::commit::DirTree as Tree;
+
 /// What `ApplyLive` records, for `Status`: the booted deployment ("STATEROOT/COMMIT.SERIAL")
 /// and the commit whose additions its running `/usr` has, on one line. Under `/run`, so it
 /// goes with the overlay at the next boot.
@@ -65,54 +67,6 @@ pub struct Diff {
     pub database: Vec<Entry>,
     /// Paths only the older commit has (a removed directory counts once).
     pub removed: Vec<String>,
-}
-
-/// The entries of a dirtree object.
-struct Tree {
-    files: Vec<(String, String)>,
-    /// Name, dirtree and dirmeta.
-    dirs: Vec<(String, String, String)>,
-}
-
-impl Tree {
-    fn load(repo: &ostree::Repo, checksum: &str) -> Result<Self> {
-        let v = repo
-            .load_variant(ostree::ObjectType::DirTree, checksum)
-            .with_context(|| format!("Loading dirtree {checksum}"))?;
-        let name = |e: &glib::Variant| e.child_value(0).str().unwrap_or_default().to_string();
-        let sum =
-            |e: &glib::Variant, i| ostree::checksum_from_bytes_v(&e.child_value(i)).to_string();
-        Ok(Self {
-            files: v
-                .child_value(0)
-                .iter()
-                .map(|e| (name(&e), sum(&e, 1)))
-                .collect(),
-            dirs: v
-                .child_value(1)
-                .iter()
-                .map(|e| (name(&e), sum(&e, 1), sum(&e, 2)))
-                .collect(),
-        })
-    }
-
-    fn file(&self, name: &str) -> Option<&str> {
-        self.files
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, c)| c.as_str())
-    }
-
-    fn dir(&self, name: &str) -> Option<&str> {
-        self.dirs
-            .iter()
-            .find(|(n, _, _)| n == name)
-            .map(|(_, t, _)| t.as_str())
-    }
-
-    fn has(&self, name: &str) -> bool {
-        self.file(name).is_some() || self.dir(name).is_some()
-    }
 }
 
 /// The `usr` dirtree of commit `commit`.
