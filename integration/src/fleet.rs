@@ -1,14 +1,12 @@
 //! Fleet tests' parts: a real etcd cluster on 127.0.0.1 and light scratch hosts that share one
 //! registry (each its own sysroot, state, services and dnfimage configuration).
 
-use std::ffi::OsStr;
 use std::net::{Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use dnfimage_interfaces::{deployer, importer};
 
 use crate::sysroot::TestSysroot;
 use crate::{FetcherOptions, Scratch, ServiceProcess, run, run_ok};
@@ -355,27 +353,16 @@ impl FleetHost {
             )?;
         }
         self.services.clear();
-        self.services.push(ServiceProcess::fetcher(
+        self.services = crate::host::image_services(
             &self.scratch,
+            &self.sysroot,
             &FetcherOptions {
                 registries_conf: Some(conf),
                 policy: self.signature_policy.as_ref().map(|p| p.0.clone()),
                 registries_d: self.signature_policy.as_ref().map(|p| p.1.clone()),
                 ..Default::default()
             },
-        )?);
-        let sysroot = self.sysroot.path().as_os_str().to_owned();
-        for (name, interface) in [
-            ("importer", importer::INTERFACE),
-            ("deployer", deployer::INTERFACE),
-        ] {
-            self.services.push(ServiceProcess::start(
-                &self.scratch,
-                name,
-                interface,
-                &[OsStr::new("--sysroot"), &sysroot],
-            )?);
-        }
+        )?;
         Ok(())
     }
 

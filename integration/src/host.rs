@@ -108,8 +108,9 @@ impl Host {
     pub fn start_services(&mut self) -> Result<()> {
         let conf = self.scratch.registries_conf(&self.registry.addr())?;
         self.services.clear();
-        self.services.push(ServiceProcess::fetcher(
+        self.services = image_services(
             &self.scratch,
+            &self.sysroot,
             &FetcherOptions {
                 registries_conf: Some(conf),
                 authfile: self.authfile.clone(),
@@ -117,19 +118,8 @@ impl Host {
                 registries_d: self.signature_policy.as_ref().map(|p| p.1.clone()),
                 ..Default::default()
             },
-        )?);
+        )?;
         let sysroot = self.sysroot.path().as_os_str().to_owned();
-        for (name, interface) in [
-            ("importer", importer::INTERFACE),
-            ("deployer", deployer::INTERFACE),
-        ] {
-            self.services.push(ServiceProcess::start(
-                &self.scratch,
-                name,
-                interface,
-                &[OsStr::new("--sysroot"), &sysroot],
-            )?);
-        }
         if let Some(repos) = &self.repos {
             let rpms = dnfimage_testimage::rpms::TestRpms::shared()?;
             let state = self.scratch.state_dir();
@@ -206,6 +196,29 @@ impl Host {
             d["serial"]
         )))
     }
+}
+
+/// The fetcher (with `fetcher`'s options), importer and deployer of a scratch host on `sysroot`,
+/// in that order.
+pub fn image_services(
+    scratch: &Scratch,
+    sysroot: &TestSysroot,
+    fetcher: &FetcherOptions,
+) -> Result<Vec<ServiceProcess>> {
+    let mut services = vec![ServiceProcess::fetcher(scratch, fetcher)?];
+    let sysroot = sysroot.path().as_os_str().to_owned();
+    for (name, interface) in [
+        ("importer", importer::INTERFACE),
+        ("deployer", deployer::INTERFACE),
+    ] {
+        services.push(ServiceProcess::start(
+            scratch,
+            name,
+            interface,
+            &[OsStr::new("--sysroot"), &sysroot],
+        )?);
+    }
+    Ok(services)
 }
 
 /// Validates `status --json` output against the committed JSON Schema (Python's jsonschema).
