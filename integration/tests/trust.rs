@@ -155,3 +155,40 @@ fn the_signature_choice_is_recorded_kept_and_shown() -> Result<()> {
     host.sysroot.fsck()?;
     Ok(())
 }
+
+#[test]
+fn a_download_not_checked_is_not_deployed_for_an_enforcing_origin() -> Result<()> {
+    let host = Host::new()?;
+    let f = Fixtures::shared()?;
+    host.ok(&["rebase", &host.latest])?;
+    assert_eq!(host.deployments()?[0]["trust"]["enforced"], true);
+    host.publish(tags::BASE_V2)?;
+    host.ok(&["upgrade", "--download-only"])?;
+    // The same image fetched again without checking: the cache's record now says so.
+    host.ok(&[
+        "image",
+        "fetch",
+        "--no-signature-verification",
+        &host.latest,
+    ])?;
+    let before = host.status()?["deployments"].clone();
+    let out = run(host.cli().args(["upgrade", "--from-downloaded"]))?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("was not checked against the signature policy")
+            && stderr.contains("nothing was deployed"),
+        "{stderr}"
+    );
+    assert_eq!(host.status()?["deployments"], before);
+    // Downloaded again, and checked: deployed.
+    host.ok(&["upgrade", "--download-only"])?;
+    host.ok(&["upgrade", "--from-downloaded"])?;
+    let deps = host.deployments()?;
+    assert_eq!(
+        deps[0]["imageDigest"],
+        f.image(tags::BASE_V2)?.digest.as_str()
+    );
+    assert_eq!(deps[0]["trust"]["enforced"], true, "{}", deps[0]);
+    Ok(())
+}
