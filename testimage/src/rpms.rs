@@ -610,15 +610,7 @@ impl Keyring {
 
 impl Drop for Keyring {
     fn drop(&mut self) {
-        let stopped = Command::new("gpgconf")
-            .arg("--homedir")
-            .arg(&self.home)
-            .args(["--kill", "gpg-agent"])
-            .stdin(Stdio::null())
-            .output();
-        if let Err(e) = stopped {
-            eprintln!("Stopping the gpg-agent of the test keyring, ignoring: {e}");
-        }
+        crate::cmd::stop_gpg_agent(&self.home, "the test keyring");
     }
 }
 

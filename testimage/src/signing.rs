@@ -87,15 +87,7 @@ impl SigningKey {
 
 impl Drop for SigningKey {
     fn drop(&mut self) {
-        let stopped = Command::new("gpgconf")
-            .arg("--homedir")
-            .arg(&self.home)
-            .args(["--kill", "gpg-agent"])
-            .stdin(Stdio::null())
-            .output();
-        if let Err(e) = stopped {
-            eprintln!("Stopping the gpg-agent of the test key, ignoring: {e}");
-        }
+        crate::cmd::stop_gpg_agent(&self.home, "the test key");
     }
 }
 

@@ -23,11 +23,12 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use dnfimage_integration::bench::{DISTANT, DISTANT_LABEL, Options, median};
+use dnfimage_integration::host::image_services;
 use dnfimage_integration::importer_support::{Call, copy_layout, derive, random_file};
 use dnfimage_integration::proxy::SlowProxy;
 use dnfimage_integration::sysroot::{STATEROOT, TestSysroot};
 use dnfimage_integration::{FetcherOptions, Scratch, ServiceProcess, error_name, run_ok};
-use dnfimage_interfaces::{deployer, importer};
+use dnfimage_interfaces::importer;
 use dnfimage_testimage::{BaseOptions, Fixtures, Registry, build_base, oci_ref, skopeo_copy, tags};
 use ostree_ext::container::{ImageReference, OstreeImageReference, SignatureSource};
 use ostree_ext::{gio, ostree};
@@ -113,28 +114,14 @@ fn ours(addrs: &[String], publish: Publish<'_>) -> Result<(f64, f64, [u64; 3])> 
         .map(|a| format!("[[registry]]\nlocation = \"{a}\"\ninsecure = true\n\n"))
         .collect();
     std::fs::write(&conf, text)?;
-    let root = sysroot.path().as_os_str().to_owned();
-    let services = [
-        ServiceProcess::fetcher(
-            &scratch,
-            &FetcherOptions {
-                registries_conf: Some(conf),
-                ..Default::default()
-            },
-        )?,
-        ServiceProcess::start(
-            &scratch,
-            "importer",
-            importer::INTERFACE,
-            &[OsStr::new("--sysroot"), &root],
-        )?,
-        ServiceProcess::start(
-            &scratch,
-            "deployer",
-            deployer::INTERFACE,
-            &[OsStr::new("--sysroot"), &root],
-        )?,
-    ];
+    let services = image_services(
+        &scratch,
+        &sysroot,
+        &FetcherOptions {
+            registries_conf: Some(conf),
+            ..Default::default()
+        },
+    )?;
     let (rebase, split) = timed(scratch.cli().args(["rebase", &latest]))?;
     eprintln!("  dnf-image rebase:  {split}");
     publish(2, "bench/os")?;
@@ -320,28 +307,14 @@ fn our_disk(
     let scratch = Scratch::new()?;
     let sysroot = TestSysroot::create(&scratch.path().join("sysroot"))?;
     let conf = scratch.registries_conf(&registry.addr())?;
-    let root = sysroot.path().as_os_str().to_owned();
-    let _services = [
-        ServiceProcess::fetcher(
-            &scratch,
-            &FetcherOptions {
-                registries_conf: Some(conf),
-                ..Default::default()
-            },
-        )?,
-        ServiceProcess::start(
-            &scratch,
-            "importer",
-            importer::INTERFACE,
-            &[OsStr::new("--sysroot"), &root],
-        )?,
-        ServiceProcess::start(
-            &scratch,
-            "deployer",
-            deployer::INTERFACE,
-            &[OsStr::new("--sysroot"), &root],
-        )?,
-    ];
+    let _services = image_services(
+        &scratch,
+        &sysroot,
+        &FetcherOptions {
+            registries_conf: Some(conf),
+            ..Default::default()
+        },
+    )?;
     let latest = publish(registry, layout, 1, "bench/disk:latest")?;
     run_ok(scratch.cli().args(["rebase", &latest]))?;
     for v in 2..=upgrades + 1 {

@@ -108,7 +108,9 @@ pub fn new_origin(
         CONTAINER_KEY,
         &image.to_origin(trust.enforced),
     );
-    if trust.enforced || trust.verified || trust.requirement.is_some() {
+    // Whether it is enforced is the reference's scheme; the group records only what a check
+    // found.
+    if trust.verified || trust.requirement.is_some() {
         origin.set_boolean(SIGNATURE_GROUP, VERIFIED, trust.verified);
         if let Some(requirement) = &trust.requirement {
             origin.set_string(SIGNATURE_GROUP, REQUIREMENT, requirement);

@@ -851,7 +851,10 @@ impl Fetcher {
         progress.phase(FetchPhase::Resolving, format!("Resolving {reference}"));
         // Nothing is written before the policy accepted the manifest; then only the blobs it
         // names are fetched, by digest, so a tag moved meanwhile changes nothing.
-        let resolved = self.resolve(image, verify).await?;
+        let mut resolved = self.resolve(image, verify).await?;
+        if resolved.signature.verified {
+            resolved.signature.signers = self.shared.proxy.signers(image, &resolved.digest).await;
+        }
         let labels = resolved.config.labels();
         if !is_bootable(&labels) {
             return Err(FetcherError::NotBootable { image: reference });

@@ -160,7 +160,7 @@ impl ProxySettings {
 
 impl ProxySettings {
     /// Checks that the host's signature policy accepts `image` whose manifest has `digest`,
-    /// and says what it required and who signed.
+    /// and says what it required (who signed: [`ProxySettings::signers`]).
     ///
     /// skopeo's image proxy ignores the policy (1.9.3), so this asks `skopeo copy`, which
     /// enforces it, for the image as given (the signatures must name this very reference, as
@@ -225,24 +225,33 @@ impl ProxySettings {
             }
         }
         tracing::info!("The signature policy accepts {image} ({digest}): {requirement}");
-        let signed_by = policy.signed_by(image);
-        if signed_by.is_empty() {
-            return Ok(unsigned);
-        }
+        Ok(SignatureCheck {
+            verified: !policy.signed_by(image).is_empty(),
+            ..unsigned
+        })
+    }
+
+    /// The keys that signed `image` at `digest`, which [`ProxySettings::verify`] found
+    /// verified: those of each `signedBy` requirement that applies. Naming them runs gpg (and
+    /// skopeo again when a requirement trusts several keys), so only a fetch asks, not an update
+    /// check. A failure only leaves names out: the image was accepted all the same.
+    pub async fn signers(&self, image: &ImageRef, digest: &str) -> Vec<String> {
+        let policy = match crate::policy::Policy::read(&self.policy) {
+            Ok(policy) => policy,
+            Err(e) => {
+                tracing::warn!("Naming the keys that signed {image}, skipped: {e:#}");
+                return Vec::new();
+            }
+        };
         let mut signers = Vec::new();
-        for req in &signed_by {
+        for req in &policy.signed_by(image) {
             match self.signers_of(req, image, digest).await {
                 Ok(found) => signers.extend(found),
-                // Accepted all the same: only the names are missing.
                 Err(e) => tracing::warn!("Naming the keys that signed {image}, skipped: {e:#}"),
             }
         }
         signers.dedup();
-        Ok(SignatureCheck {
-            verified: true,
-            signers,
-            ..unsigned
-        })
+        signers
     }
 
     /// The keys of the `signedBy` requirement `req` that signed `image` (accepted by the
