@@ -934,13 +934,17 @@ fn cancel_stops_an_import_and_a_second_one_is_refused_meanwhile() -> Result<()> 
         started.elapsed()
     );
     assert!(s.refs_under(IMAGE_REFS)?.is_empty());
+    // Layers imported in full before the cancel stay (layers are imported several at once),
+    // and are all a later import reuses.
+    let kept = s.refs_under(LAYER_REFS)?.len() as u64;
     s.sysroot.fsck()?;
     assert!(s.call("Cancel", json!({}))?["cancelled"].is_null());
 
     let r = s
         .import(&fixture_source(tags::BASE_V1)?, &registry_ref("v1"))?
         .result()?;
-    assert_eq!(u64_of(&r, "layersSkipped"), 0);
+    assert!(u64_of(&r, "layersSkipped") <= kept, "{r} ({kept} kept)");
+    assert!(u64_of(&r, "layersImported") > 0, "{r}");
     Ok(())
 }
 

@@ -6,6 +6,7 @@
 //! runtime of its own (see `lib.rs`), and ostree-ext moves the blocking work to that runtime's
 //! blocking pool itself.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -15,7 +16,7 @@ use dnfimage_interfaces::importer::{
 };
 use dnfimage_interfaces::reference::ImageRef;
 use ostree_ext::container::store::{
-    self as ext_store, ImageImporter, ImportProgress as LayerEvent, LayerProgress, PrepareResult,
+    self as ext_store, ImageImporter, ManifestLayerState, PrepareResult, PreparedImport,
 };
 use ostree_ext::container::{
     BOOTC_LABEL, DIFFID_LABEL, ImageReference, OstreeImageReference, SignatureSource,
@@ -27,6 +28,7 @@ use ostree_ext::{gio, glib, ostree};
 use tokio::io::AsyncReadExt;
 
 use crate::journal::{self, Journal};
+use crate::layers;
 use crate::reference;
 use crate::scan::{self, Rules};
 use crate::store;
@@ -339,10 +341,8 @@ pub fn is_bootable(label: impl Fn(&str) -> Option<String>) -> bool {
 struct Tracker<'a> {
     emit: Emit<'a>,
     record: ImportProgress,
-    /// The manifest's layers, to name the layer of a byte count.
-    manifest_layers: Vec<Descriptor>,
-    /// The layer being imported.
-    in_flight: Option<Descriptor>,
+    /// The layers being imported, with the bytes of each read so far.
+    in_flight: Vec<(Descriptor, u64)>,
     /// Bytes of the layers completed.
     done_bytes: u64,
     last_sent: Option<Instant>,
@@ -364,8 +364,7 @@ impl<'a> Tracker<'a> {
                 warning: None,
                 message: String::new(),
             },
-            manifest_layers: Vec::new(),
-            in_flight: None,
+            in_flight: Vec::new(),
             done_bytes: 0,
             last_sent: None,
         }
@@ -396,38 +395,42 @@ impl<'a> Tracker<'a> {
     }
 
     fn started(&mut self, layer: &Descriptor) {
-        self.in_flight = Some(layer.clone());
+        self.in_flight.push((layer.clone(), 0));
         self.record.layer = Some(layer.digest().to_string());
         self.record.layer_bytes_done = Some(0);
         self.record.layer_bytes_total = Some(layer.size());
         self.record.message = format!(
             "Importing layer {} ({} of {})",
             short(layer.digest().as_ref()),
-            self.record.layers_done + 1,
+            self.record.layers_done + self.in_flight.len() as u64,
             self.record.layers_total
         );
         self.send(true);
     }
 
-    fn bytes(&mut self, progress: &LayerProgress) {
-        let Some(layer) = self.manifest_layers.get(progress.layer_index) else {
+    fn read(&mut self, digest: &str, bytes: u64) {
+        let Some((layer, done)) = self
+            .in_flight
+            .iter_mut()
+            .find(|(l, _)| l.digest().as_ref() == digest)
+        else {
             return;
         };
-        if self.in_flight.as_ref() != Some(layer) {
-            return;
-        }
-        // The last count is one more than the total.
-        let done = progress.fetched.min(layer.size());
-        self.record.layer_bytes_done = Some(done);
-        self.record.bytes_done = self.done_bytes + done;
+        *done = bytes.min(layer.size());
+        self.record.layer = Some(digest.to_string());
+        self.record.layer_bytes_done = Some(*done);
+        self.record.layer_bytes_total = Some(layer.size());
+        self.record.bytes_done =
+            self.done_bytes + self.in_flight.iter().map(|(_, d)| d).sum::<u64>();
         self.send(false);
     }
 
     fn completed(&mut self, layer: &Descriptor) {
-        self.in_flight = None;
+        self.in_flight.retain(|(l, _)| l != layer);
         self.done_bytes += layer.size();
         self.record.layers_done += 1;
-        self.record.bytes_done = self.done_bytes;
+        self.record.bytes_done =
+            self.done_bytes + self.in_flight.iter().map(|(_, d)| d).sum::<u64>();
         self.record.layer = Some(layer.digest().to_string());
         self.record.layer_bytes_done = Some(layer.size());
         self.record.layer_bytes_total = Some(layer.size());
@@ -558,46 +561,6 @@ fn root_is_transient(repo: &ostree::Repo, base_commit: &str) -> Result<bool> {
     Ok(false)
 }
 
-/// Reads a tar stream fed through a channel, on a blocking thread.
-struct ChannelReader {
-    rx: tokio::sync::mpsc::Receiver<Vec<u8>>,
-    buf: Vec<u8>,
-    pos: usize,
-}
-
-impl std::io::Read for ChannelReader {
-    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
-        while self.pos >= self.buf.len() {
-            match self.rx.blocking_recv() {
-                Some(chunk) => {
-                    self.buf = chunk;
-                    self.pos = 0;
-                }
-                None => return Ok(0),
-            }
-        }
-        let n = out.len().min(self.buf.len() - self.pos);
-        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
-        self.pos += n;
-        Ok(n)
-    }
-}
-
-fn decompressor(
-    media_type: &str,
-    reader: impl std::io::Read + 'static,
-) -> Result<Box<dyn std::io::Read>> {
-    Ok(if media_type.ends_with("gzip") {
-        Box::new(flate2::read::GzDecoder::new(reader))
-    } else if media_type.ends_with("zstd") {
-        Box::new(zstd::stream::read::Decoder::new(reader).context("Starting zstd")?)
-    } else if media_type.ends_with(".tar") || media_type.ends_with("tar") {
-        Box::new(reader)
-    } else {
-        anyhow::bail!("Unknown layer media type {media_type}")
-    })
-}
-
 /// Reads derived layer `layer` from the source and counts what it holds outside `/usr` and
 /// `/etc`.
 async fn scan_layer(opened: &Opened, layer: &Descriptor) -> Result<scan::Summary> {
@@ -612,12 +575,8 @@ async fn scan_layer(opened: &Opened, layer: &Descriptor) -> Result<scan::Summary
     let media_type = layer.media_type().to_string();
     let scan_digest = digest.clone();
     let scanner = tokio::task::spawn_blocking(move || {
-        let reader = ChannelReader {
-            rx,
-            buf: Vec::new(),
-            pos: 0,
-        };
-        scan::summarize_tar(decompressor(&media_type, reader)?, &scan_digest)
+        let reader = layers::ChannelReader::new(rx);
+        scan::summarize_tar(layers::decompressor(&media_type, reader)?, &scan_digest)
     });
     let feed = async move {
         let mut buf = vec![0u8; 256 * 1024];
@@ -726,8 +685,6 @@ async fn import_opened(
     });
     // Layers no image uses any more are removed by Prune, not behind the caller's back.
     importer.disable_gc();
-    let mut events = importer.request_progress();
-    let mut byte_counts = importer.request_layer_progress();
     let mut prepared = match importer
         .prepare()
         .await
@@ -788,7 +745,6 @@ async fn import_opened(
         .collect();
     let bytes_to_import: u64 = to_import.iter().map(Descriptor::size).sum();
     let skipped = layers_in_image - to_import.len() as u64;
-    tracker.manifest_layers = prepared.manifest.layers().to_vec();
     tracker.record.layers_total = to_import.len() as u64;
     tracker.record.bytes_total = bytes_to_import;
     tracker.message(format!(
@@ -820,27 +776,25 @@ async fn import_opened(
             to_import.len()
         ),
     );
-    if to_import.is_empty() {
-        tracker.phase(ImportPhase::Committing, "Writing the merged commit".into());
-    }
-    // Each derived layer is read for what the commit does not hold once, while the import
-    // runs (on the other core), unless an earlier import recorded it with the layer's commit.
+    // Each derived layer is read for what the commit does not hold once: while it is imported,
+    // or (a layer an earlier version imported without recording it) through the source.
     let derived = opened.derived_layers();
-    let mut summaries: Vec<Option<scan::Summary>> = Vec::with_capacity(derived.len());
+    let mut summaries: BTreeMap<String, scan::Summary> = BTreeMap::new();
     for layer in derived {
         let digest = layer.digest().to_string();
-        summaries.push(store::layer_summary(repo, &digest).unwrap_or_else(|e| {
-            tracing::warn!(
+        match store::layer_summary(repo, &digest) {
+            Ok(Some(summary)) => {
+                summaries.insert(digest, summary);
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(
                 "Reading the recorded summary of layer {digest}, reading it again: {e:#}"
-            );
-            None
-        }));
+            ),
+        }
     }
     let to_scan: Vec<&Descriptor> = derived
         .iter()
-        .zip(&summaries)
-        .filter(|(_, s)| s.is_none())
-        .map(|(l, _)| l)
+        .filter(|l| !summaries.contains_key(l.digest().as_ref()) && !to_import.contains(l))
         .collect();
     let scan_all = async {
         let mut out = Vec::with_capacity(to_scan.len());
@@ -849,67 +803,108 @@ async fn import_opened(
         }
         out
     };
-    tokio::pin!(scan_all);
-    let mut scanned = None;
-    let layers_total = tracker.record.layers_total;
-    let mut on_event = |tracker: &mut Tracker<'_>, event: LayerEvent| match event {
-        LayerEvent::OstreeChunkStarted(layer) | LayerEvent::DerivedLayerStarted(layer) => {
-            tracker.started(&layer)
-        }
-        LayerEvent::OstreeChunkCompleted(layer) | LayerEvent::DerivedLayerCompleted(layer) => {
-            tracker.completed(&layer);
-            match store::layer_ref(layer.digest().as_ref()) {
-                Ok(name) => {
-                    if let Err(e) = journal.complete(&name) {
-                        tracing::warn!("Recording layer {} as imported: {e:#}", layer.digest());
+
+    let jobs = layer_jobs(&prepared);
+    let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+    let ctx = layers::Shared {
+        repo: paths.repo.clone(),
+        blobs: match source.layout_dir() {
+            Some(dir) => layers::Blobs::Layout(dir.to_path_buf()),
+            None => layers::Blobs::Proxy {
+                proxy: &opened.proxy,
+                image: &opened.image,
+            },
+        },
+        jobs: layers::jobs(),
+        events: events_tx,
+    };
+    let known_base = prepared.ostree_commit_layer.commit.clone();
+    let mut commits: BTreeMap<String, String> = BTreeMap::new();
+    let mut on_event = |tracker: &mut Tracker<'_>, event: layers::Event| match event {
+        layers::Event::Started(layer) => tracker.started(&layer),
+        layers::Event::Read { digest, bytes } => tracker.read(&digest, bytes),
+        layers::Event::Completed(done) => {
+            tracker.completed(&done.layer);
+            if let Err(e) = journal.complete(&done.ostree_ref) {
+                tracing::warn!("Recording layer {} as imported: {e:#}", done.layer.digest());
+            }
+            let digest = done.layer.digest().to_string();
+            match done.summary {
+                Some(Ok(summary)) => {
+                    if let Err(e) = store::record_layer_summary(repo, &digest, &summary) {
+                        tracing::warn!("Recording the summary of layer {digest}: {e:#}");
                     }
+                    summaries.insert(digest.clone(), summary);
                 }
-                Err(e) => tracing::warn!("Naming the reference of {}: {e:#}", layer.digest()),
+                Some(Err(e)) => tracing::warn!(
+                    "Looking for content the commit does not hold in layer {digest}, \
+                     skipping: {e:#}"
+                ),
+                None => {}
             }
-            if tracker.record.layers_done == layers_total {
-                tracker.phase(ImportPhase::Committing, "Writing the merged commit".into());
-            }
+            commits.insert(digest, done.commit);
         }
     };
-    let outcome = {
-        let run = importer.import(prepared);
-        tokio::pin!(run);
+    let (imported, scanned) = {
+        let run = layers::import(&ctx, jobs, known_base, |base| {
+            let rules = rules_for(repo, base);
+            layers::DerivedRules {
+                allow_nonusr: rules.allow_nonusr,
+                retain_var: rules.retain_var,
+            }
+        });
+        let both = async { tokio::join!(run, scan_all) };
+        tokio::pin!(both);
         loop {
             tokio::select! {
-                r = &mut run => break r,
-                found = &mut scan_all, if scanned.is_none() => scanned = Some(found),
+                r = &mut both => break r,
                 Some(event) = events.recv() => on_event(tracker, event),
-                Ok(()) = byte_counts.changed() => {
-                    let progress = byte_counts.borrow_and_update();
-                    if let Some(p) = progress.as_ref() {
-                        tracker.bytes(p);
-                    }
-                }
             }
         }
     };
-    while let Ok(event) = events.try_recv() {
+    drop(ctx);
+    while let Some(event) = events.recv().await {
         on_event(tracker, event);
     }
-    let state = outcome.map_err(|e| {
+    let space_error = |tracker: &Tracker<'_>| ImporterError::InsufficientSpace {
+        path: paths.repo.display().to_string(),
+        needed: needed.saturating_sub(tracker.record.bytes_done),
+        available: usable_space(repo, &paths.repo).unwrap_or(0),
+    };
+    if let Err(f) = imported {
+        let message = describe(&f.error);
+        tracing::warn!("Importing {image}, layer {}: {message}", f.layer.digest());
+        return Err(if is_space_error(&message) {
+            space_error(tracker)
+        } else if is_corruption(&message) {
+            ImporterError::CorruptLayer {
+                image: image.clone(),
+                layer: f.layer.digest().to_string(),
+                message: format!("{message}; fetching the image again replaces the layer"),
+            }
+        } else {
+            failed(format!(
+                "Importing {image}: layer {}: {message}",
+                f.layer.digest()
+            ))
+        });
+    }
+    for layer in prepared
+        .ostree_layers
+        .iter_mut()
+        .chain(std::iter::once(&mut prepared.ostree_commit_layer))
+        .chain(prepared.layers.iter_mut())
+    {
+        if layer.commit.is_none() {
+            layer.commit = commits.get(layer.layer().digest().as_ref()).cloned();
+        }
+    }
+    tracker.phase(ImportPhase::Committing, "Writing the merged commit".into());
+    let state = importer.import(prepared).await.map_err(|e| {
         let message = describe(&e);
         tracing::warn!("Importing {image} failed: {message}");
         if is_space_error(&message) {
-            ImporterError::InsufficientSpace {
-                path: paths.repo.display().to_string(),
-                needed,
-                available: usable_space(repo, &paths.repo).unwrap_or(0),
-            }
-        } else if let Some(layer) = tracker
-            .in_flight
-            .as_ref()
-            .filter(|_| is_corruption(&message))
-        {
-            ImporterError::CorruptLayer {
-                image: image.clone(),
-                layer: layer.digest().to_string(),
-                message: format!("{message}; fetching the image again replaces the layer"),
-            }
+            space_error(tracker)
         } else {
             failed(format!("Importing {image}: {message}"))
         }
@@ -921,45 +916,37 @@ async fn import_opened(
     // What ostree-ext dropped or moved, from the derived layers themselves.
     let mut warnings = Vec::new();
     if !derived.is_empty() {
+        let during = derived.iter().filter(|l| to_import.contains(l)).count();
+        let again = match to_scan.len() {
+            0 => String::new(),
+            n => format!(", {n} read again"),
+        };
         tracker.message(format!(
-            "Checking {} derived layers for content the commit does not hold ({} read during \
-             the import, {} known from earlier imports)",
+            "Checking {} derived layers for content the commit does not hold ({during} read \
+             during the import, {} known from earlier imports{again})",
             derived.len(),
-            to_scan.len(),
-            derived.len() - to_scan.len()
+            derived.len() - during - to_scan.len(),
         ));
-        let rules = Rules {
-            retain_var: ostree::check_version(2024, 3),
-            allow_nonusr: root_is_transient(repo, &state.base_commit).unwrap_or_else(|e| {
-                tracing::warn!("Reading the base's prepare-root.conf, assuming no: {e:#}");
-                false
-            }),
-        };
-        let scanned = match scanned {
-            Some(found) => found,
-            None => scan_all.await,
-        };
-        let mut scanned = to_scan.iter().zip(scanned);
-        for (layer, known) in derived.iter().zip(summaries) {
+        for (layer, found) in to_scan.iter().zip(scanned) {
             let digest = layer.digest().to_string();
-            let summary = match known {
-                Some(summary) => summary,
-                None => match scanned.next() {
-                    Some((_, Ok(summary))) => {
-                        if let Err(e) = store::record_layer_summary(repo, &digest, &summary) {
-                            tracing::warn!("Recording the summary of layer {digest}: {e:#}");
-                        }
-                        summary
+            match found {
+                Ok(summary) => {
+                    if let Err(e) = store::record_layer_summary(repo, &digest, &summary) {
+                        tracing::warn!("Recording the summary of layer {digest}: {e:#}");
                     }
-                    Some((_, Err(e))) => {
-                        tracing::warn!(
-                            "Looking for content the commit does not hold in layer {digest}, \
-                             skipping: {e:#}"
-                        );
-                        continue;
-                    }
-                    None => continue,
-                },
+                    summaries.insert(digest, summary);
+                }
+                Err(e) => tracing::warn!(
+                    "Looking for content the commit does not hold in layer {digest}, \
+                     skipping: {e:#}"
+                ),
+            }
+        }
+        let rules = rules_for(repo, &state.base_commit);
+        for layer in derived {
+            let digest = layer.digest().to_string();
+            let Some(summary) = summaries.get(&digest) else {
+                continue;
             };
             for w in summary.warnings(&digest, rules) {
                 tracker.warning(&w);
@@ -980,6 +967,38 @@ async fn import_opened(
         bytes_imported: bytes_to_import,
         warnings,
     })
+}
+
+/// The layers `prepared` still lacks, as import jobs.
+fn layer_jobs(prepared: &PreparedImport) -> Vec<layers::Job> {
+    let job = |kind, l: &ManifestLayerState| layers::Job {
+        kind,
+        layer: l.layer().clone(),
+        ostree_ref: l.ostree_ref.clone(),
+    };
+    let chunks = prepared
+        .ostree_layers
+        .iter()
+        .map(|l| (layers::Kind::Chunk, l));
+    let commit = std::iter::once((layers::Kind::Commit, &prepared.ostree_commit_layer));
+    let derived = prepared.layers.iter().map(|l| (layers::Kind::Derived, l));
+    chunks
+        .chain(commit)
+        .chain(derived)
+        .filter(|(_, l)| l.commit.is_none())
+        .map(|(kind, l)| job(kind, l))
+        .collect()
+}
+
+/// How ostree-ext writes derived layers on `base_commit`, and so what they lose.
+fn rules_for(repo: &ostree::Repo, base_commit: &str) -> Rules {
+    Rules {
+        retain_var: ostree::check_version(2024, 3),
+        allow_nonusr: root_is_transient(repo, base_commit).unwrap_or_else(|e| {
+            tracing::warn!("Reading the base's prepare-root.conf, assuming no: {e:#}");
+            false
+        }),
+    }
 }
 
 fn refescape_image_ref(image: &ImageReference) -> Result<String, ImporterError> {

@@ -10,6 +10,7 @@
 
 pub mod import;
 pub mod journal;
+pub mod layers;
 pub mod reference;
 pub mod scan;
 pub mod store;
