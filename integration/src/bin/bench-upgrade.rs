@@ -16,7 +16,10 @@
 //!
 //! Run with `make bench` (release binaries). Options: `--runs R` (default 3), `--disk-mib M`
 //! (default 200), `--upgrades U` (default 5), `--derived-layers N` (default 8), `--derived-kib K`
-//! (default 25600; 0 skips the derived images), `--slow 0|1` (default 1: also behind the proxy).
+//! (default 25600; 0 skips the derived images), `--slow 0|1` (default 1: also behind the proxy),
+//! `--small-layers N` (default 64; 0 skips) and `--small-kib K` (default 256): the one-layer
+//! upgrade of an image of 8, then N, derived layers of K KiB, and the ratio of the two.
+//! With `BENCH_TRACE` set, every line of `dnf-image` is printed with its time.
 
 use std::ffi::OsStr;
 use std::time::Instant;
@@ -66,6 +69,9 @@ fn timed(cmd: &mut std::process::Command) -> Result<(f64, String)> {
             if line.starts_with(&format!("{phase}:")) && marks.iter().all(|(p, _)| *p != phase) {
                 marks.push((phase, at));
             }
+        }
+        if std::env::var_os("BENCH_TRACE").is_some() {
+            eprintln!("    {at:6.3} {line}");
         }
         if line.contains("derived layers for content") {
             marks.push(("scan", at));
@@ -173,13 +179,18 @@ fn reference(publish: Publish<'_>) -> Result<(f64, f64)> {
 
 /// The fixture base plus `layers` derived layers of `kib` KiB of random data each, tagged "v1",
 /// and the same with the last layer's data replaced, tagged "v2", in one OCI layout.
-fn derived_images(dir: &std::path::Path, layers: u32, kib: u64) -> Result<std::path::PathBuf> {
-    let layout = dir.join("derived-oci");
+fn derived_images(
+    dir: &std::path::Path,
+    name: &str,
+    layers: u32,
+    kib: u64,
+) -> Result<std::path::PathBuf> {
+    let layout = dir.join(format!("{name}-oci"));
     copy_layout(&Fixtures::shared()?.oci_dir, &[tags::BASE_V1], &layout)?;
     let mut below = tags::BASE_V1.to_string();
     for i in 1..=layers {
         let data = |v: u32| -> Result<std::path::PathBuf> {
-            let root = dir.join(format!("derived-root-{i}-{v}"));
+            let root = dir.join(format!("{name}-root-{i}-{v}"));
             random_file(
                 &root.join(format!("usr/share/dnfimage-bench/layer-{i:03}.bin")),
                 kib << 10,
@@ -372,8 +383,9 @@ fn reference_disk(
     Ok((repo, du(&sysroot_dir.repo())?))
 }
 
-/// Runs [`ours`] and [`reference`] `runs` times each, alternating, and prints the medians.
-fn compare(runs: usize, what: &str, addrs: &[String], publish: Publish<'_>) -> Result<()> {
+/// Runs [`ours`] and [`reference`] `runs` times each, alternating, and prints the medians;
+/// returns ours (rebase, upgrade).
+fn compare(runs: usize, what: &str, addrs: &[String], publish: Publish<'_>) -> Result<(f64, f64)> {
     let (mut our_r, mut our_u, mut ref_r, mut ref_u) = (vec![], vec![], vec![], vec![]);
     let mut peak = [0u64; 3];
     for _ in 0..runs {
@@ -403,7 +415,7 @@ fn compare(runs: usize, what: &str, addrs: &[String], publish: Publish<'_>) -> R
         .map(|(s, p)| format!("{s} {:.0} MiB", p as f64 / f64::from(1 << 20)))
         .collect();
     println!("peak RSS  {}", peaks.join(", "));
-    Ok(())
+    Ok((or, ou))
 }
 
 fn main() -> Result<()> {
@@ -414,6 +426,8 @@ fn main() -> Result<()> {
         "--derived-layers",
         "--derived-kib",
         "--slow",
+        "--small-layers",
+        "--small-kib",
     ])?;
     let runs: usize = options.get("--runs", 3)?;
     let disk_mib: u64 = options.get("--disk-mib", 200)?;
@@ -421,6 +435,8 @@ fn main() -> Result<()> {
     let derived_layers: u32 = options.get("--derived-layers", 8)?;
     let derived_kib: u64 = options.get("--derived-kib", 25600)?;
     let slow: u8 = options.get("--slow", 1)?;
+    let small_layers: u32 = options.get("--small-layers", 64)?;
+    let small_kib: u64 = options.get("--small-kib", 256)?;
     let scratch = Scratch::new()?;
     let registry = Registry::start(&scratch.path().join("registry"))?;
     let addrs = [registry.addr()];
@@ -432,7 +448,7 @@ fn main() -> Result<()> {
     )?;
 
     if derived_kib > 0 && derived_layers > 0 {
-        let layout = derived_images(scratch.path(), derived_layers, derived_kib)?;
+        let layout = derived_images(scratch.path(), "derived", derived_layers, derived_kib)?;
         let direct = |v: u32, name: &str| publish(&registry, &layout, v, &format!("{name}:latest"));
         let what = format!(
             "images: base + {derived_layers} derived layers of {derived_kib} KiB, v2 changes \
@@ -473,6 +489,30 @@ fn main() -> Result<()> {
                 &[registry.addr(), proxy.addr()],
                 &through,
             )?;
+        }
+    }
+
+    // The work of an upgrade grows with what changed: one small layer changed in an image of
+    // 8 small layers, then of `small_layers`.
+    if small_layers > 0 && small_kib > 0 {
+        let mut upgrades_of = Vec::new();
+        for n in [8, small_layers] {
+            let name = format!("small{n}");
+            let layout = derived_images(scratch.path(), &name, n, small_kib)?;
+            let direct =
+                |v: u32, name: &str| publish(&registry, &layout, v, &format!("{name}:latest"));
+            let what = format!(
+                "images: base + {n} derived layers of {small_kib} KiB, v2 changes the last one, \
+                 loopback"
+            );
+            upgrades_of.push((n, compare(runs, &what, &addrs, &direct)?.1));
+        }
+        if let [(a, ua), (b, ub)] = upgrades_of[..] {
+            println!(
+                "one-layer upgrade of {b} layers against {a} layers of {small_kib} KiB: \
+                 {ub:.2} s / {ua:.2} s = {:.2}x",
+                ub / ua
+            );
         }
     }
 

@@ -31,10 +31,12 @@ const PROGRESS_BYTES: u64 = 1 << 20;
 /// Size of the reads of a blob and of the pipe to ostree-ext's writer.
 const CHUNK: usize = 256 * 1024;
 
-/// How many layers are imported at once: one per core (each layer keeps about one core busy
-/// between decompressing, hashing and writing).
+/// How many layers are imported at once: two per core, because a layer's import waits on the
+/// disk for part of its time (each object is synced). Measured with `bench-upgrade` on 2 cores,
+/// 8 derived layers of 25 MiB: 1, 2, 3 and 4 at once import at 1.43, 1.51, 1.80 and 1.86 times
+/// ostree-ext's rate.
 pub fn jobs() -> usize {
-    std::thread::available_parallelism().map_or(1, usize::from)
+    2 * std::thread::available_parallelism().map_or(1, usize::from)
 }
 
 /// What a layer is to the image.
