@@ -11,8 +11,8 @@ use dnfimage_interfaces::importer::{self, ImportResult, ImporterProxy};
 use dnfimage_interfaces::reference::ImageRef;
 
 use crate::errors::{ServiceError, service_error};
-use crate::output::DiskUsage;
-use crate::progress::{Call, Stopped};
+use crate::output::{DiskUsage, ProgressView};
+use crate::progress::{Call, Stopped, Streamed};
 use crate::{Cli, EXIT_UNCHANGED, Output, connect, image, progress};
 
 /// How long the deployer may take to answer `Status` again after a change failed.
@@ -405,6 +405,83 @@ async fn import(cli: &Cli, out: &Output, source: &str, image: &str) -> Result<Im
     Ok(result)
 }
 
+/// Imports the layers of the image the fetcher is storing (`staged`, once it says where) while
+/// they download; cancels that when the fetch fails (`fetch_done` is `Some(false)`), and shows
+/// its progress once the fetch succeeded. `None` when the fetch stored nothing.
+async fn import_early(
+    cli: &Cli,
+    out: &Output,
+    staged: tokio::sync::oneshot::Receiver<fetcher::StagedImage>,
+    mut fetch_done: tokio::sync::watch::Receiver<Option<bool>>,
+) -> Result<Option<importer::ImportLayersResult>> {
+    use futures_util::StreamExt;
+    let Ok(staged) = staged.await else {
+        return Ok(None);
+    };
+    let mut conn = connect(cli, importer::INTERFACE).await?;
+    let stream = conn
+        .import_layers(&staged.layout, &staged.manifest)
+        .await
+        .context("Calling ImportLayers")?;
+    futures_util::pin_mut!(stream);
+    let mut view: Option<ProgressView> = None;
+    // Once the fetch failed, the job is cancelled as soon as it is known to be ours (it sent a
+    // record), and only once.
+    let (mut stop, mut stopped) = (false, false);
+    let mut ours = false;
+    let mut watching = true;
+    let outcome = loop {
+        if stop && ours && !stopped {
+            stopped = true;
+            progress::cancel(cli, importer::INTERFACE).await?;
+        }
+        let item = tokio::select! {
+            item = stream.next() => item,
+            changed = fetch_done.changed(), if watching => {
+                match (changed, *fetch_done.borrow_and_update()) {
+                    (Ok(()), None) => {}
+                    (Ok(()), Some(true)) => {
+                        watching = false;
+                        view = Some(out.progress("Importing"));
+                    }
+                    // The fetch failed (or went): what waits for its downloads must stop.
+                    _ => {
+                        watching = false;
+                        stop = true;
+                    }
+                }
+                continue;
+            }
+        };
+        // The importer went: what `Import` would say, since it would find it gone too.
+        let stopped = || Stopped {
+            interface: importer::INTERFACE.to_string(),
+            doing: "importing".to_string(),
+            may_have_changed: false,
+            outcome: None,
+        };
+        let record = match item {
+            None => break Err(stopped().into()),
+            Some(Err(e)) if progress::connection_lost(&e) => break Err(stopped().into()),
+            Some(Err(e)) => break Err(anyhow::Error::new(e).context("Reading progress")),
+            Some(Ok(Err(e))) => break Err(service_error(e)),
+            Some(Ok(Ok(record))) => record,
+        };
+        ours = true;
+        let result = match view.as_mut() {
+            Some(view) => record.take(view),
+            None => record.result,
+        };
+        if let Some(result) = result {
+            break Ok(Some(result));
+        }
+    };
+    if let Some(mut view) = view {
+        view.finish();
+    }
+    outcome
+}
+
 /// Deploys `commit` as a change prepared on `before`: refused with `StateChanged` when the
 /// deployments moved since.
 pub(crate) async fn deploy(
@@ -458,18 +535,46 @@ async fn fetch_import_deploy(
     deploy_it: bool,
 ) -> Result<(ImportResult, ImageTrust, Option<deployer::DeployResult>)> {
     let mut fetcher = connect(cli, fetcher::INTERFACE).await?;
-    let fetched = image::fetch(cli, &mut fetcher, out, image, concurrency, verify).await?;
+    // The layers are imported as they download; the import of the image then finds them.
+    let (staged_tx, staged_rx) = tokio::sync::oneshot::channel();
+    let (done_tx, done_rx) = tokio::sync::watch::channel(None);
+    let fetch = async {
+        let fetched = image::fetch_staging(
+            cli,
+            &mut fetcher,
+            out,
+            image,
+            concurrency,
+            verify,
+            Some(staged_tx),
+        )
+        .await;
+        done_tx.send_replace(Some(fetched.is_ok()));
+        if let Ok(fetched) = &fetched {
+            let trust = trust_from(verify, &fetched.signature);
+            out.note(&format!(
+                "Signature: {}",
+                crate::output::trust_words(&trust)
+            ));
+            out.note(&format!(
+                "Fetched {} ({} layers downloaded, {} cached)",
+                crate::output::named(fetched.version.as_deref(), &fetched.digest),
+                fetched.layers_fetched,
+                fetched.layers_cached
+            ));
+        }
+        fetched
+    };
+    let (fetched, early) = tokio::join!(fetch, import_early(cli, out, staged_rx, done_rx));
+    let fetched = fetched?;
+    // A failed early import only means that `Import` imports the rest, and says why if it
+    // cannot; unless the importer is gone.
+    if let Err(e) = early
+        && e.downcast_ref::<Stopped>().is_some()
+    {
+        return Err(e);
+    }
     let trust = trust_from(verify, &fetched.signature);
-    out.note(&format!(
-        "Signature: {}",
-        crate::output::trust_words(&trust)
-    ));
-    out.note(&format!(
-        "Fetched {} ({} layers downloaded, {} cached)",
-        crate::output::named(fetched.version.as_deref(), &fetched.digest),
-        fetched.layers_fetched,
-        fetched.layers_cached
-    ));
     let imported = import(cli, out, &fetched.cache_reference, image).await?;
     out.note(&format!(
         "Imported {} as commit {}",

@@ -131,6 +131,21 @@ pub(crate) async fn fetch(
     concurrency: Option<u64>,
     verify: bool,
 ) -> Result<FetchResult> {
+    fetch_staging(cli, conn, out, image, concurrency, verify, None).await
+}
+
+/// [`fetch`], sending to `staged` where the image is stored as soon as the fetcher says (its
+/// layers can be imported while they download).
+pub(crate) async fn fetch_staging(
+    cli: &Cli,
+    conn: &mut dnfimage_interfaces::Connection,
+    out: &Output,
+    image: &str,
+    concurrency: Option<u64>,
+    verify: bool,
+    staged: Option<tokio::sync::oneshot::Sender<fetcher::StagedImage>>,
+) -> Result<FetchResult> {
+    use futures_util::StreamExt;
     let call = progress::Call {
         interface: fetcher::INTERFACE,
         doing: "fetching",
@@ -139,6 +154,15 @@ pub(crate) async fn fetch(
         .fetch(image, concurrency, Some(verify))
         .await
         .map_err(|e| progress::call_failed(call, "Calling Fetch", false, e))?;
+    let mut staged = staged;
+    let stream = stream.inspect(move |item| {
+        if let Ok(Ok(record)) = item
+            && let Some(found) = record.progress.as_ref().and_then(|p| p.staged.clone())
+            && let Some(tx) = staged.take()
+        {
+            let _ = tx.send(found);
+        }
+    });
     progress::drive(call, stream, out.progress("Fetching"), || {
         progress::cancel(cli, fetcher::INTERFACE)
     })

@@ -146,11 +146,25 @@ impl Streamed for importer::ImportReply {
     type Result = importer::ImportResult;
     fn take(self, view: &mut ProgressView) -> Option<Self::Result> {
         if let Some(p) = &self.progress {
-            if let Some(w) = &p.warning {
-                view.note(&format!("warning: {}", w.message));
-            }
-            let msg = format!("{}/{} layers, {}", p.layers_done, p.layers_total, p.message);
-            view.set(Some((p.bytes_done, p.bytes_total)), &msg);
+            show_import(view, p);
+        }
+        self.result
+    }
+}
+
+fn show_import(view: &mut ProgressView, p: &importer::ImportProgress) {
+    if let Some(w) = &p.warning {
+        view.note(&format!("warning: {}", w.message));
+    }
+    let msg = format!("{}/{} layers, {}", p.layers_done, p.layers_total, p.message);
+    view.set(Some((p.bytes_done, p.bytes_total)), &msg);
+}
+
+impl Streamed for importer::ImportLayersReply {
+    type Result = importer::ImportLayersResult;
+    fn take(self, view: &mut ProgressView) -> Option<Self::Result> {
+        if let Some(p) = &self.progress {
+            show_import(view, p);
         }
         self.result
     }

@@ -206,6 +206,23 @@ fn fetch_after_fetch_downloads_only_changed_layers() -> Result<()> {
     assert_eq!(r3["layersFetched"], 0);
     assert_eq!(s.registry.blob_requests_since(pos)?, Vec::<String>::new());
 
+    // The progress says where the image is stored as soon as its manifest is, for the
+    // importer to follow the downloads.
+    let replies = dnfimage_integration::importer_support::Call::start(
+        &s.socket(),
+        &format!("{FETCHER}.Fetch"),
+        json!({"image": s.refs.base_v2}),
+        true,
+    )?
+    .rest()?;
+    let staged = replies
+        .iter()
+        .map(|r| &r["parameters"]["progress"]["staged"])
+        .find(|v| !v.is_null())
+        .context("no record says where the image is staged")?;
+    assert_eq!(staged["layout"], s.cache().display().to_string());
+    assert_eq!(staged["manifest"], v2.digest.as_str());
+
     // The cache is a valid OCI layout skopeo can read, under the reference the result names.
     let cache_ref = r2["cacheReference"].as_str().context("cacheReference")?;
     let inspected = run_ok(Command::new("skopeo").args(["inspect", cache_ref]))?;
@@ -293,6 +310,14 @@ fn corrupted_blob_in_registry_gives_digest_mismatch_and_keeps_nothing() -> Resul
         std::fs::read_dir(cache.join("tmp"))?.next().is_none(),
         "partial file left"
     );
+    // The manifest and configuration, stored before the layers, went with the failed fetch.
+    for digest in [v1.digest.clone(), v1.manifest.config().digest().to_string()] {
+        let hex = digest.trim_start_matches("sha256:");
+        assert!(
+            !cache.join("blobs/sha256").join(hex).exists(),
+            "{digest} kept"
+        );
+    }
     // Nothing recorded for the image.
     assert_eq!(s.cli_json(&["image", "list"])?["images"], json!([]));
 
@@ -898,14 +923,16 @@ async fn fetch_killed_midway_completes_on_next_call() -> Result<()> {
     let cache = s.scratch.state_dir().join("cache");
     let complete_before = assert_blobs_intact(&cache)?;
     assert!(
-        complete_before < 6,
+        complete_before < 6 + 2,
         "the fetch was not midway: {complete_before} blobs"
     );
 
     let _fetcher = ServiceProcess::fetcher(&s.scratch, &opts)?;
     let result = fetch_to_the_end(&s.scratch.runtime_dir(), &s.image, 6).await?;
     assert_eq!(result.layers_fetched + result.layers_cached, 6);
-    assert_eq!(result.layers_cached as usize, complete_before);
+    // The manifest and configuration are stored before the layers (the importer follows the
+    // downloads from them): the killed fetch left them, complete, with its complete layers.
+    assert_eq!(result.layers_cached as usize + 2, complete_before);
     assert_eq!(
         assert_blobs_intact(&cache)?,
         6 + 2,
@@ -966,6 +993,7 @@ async fn registry_silent_midway_ends_the_fetch_and_a_retry_resumes() -> Result<(
 
     let result = fetch_to_the_end(&dir, &s.direct, 4).await?;
     assert_eq!(result.layers_fetched + result.layers_cached, 6);
+    // The failed fetch removed the manifest and configuration it stored first.
     assert_eq!(result.layers_cached as usize, complete_before);
     let _ = &s.proxy;
     Ok(())

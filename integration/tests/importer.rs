@@ -1277,3 +1277,158 @@ fn hold_importer_lock_of_a_dead_process(repo: &std::path::Path) -> Result<std::f
     std::fs::write(&path, format!("dnfimage-importer (pid {pid})\n"))?;
     Ok(lock)
 }
+
+/// Waits until a process reads from the file `inotify` watches (or fails after a minute, so
+/// that a broken importer fails the test rather than hanging it).
+fn wait_for_a_read(inotify: &std::os::fd::OwnedFd) -> Result<()> {
+    use rustix::event::{PollFd, PollFlags, poll};
+    let mut fds = [PollFd::new(inotify, PollFlags::IN)];
+    let ready = poll(&mut fds, 60_000)?;
+    anyhow::ensure!(ready == 1, "nobody read the partial blob within a minute");
+    let mut buf = [0u8; 4096];
+    anyhow::ensure!(rustix::io::read(inotify, &mut buf)? > 0, "no inotify event");
+    Ok(())
+}
+
+/// Starts writing blob `digest` of `layout` as the fetcher does, under `tmp/HEX.partial`, and
+/// returns the file, its path and an inotify fd that reports reads of it. The file is created
+/// empty and watched before anything is written, so that no read is missed.
+fn start_partial(
+    layout: &Path,
+    digest: &str,
+) -> Result<(std::fs::File, PathBuf, std::os::fd::OwnedFd)> {
+    use rustix::fs::inotify::{self, CreateFlags, WatchFlags};
+    let hex = digest.trim_start_matches("sha256:");
+    let path = layout.join("tmp").join(format!("{hex}.partial"));
+    let file = std::fs::File::create(&path)?;
+    let fd = inotify::init(CreateFlags::CLOEXEC)?;
+    inotify::add_watch(&fd, &path, WatchFlags::ACCESS)?;
+    Ok((file, path, fd))
+}
+
+#[test]
+fn imports_layers_while_they_download_and_stops_when_a_download_does() -> Result<()> {
+    use std::io::Write;
+    let f = Fixtures::shared()?;
+    let s = setup()?;
+    let layout = s.scratch.path().join("layout");
+    copy_layout(&f.oci_dir, &[tags::BASE_V1], &layout)?;
+    let root = s.scratch.path().join("root");
+    random_file(&root.join("usr/share/app/data"), 3 << 20)?;
+    let layer = derive(&layout, tags::BASE_V1, "app", &root)?;
+    let manifest = dnfimage_testimage::read_image(&layout, "app")?.digest;
+    // The derived layer is not there yet: it "downloads" below.
+    let blob = blob_path(&layout, &layer);
+    let bytes = std::fs::read(&blob)?;
+    std::fs::remove_file(&blob)?;
+    std::fs::create_dir_all(layout.join("tmp"))?;
+    let start = || {
+        Call::start(
+            &s.socket(),
+            &format!("{IMPORTER}.ImportLayers"),
+            json!({"layout": layout, "manifest": manifest}),
+            true,
+        )
+    };
+    let until_started = |call: &mut Call| -> Result<()> {
+        loop {
+            let reply = call.next_reply()?.context("ImportLayers ended")?;
+            anyhow::ensure!(error_name(&reply).is_none(), "it failed: {reply}");
+            let p = &reply["parameters"]["progress"];
+            if p["layer"] == layer.as_str() {
+                return Ok(());
+            }
+        }
+    };
+    let layer_refs = |s: &Setup| -> Result<Vec<String>> {
+        let hex = layer.trim_start_matches("sha256:").to_string();
+        Ok(s.refs_under(LAYER_REFS)?
+            .into_iter()
+            .filter(|r| r.contains(&hex))
+            .collect())
+    };
+
+    // Waiting for a download that has not started: a cancel stops it.
+    let mut call = start()?;
+    until_started(&mut call)?;
+    assert_eq!(
+        s.call("Cancel", json!({}))?["cancelled"]
+            .as_str()
+            .context("nothing was cancelled")?,
+        format!("Importing the layers of {manifest} in {}", layout.display())
+    );
+    let last = call.rest()?.pop().context("no end")?;
+    assert_eq!(
+        error_name(&last),
+        Some(format!("{IMPORTER}.Cancelled").as_str()),
+        "{last}"
+    );
+    assert!(layer_refs(&s)?.is_empty());
+
+    // A download that stops halfway (its partial file removed): the layer fails.
+    let mut call = start()?;
+    until_started(&mut call)?;
+    let (mut partial, path, watch) = start_partial(&layout, &layer)?;
+    partial.write_all(&bytes[..bytes.len() / 2])?;
+    wait_for_a_read(&watch)?;
+    std::fs::remove_file(&path)?;
+    let last = call.rest()?.pop().context("no end")?;
+    assert_eq!(
+        error_name(&last),
+        Some(format!("{IMPORTER}.Failed").as_str())
+    );
+    assert!(
+        last["parameters"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("stopped after")),
+        "{last}"
+    );
+    assert!(layer_refs(&s)?.is_empty());
+    s.sysroot.fsck()?;
+
+    // A download followed to its end: half, a read, the rest, renamed into place.
+    let mut call = start()?;
+    until_started(&mut call)?;
+    let (mut partial, path, watch) = start_partial(&layout, &layer)?;
+    partial.write_all(&bytes[..bytes.len() / 2])?;
+    wait_for_a_read(&watch)?;
+    partial.write_all(&bytes[bytes.len() / 2..])?;
+    partial.sync_all()?;
+    std::fs::rename(&path, &blob)?;
+    let last = call.rest()?.pop().context("no end")?;
+    assert!(error_name(&last).is_none(), "{last}");
+    let result = &last["parameters"]["result"];
+    assert_eq!(u64_of(result, "layersImported"), 1, "{result}");
+    assert_eq!(layer_refs(&s)?.len(), 1);
+
+    // The import of the image finds every layer there.
+    let r = s
+        .import(&oci_ref(&layout, "app"), &registry_ref("app"))?
+        .result()?;
+    assert_eq!(u64_of(&r, "layersImported"), 0, "{r}");
+    assert_eq!(
+        file_size(&s, str_of(&r, "commit"), "/usr/share/app/data")?,
+        3 << 20
+    );
+    s.sysroot.fsck()?;
+
+    // What is not an image layout, or not a digest, is refused before anything runs.
+    for (layout, manifest) in [
+        (json!("relative/dir"), json!(manifest)),
+        (json!(s.scratch.path()), json!(manifest)),
+        (json!(layout), json!("sha256:abc")),
+    ] {
+        let replies = raw_call(
+            &s.socket(),
+            &json!({"method": format!("{IMPORTER}.ImportLayers"),
+                    "parameters": {"layout": layout, "manifest": manifest}}),
+        )?;
+        let last = replies.last().context("no reply")?;
+        assert_eq!(
+            error_name(last),
+            Some(format!("{IMPORTER}.InvalidImageReference").as_str()),
+            "{last}"
+        );
+    }
+    Ok(())
+}

@@ -151,6 +151,21 @@ pub struct FetchProgress {
     pub bytes_total: u64,
     /// What is happening, for people.
     pub message: String,
+    /// Where the image is being stored, from the moment its manifest and configuration are:
+    /// its layers can be imported while they download (`org.dnfimage.Importer.ImportLayers`).
+    pub staged: Option<StagedImage>,
+}
+
+/// An image whose manifest and configuration the cache holds while its layers download: each
+/// layer is at `blobs/sha256/HEX` once complete and at `tmp/HEX.partial` while it downloads.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, introspect::CustomType)]
+#[serde(rename_all = "camelCase")]
+#[zlink(rename_all = "camelCase")]
+pub struct StagedImage {
+    /// The cache's OCI layout directory.
+    pub layout: String,
+    /// The digest of the manifest as the cache stores it (skopeo's OCI form).
+    pub manifest: String,
 }
 
 /// What checking an image against the host's signature policy (containers-policy.json) found.

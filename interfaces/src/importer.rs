@@ -114,6 +114,28 @@ pub struct ImportReply {
     pub result: Option<ImportResult>,
 }
 
+/// The outcome of a completed `ImportLayers`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, introspect::CustomType)]
+#[serde(rename_all = "camelCase")]
+#[zlink(rename_all = "camelCase")]
+pub struct ImportLayersResult {
+    /// How many layers this call imported.
+    pub layers_imported: u64,
+    /// How many layers were already in the repository.
+    pub layers_skipped: u64,
+    /// How many bytes of layers this call imported.
+    pub bytes_imported: u64,
+}
+
+/// Reply of `ImportLayers`: progress records, then one record with the result.
+#[derive(Debug, Clone, Serialize, Deserialize, introspect::Type)]
+pub struct ImportLayersReply {
+    /// Set on every record but the last.
+    pub progress: Option<ImportProgress>,
+    /// Set on the last record only.
+    pub result: Option<ImportLayersResult>,
+}
+
 /// An image in the repository.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, introspect::CustomType)]
 #[serde(rename_all = "camelCase")]
@@ -294,6 +316,13 @@ pub trait ImporterProxy {
         source: &str,
         image: &str,
     ) -> zlink::Result<impl Stream<Item = zlink::Result<Result<ImportReply, ImporterError>>>>;
+    /// Imports the layers of an image the fetcher is still downloading.
+    #[zlink(more)]
+    async fn import_layers(
+        &mut self,
+        layout: &str,
+        manifest: &str,
+    ) -> zlink::Result<impl Stream<Item = zlink::Result<Result<ImportLayersReply, ImporterError>>>>;
     /// Cancels the running import or prune.
     async fn cancel(&mut self) -> zlink::Result<Result<CancelReply, ImporterError>>;
     /// Lists the images in the repository.
@@ -539,7 +568,7 @@ mod tests {
         interface = "org.dnfimage.Importer",
         types = [
             ImportPhase, ImportWarningKind, ImportWarning, ImportProgress, ImportResult,
-            ImportedImage, PrunePhase, PruneProgress, PruneResult,
+            ImportLayersResult, ImportedImage, PrunePhase, PruneProgress, PruneResult,
         ]
     )]
     impl Described {
@@ -560,6 +589,26 @@ mod tests {
             image: String,
         ) -> impl Stream<Item = Result<Reply<ImportReply>, ImporterError>> + Unpin + use<> {
             let _ = (more, source, image);
+            stream::iter([Err(unimplemented())])
+        }
+
+        /// Imports the layers of the image whose manifest `manifest` ("sha256:…", as stored) the
+        /// OCI layout at `layout` holds, while the fetcher still downloads them there (the
+        /// `staged` image of its progress records): each layer is read as it arrives, from
+        /// `tmp/HEX.partial` and then `blobs/sha256/HEX`, checked against its digest, and kept
+        /// as a layer commit, which the `Import` of the image then reuses. Records no image.
+        /// Streams progress records, then one record with the result. Fails when a download stops
+        /// before its layer is complete; on any failure or cancel, complete layers stay and no
+        /// reference to a half-imported layer does.
+        #[zlink(more)]
+        async fn import_layers(
+            &self,
+            more: bool,
+            layout: String,
+            manifest: String,
+        ) -> impl Stream<Item = Result<Reply<ImportLayersReply>, ImporterError>> + Unpin + use<>
+        {
+            let _ = (more, layout, manifest);
             stream::iter([Err(unimplemented())])
         }
 

@@ -246,6 +246,24 @@ impl Cache {
             .is_some_and(|m| m.is_file() && m.len() == size)
     }
 
+    /// Where the blob of `digest` is written while it downloads (see `StagedImage`).
+    pub fn partial_path(&self, digest: &str) -> Result<PathBuf> {
+        Ok(self
+            .tmp_dir()
+            .join(format!("{}.partial", sha256_hex(digest)?)))
+    }
+
+    /// Removes the blob of `digest`, if stored.
+    pub fn remove_blob(&self, digest: &str) -> Result<()> {
+        let path = self.blob_path(digest)?;
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(e).with_context(|| format!("Removing {}", path.display()))
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Streams a blob in, verifying digest and size; `progress` gets the bytes read so far.
     /// Stops as soon as more than `size` bytes arrive (a source sending more than the manifest
     /// declares never fills the disk).
@@ -257,11 +275,26 @@ impl Cache {
         mut progress: impl FnMut(u64),
     ) -> Result<u64, BlobError> {
         let dest = self.blob_path(digest)?;
-        let tmp = tempfile::Builder::new()
-            .prefix(".blob-")
-            .tempfile_in(self.tmp_dir())
-            .context("Creating a temporary blob file")?;
-        let (mut file, tmp_path) = tmp.into_parts();
+        // Under a name the importer can follow while it grows (one download of a blob at a
+        // time: a fetch downloads each blob once and fetches are one at a time); a file of a
+        // download that was stopped goes first.
+        let partial = self.partial_path(digest)?;
+        match std::fs::remove_file(&partial) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(anyhow::Error::new(e)
+                    .context(format!("Removing {}", partial.display()))
+                    .into());
+            }
+            _ => {}
+        }
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&partial)
+            .with_context(|| format!("Creating {}", partial.display()))?;
+        // Removes the partial file when dropped (error, cancel) unless persisted.
+        let tmp_path = tempfile::TempPath::try_from_path(&partial)
+            .with_context(|| format!("Naming {}", partial.display()))?;
         let mut hasher = Sha256::new();
         let mut received = 0u64;
         let mut buf = vec![0u8; 1024 * 1024];

@@ -8,7 +8,7 @@ pub mod reference;
 pub mod registry;
 pub mod signers;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -17,7 +17,7 @@ use anyhow::Result;
 use dnfimage_interfaces::fetcher::{
     CachedImage, CancelReply, CheckUpdateReply, FetchPhase, FetchProgress, FetchReply, FetchResult,
     FetcherError, GetDiskUsageReply, IDL, ImageInfo, InspectReply, LastCheckReply, Layer,
-    ListCachedReply, PruneReply, SignatureCheck, UpdateCheck,
+    ListCachedReply, PruneReply, SignatureCheck, StagedImage, UpdateCheck,
 };
 use dnfimage_interfaces::reference::{ImageRef, excerpt};
 use dnfimage_runtime::{
@@ -520,8 +520,8 @@ impl Fetcher {
 #[zlink::service(
     interface = "org.dnfimage.Fetcher",
     types = [
-        Layer, ImageInfo, UpdateCheck, FetchPhase, FetchProgress, SignatureCheck, FetchResult,
-        CachedImage,
+        Layer, ImageInfo, UpdateCheck, FetchPhase, FetchProgress, StagedImage, SignatureCheck,
+        FetchResult, CachedImage,
     ],
     vendor = "dnfimage",
     product = "dnfimage-fetcher",
@@ -750,6 +750,7 @@ impl Progress {
                     bytes_done: 0,
                     bytes_total: 0,
                     message: String::new(),
+                    staged: None,
                 },
                 per_layer: BTreeMap::new(),
                 last_sent: None,
@@ -807,6 +808,23 @@ impl Progress {
     }
 }
 
+/// The manifest and configuration a fetch stored before its layers: removed when the fetch
+/// fails or is cancelled before it recorded the image (unless they were there before).
+struct Unstage<'a> {
+    cache: &'a Cache,
+    blobs: Vec<String>,
+}
+
+impl Drop for Unstage<'_> {
+    fn drop(&mut self) {
+        for digest in &self.blobs {
+            if let Err(e) = self.cache.remove_blob(digest) {
+                tracing::warn!("Removing blob {digest} of an unfinished fetch: {e:#}");
+            }
+        }
+    }
+}
+
 /// "sha256:HEX" of `bytes`.
 fn sha256_digest(bytes: &[u8]) -> String {
     format!(
@@ -860,10 +878,13 @@ impl Fetcher {
             return Err(FetcherError::NotBootable { image: reference });
         }
         let layers = &resolved.manifest.layers;
-        let missing: Vec<&Descriptor> = layers
+        let mut missing: Vec<&Descriptor> = layers
             .iter()
             .filter(|l| !cache.has_blob(&l.digest, l.size))
             .collect();
+        // A blob a manifest names twice is downloaded once.
+        let mut seen = BTreeSet::new();
+        missing.retain(|l| seen.insert(l.digest.as_str()));
         let bytes_missing: u64 = missing.iter().map(|l| l.size).sum();
         let needed = bytes_missing
             + resolved.manifest_bytes.len() as u64
@@ -877,7 +898,30 @@ impl Fetcher {
                 available,
             });
         }
+        // The manifest and configuration first, so that the importer can import the layers as
+        // they arrive (`staged`); removed again if the fetch fails and they were not there.
+        let config = &resolved.manifest.config;
+        let mut staged = Unstage {
+            cache,
+            blobs: Vec::new(),
+        };
+        for (digest, bytes) in [
+            (&config.digest, &resolved.config_bytes),
+            (&resolved.manifest_digest, &resolved.manifest_bytes),
+        ] {
+            if !cache.has_blob(digest, bytes.len() as u64) {
+                staged.blobs.push(digest.clone());
+            }
+            cache
+                .write_bytes(digest, bytes)
+                .await
+                .map_err(|e| blob_error(&reference, e))?;
+        }
         progress.update(true, |s| {
+            s.record.staged = Some(StagedImage {
+                layout: cache.root().display().to_string(),
+                manifest: resolved.manifest_digest.clone(),
+            });
             s.record.phase = FetchPhase::Fetching;
             s.record.layers_total = missing.len() as u64;
             s.record.bytes_total = bytes_missing;
@@ -935,15 +979,6 @@ impl Fetcher {
         let fetched = outcome?;
 
         progress.phase(FetchPhase::Finishing, "Writing the manifest".into());
-        let config = &resolved.manifest.config;
-        cache
-            .write_bytes(&config.digest, &resolved.config_bytes)
-            .await
-            .map_err(|e| blob_error(&reference, e))?;
-        cache
-            .write_bytes(&resolved.manifest_digest, &resolved.manifest_bytes)
-            .await
-            .map_err(|e| blob_error(&reference, e))?;
         if resolved.manifest_digest != resolved.digest {
             tracing::info!(
                 "{reference} ({}) is a Docker schema 2 image: the cache holds skopeo's OCI \
@@ -969,6 +1004,7 @@ impl Fetcher {
         cache
             .record(&entry)
             .map_err(|e| failed("Recording the image in the cache", e))?;
+        staged.blobs.clear();
         match Arc::try_unwrap(opened) {
             Ok(opened) => {
                 if let Err(e) = opened.proxy.finalize().await {

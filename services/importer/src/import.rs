@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use dnfimage_interfaces::importer::{
-    ImportPhase, ImportProgress, ImportResult, ImportWarning, ImporterError,
+    ImportLayersResult, ImportPhase, ImportProgress, ImportResult, ImportWarning, ImporterError,
 };
 use dnfimage_interfaces::reference::ImageRef;
 use ostree_ext::container::store::{
@@ -804,91 +804,32 @@ async fn import_opened(
         out
     };
 
-    let jobs = layer_jobs(&prepared);
-    let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
-    let ctx = layers::Shared {
-        repo: paths.repo.clone(),
-        blobs: match source.layout_dir() {
-            Some(dir) => layers::Blobs::Layout(dir.to_path_buf()),
-            None => layers::Blobs::Proxy {
-                proxy: &opened.proxy,
-                image: &opened.image,
-            },
+    let blobs = match source.layout_dir() {
+        Some(dir) => layers::Blobs::Layout(dir.to_path_buf()),
+        None => layers::Blobs::Proxy {
+            proxy: &opened.proxy,
+            image: &opened.image,
         },
-        jobs: layers::jobs(),
-        events: events_tx,
     };
     let known_base = prepared.ostree_commit_layer.commit.clone();
-    let mut commits: BTreeMap<String, String> = BTreeMap::new();
-    let mut on_event = |tracker: &mut Tracker<'_>, event: layers::Event| match event {
-        layers::Event::Started(layer) => tracker.started(&layer),
-        layers::Event::Read { digest, bytes } => tracker.read(&digest, bytes),
-        layers::Event::Completed(done) => {
-            tracker.completed(&done.layer);
-            if let Err(e) = journal.complete(&done.ostree_ref) {
-                tracing::warn!("Recording layer {} as imported: {e:#}", done.layer.digest());
-            }
-            let digest = done.layer.digest().to_string();
-            match done.summary {
-                Some(Ok(summary)) => {
-                    if let Err(e) = store::record_layer_summary(repo, &digest, &summary) {
-                        tracing::warn!("Recording the summary of layer {digest}: {e:#}");
-                    }
-                    summaries.insert(digest.clone(), summary);
-                }
-                Some(Err(e)) => tracing::warn!(
-                    "Looking for content the commit does not hold in layer {digest}, \
-                     skipping: {e:#}"
-                ),
-                None => {}
-            }
-            commits.insert(digest, done.commit);
-        }
+    let layer_run = LayerRun {
+        paths,
+        repo,
+        image: &image,
+        needed,
     };
-    let (imported, scanned) = {
-        let run = layers::import(&ctx, jobs, known_base, |base| {
-            let rules = rules_for(repo, base);
-            layers::DerivedRules {
-                allow_nonusr: rules.allow_nonusr,
-                retain_var: rules.retain_var,
-            }
-        });
-        let both = async { tokio::join!(run, scan_all) };
-        tokio::pin!(both);
-        loop {
-            tokio::select! {
-                r = &mut both => break r,
-                Some(event) = events.recv() => on_event(tracker, event),
-            }
-        }
-    };
-    drop(ctx);
-    while let Some(event) = events.recv().await {
-        on_event(tracker, event);
-    }
-    let space_error = |tracker: &Tracker<'_>| ImporterError::InsufficientSpace {
-        path: paths.repo.display().to_string(),
-        needed: needed.saturating_sub(tracker.record.bytes_done),
-        available: usable_space(repo, &paths.repo).unwrap_or(0),
-    };
-    if let Err(f) = imported {
-        let message = describe(&f.error);
-        tracing::warn!("Importing {image}, layer {}: {message}", f.layer.digest());
-        return Err(if is_space_error(&message) {
-            space_error(tracker)
-        } else if is_corruption(&message) {
-            ImporterError::CorruptLayer {
-                image: image.clone(),
-                layer: f.layer.digest().to_string(),
-                message: format!("{message}; fetching the image again replaces the layer"),
-            }
-        } else {
-            failed(format!(
-                "Importing {image}: layer {}: {message}",
-                f.layer.digest()
-            ))
-        });
-    }
+    let (commits, scanned) = layer_run
+        .run(
+            blobs,
+            layer_jobs(&prepared),
+            known_base,
+            tracker,
+            &mut journal,
+            &mut summaries,
+            scan_all,
+        )
+        .await;
+    let commits = commits?;
     for layer in prepared
         .ostree_layers
         .iter_mut()
@@ -904,7 +845,7 @@ async fn import_opened(
         let message = describe(&e);
         tracing::warn!("Importing {image} failed: {message}");
         if is_space_error(&message) {
-            space_error(tracker)
+            layer_run.space_error(tracker)
         } else {
             failed(format!("Importing {image}: {message}"))
         }
@@ -967,6 +908,357 @@ async fn import_opened(
         bytes_imported: bytes_to_import,
         warnings,
     })
+}
+
+/// What `ImportLayers` imports: the layers of the image whose manifest the layout holds.
+#[derive(Debug, Clone)]
+pub struct LayersRequest {
+    /// The OCI layout directory.
+    pub layout: PathBuf,
+    /// The digest of the manifest, "sha256:…".
+    pub manifest: String,
+}
+
+impl LayersRequest {
+    /// Checks the arguments of `ImportLayers`.
+    pub fn new(layout: &str, manifest: &str) -> Result<Self, ImporterError> {
+        let invalid = |message: &str| ImporterError::InvalidImageReference {
+            image: dnfimage_interfaces::reference::excerpt(&format!("oci:{layout}@{manifest}"))
+                .into_owned(),
+            message: message.to_string(),
+        };
+        let path = Path::new(layout);
+        if !path.is_absolute() {
+            return Err(invalid("the layout must be an absolute path"));
+        }
+        if !path.join("oci-layout").is_file() {
+            return Err(invalid(
+                "the layout is not an OCI image layout (no oci-layout file)",
+            ));
+        }
+        let hex = manifest.strip_prefix("sha256:").unwrap_or_default();
+        if hex.len() != 64 || !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            return Err(invalid(
+                "the manifest must be a sha256 digest, \"sha256:\" and 64 hex digits",
+            ));
+        }
+        Ok(Self {
+            layout: path.to_path_buf(),
+            manifest: manifest.to_string(),
+        })
+    }
+
+    /// What the import is called while it runs.
+    pub fn operation(&self) -> String {
+        format!(
+            "Importing the layers of {} in {}",
+            self.manifest,
+            self.layout.display()
+        )
+    }
+}
+
+/// Reads blob `digest` of the layout, at most `limit` bytes, checked against its digest.
+fn read_blob(layout: &Path, digest: &str, limit: u64) -> Result<Vec<u8>> {
+    use sha2::Digest as _;
+    let hex = digest
+        .strip_prefix("sha256:")
+        .with_context(|| format!("{digest} is not a sha256 digest"))?;
+    let path = layout.join("blobs/sha256").join(hex);
+    let mut bytes = Vec::new();
+    std::fs::File::open(&path)
+        .and_then(|f| {
+            std::io::Read::read_to_end(&mut std::io::Read::take(f, limit + 1), &mut bytes)
+        })
+        .with_context(|| format!("Reading {}", path.display()))?;
+    anyhow::ensure!(
+        bytes.len() as u64 <= limit,
+        "{} is larger than {limit} bytes",
+        path.display()
+    );
+    let found = sha2::Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<String>();
+    anyhow::ensure!(found == hex, "{} has digest sha256:{found}", path.display());
+    Ok(bytes)
+}
+
+/// The largest manifest or configuration read from a layout (skopeo reads at most 4 MiB of a
+/// manifest from a registry).
+const MAX_METADATA: u64 = 4 << 20;
+
+/// Which layers hold the ostree commit: the first (the commit), then the chunks up to the
+/// layer whose diff ID the configuration's `DIFFID_LABEL` names; the rest are derived.
+fn split_layers<'m>(
+    manifest: &'m ImageManifest,
+    config: &ImageConfiguration,
+    label: &str,
+) -> Result<(&'m Descriptor, Vec<&'m Descriptor>, Vec<&'m Descriptor>)> {
+    let layers = manifest.layers();
+    let first = layers.first().context("The manifest has no layers")?;
+    let last_ostree = config
+        .rootfs()
+        .diff_ids()
+        .iter()
+        .position(|d| d == label)
+        .with_context(|| format!("No diff ID of the configuration is {label}"))?;
+    anyhow::ensure!(
+        last_ostree < layers.len(),
+        "The diff ID {label} is number {} of a manifest of {} layers",
+        last_ostree + 1,
+        layers.len()
+    );
+    let chunks = layers[1..=last_ostree].iter().collect();
+    let derived = layers[last_ostree + 1..].iter().collect();
+    Ok((first, chunks, derived))
+}
+
+/// Imports the layers `request` names that the repository lacks, following the fetcher's
+/// download of them; records no image. `wake` stops readers waiting for a download.
+pub async fn import_layers(
+    paths: &Paths,
+    request: &LayersRequest,
+    emit: Emit<'_>,
+    wake: std::sync::Arc<std::os::fd::OwnedFd>,
+) -> Result<ImportLayersResult, ImporterError> {
+    let mut tracker = Tracker::new(emit);
+    let sysroot = store::load_sysroot_for_writing(&paths.sysroot)
+        .map_err(|e| failed_with("Opening the sysroot", &e))?;
+    if store::make_writable(&sysroot).map_err(|e| failed_with("Opening the sysroot", &e))? {
+        sysroot.unlock();
+    }
+    let repo =
+        store::open_repo(&paths.repo).map_err(|e| failed_with("Opening the repository", &e))?;
+    recover(&paths.repo).map_err(|e| failed_with("Cleaning up after an earlier import", &e))?;
+    let name = format!("{}@{}", request.layout.display(), request.manifest);
+    tracker.phase(ImportPhase::Preparing, format!("Reading {name}"));
+    let not_found = |e: anyhow::Error| ImporterError::ImageNotFound {
+        image: name.clone(),
+        message: describe(&e),
+    };
+    let manifest: ImageManifest = read_blob(&request.layout, &request.manifest, MAX_METADATA)
+        .and_then(|b| serde_json::from_slice(&b).context("Parsing the manifest"))
+        .map_err(not_found)?;
+    let config: ImageConfiguration = read_blob(
+        &request.layout,
+        manifest.config().digest().as_ref(),
+        MAX_METADATA,
+    )
+    .and_then(|b| serde_json::from_slice(&b).context("Parsing the configuration"))
+    .map_err(not_found)?;
+    let label = |key: &str| {
+        config
+            .config()
+            .as_ref()?
+            .labels()
+            .as_ref()?
+            .get(key)
+            .cloned()
+    };
+    if !is_bootable(label) {
+        return Err(ImporterError::NotBootable { image: name });
+    }
+    let Some(diffid) = label(DIFFID_LABEL) else {
+        return Err(failed(format!(
+            "{name} is not an ostree container image (it has no {DIFFID_LABEL} label)"
+        )));
+    };
+    let (commit_layer, chunks, derived) = split_layers(&manifest, &config, &diffid)
+        .map_err(|e| failed_with(&format!("Reading {name}"), &e))?;
+    let mut seen = std::collections::BTreeSet::new();
+    let mut jobs = Vec::new();
+    let mut skipped = 0u64;
+    let all = chunks
+        .into_iter()
+        .map(|l| (layers::Kind::Chunk, l))
+        .chain(std::iter::once((layers::Kind::Commit, commit_layer)))
+        .chain(derived.into_iter().map(|l| (layers::Kind::Derived, l)));
+    for (kind, layer) in all {
+        let digest = layer.digest().to_string();
+        if !seen.insert(digest.clone()) {
+            continue;
+        }
+        let present = store::layer_commit(&repo, &digest)
+            .map_err(|e| failed_with("Reading the repository", &e))?;
+        if present.is_some() {
+            skipped += 1;
+            continue;
+        }
+        let ostree_ref = store::layer_ref(&digest)
+            .map_err(|e| failed_with(&format!("Naming the reference of {digest}"), &e))?;
+        jobs.push(layers::Job {
+            kind,
+            layer: layer.clone(),
+            ostree_ref,
+        });
+    }
+    let known_base = store::layer_commit(&repo, commit_layer.digest().as_ref())
+        .map_err(|e| failed_with("Reading the repository", &e))?;
+    let bytes_to_import: u64 = jobs.iter().map(|j| j.layer.size()).sum();
+    let needed = bytes_to_import.saturating_mul(UNCOMPRESSED_FACTOR);
+    let available =
+        usable_space(&repo, &paths.repo).map_err(|e| failed_with("Checking free space", &e))?;
+    if needed > available {
+        return Err(ImporterError::InsufficientSpace {
+            path: paths.repo.display().to_string(),
+            needed,
+            available,
+        });
+    }
+    let layers_imported = jobs.len() as u64;
+    tracker.record.layers_total = layers_imported;
+    tracker.record.bytes_total = bytes_to_import;
+    let pending = jobs.iter().map(|j| j.ostree_ref.clone()).collect();
+    let mut journal = Journal::begin(&paths.repo, &name, pending)
+        .map_err(|e| failed_with("Writing the import journal", &e))?;
+    tracker.phase(
+        ImportPhase::Importing,
+        format!("Importing {layers_imported} layers ({bytes_to_import} bytes) as they arrive"),
+    );
+    let run = LayerRun {
+        paths,
+        repo: &repo,
+        image: &name,
+        needed,
+    };
+    let blobs = layers::Blobs::Following {
+        layout: request.layout.clone(),
+        stop: wake,
+    };
+    let mut summaries = BTreeMap::new();
+    run.run(
+        blobs,
+        jobs,
+        known_base,
+        &mut tracker,
+        &mut journal,
+        &mut summaries,
+        async {},
+    )
+    .await
+    .0?;
+    if let Err(e) = journal.finish() {
+        tracing::warn!("Removing the import journal: {e:#}");
+    }
+    Ok(ImportLayersResult {
+        layers_imported,
+        layers_skipped: skipped,
+        bytes_imported: bytes_to_import,
+    })
+}
+
+/// Runs the layer jobs of one import, recording each layer as it completes (journal, summary).
+struct LayerRun<'a> {
+    paths: &'a Paths,
+    repo: &'a ostree::Repo,
+    /// The image, for errors.
+    image: &'a str,
+    /// The space the import was estimated to need.
+    needed: u64,
+}
+
+impl LayerRun<'_> {
+    /// Imports `jobs` from `blobs` while `alongside` runs; returns each imported layer's commit
+    /// by digest, and what `alongside` returned.
+    #[allow(clippy::too_many_arguments)]
+    async fn run<F: std::future::Future>(
+        &self,
+        blobs: layers::Blobs<'_>,
+        jobs: Vec<layers::Job>,
+        known_base: Option<String>,
+        tracker: &mut Tracker<'_>,
+        journal: &mut Journal,
+        summaries: &mut BTreeMap<String, scan::Summary>,
+        alongside: F,
+    ) -> (Result<BTreeMap<String, String>, ImporterError>, F::Output) {
+        let repo = self.repo;
+        let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+        let ctx = layers::Shared {
+            repo: self.paths.repo.clone(),
+            blobs,
+            jobs: layers::jobs(),
+            events: events_tx,
+        };
+        let mut commits: BTreeMap<String, String> = BTreeMap::new();
+        let mut on_event = |tracker: &mut Tracker<'_>, event: layers::Event| match event {
+            layers::Event::Started(layer) => tracker.started(&layer),
+            layers::Event::Read { digest, bytes } => tracker.read(&digest, bytes),
+            layers::Event::Completed(done) => {
+                tracker.completed(&done.layer);
+                if let Err(e) = journal.complete(&done.ostree_ref) {
+                    tracing::warn!("Recording layer {} as imported: {e:#}", done.layer.digest());
+                }
+                let digest = done.layer.digest().to_string();
+                match done.summary {
+                    Some(Ok(summary)) => {
+                        if let Err(e) = store::record_layer_summary(repo, &digest, &summary) {
+                            tracing::warn!("Recording the summary of layer {digest}: {e:#}");
+                        }
+                        summaries.insert(digest.clone(), summary);
+                    }
+                    Some(Err(e)) => tracing::warn!(
+                        "Looking for content the commit does not hold in layer {digest}, \
+                         skipping: {e:#}"
+                    ),
+                    None => {}
+                }
+                commits.insert(digest, done.commit);
+            }
+        };
+        let (imported, beside) = {
+            let run = layers::import(&ctx, jobs, known_base, |base| {
+                let rules = rules_for(repo, base);
+                layers::DerivedRules {
+                    allow_nonusr: rules.allow_nonusr,
+                    retain_var: rules.retain_var,
+                }
+            });
+            let both = async { tokio::join!(run, alongside) };
+            tokio::pin!(both);
+            loop {
+                tokio::select! {
+                    r = &mut both => break r,
+                    Some(event) = events.recv() => on_event(tracker, event),
+                }
+            }
+        };
+        drop(ctx);
+        while let Some(event) = events.recv().await {
+            on_event(tracker, event);
+        }
+        let image = self.image;
+        let outcome = match imported {
+            Ok(()) => Ok(commits),
+            Err(f) => {
+                let message = describe(&f.error);
+                tracing::warn!("Importing {image}, layer {}: {message}", f.layer.digest());
+                Err(if is_space_error(&message) {
+                    self.space_error(tracker)
+                } else if is_corruption(&message) {
+                    ImporterError::CorruptLayer {
+                        image: image.to_string(),
+                        layer: f.layer.digest().to_string(),
+                        message: format!("{message}; fetching the image again replaces the layer"),
+                    }
+                } else {
+                    failed(format!(
+                        "Importing {image}: layer {}: {message}",
+                        f.layer.digest()
+                    ))
+                })
+            }
+        };
+        (outcome, beside)
+    }
+
+    fn space_error(&self, tracker: &Tracker<'_>) -> ImporterError {
+        ImporterError::InsufficientSpace {
+            path: self.paths.repo.display().to_string(),
+            needed: self.needed.saturating_sub(tracker.record.bytes_done),
+            available: usable_space(self.repo, &self.paths.repo).unwrap_or(0),
+        }
+    }
 }
 
 /// The layers `prepared` still lacks, as import jobs.

@@ -12,7 +12,10 @@
 //! written once its blob is verified; what is left for `ImageImporter` is the merged commit.
 
 use std::io::{Read, Write};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use futures_util::StreamExt;
@@ -105,6 +108,14 @@ pub struct Failed {
 pub enum Blobs<'a> {
     /// An OCI layout directory: read directly, and verified here.
     Layout(PathBuf),
+    /// The fetcher's cache while it downloads the image: each blob is read as it is written
+    /// (see [`Following`]), and verified here.
+    Following {
+        /// The layout directory.
+        layout: PathBuf,
+        /// Stops every reader waiting for bytes when it becomes readable.
+        stop: Arc<OwnedFd>,
+    },
     /// skopeo, with the image open.
     Proxy {
         /// The proxy.
@@ -232,6 +243,10 @@ async fn run(
     let (source, driver): (Box<dyn Read + Send>, _) = match &ctx.blobs {
         Blobs::Layout(dir) => {
             let source = Verified::open(dir, &job.layer)?;
+            (Box::new(source), None)
+        }
+        Blobs::Following { layout, stop } => {
+            let source = Following::new(layout, &job.layer, stop.clone())?;
             (Box::new(source), None)
         }
         Blobs::Proxy { proxy, image } => {
@@ -457,6 +472,197 @@ impl Read for Verified {
             }
         }
         Ok(n)
+    }
+}
+
+/// How long a reader of a blob being downloaded waits without any sign of the download (no
+/// write to any file of the cache's `tmp/`, no blob completed) before giving up.
+const STALLED: Duration = Duration::from_secs(120);
+
+/// A blob of the fetcher's cache read while the fetcher writes it: from `tmp/HEX.partial` as
+/// it grows, then (the same file, renamed once complete and verified) `blobs/sha256/HEX`;
+/// checked against its size and digest as [`Verified`] does. Waits for the download to start
+/// and for each new write with inotify; fails when the partial file goes away before the blob
+/// is complete (the download failed or was cancelled), after [`STALLED`] without news, or when
+/// `stop` becomes readable.
+pub struct Following {
+    layout: PathBuf,
+    hex: String,
+    size: u64,
+    file: Option<std::fs::File>,
+    inotify: OwnedFd,
+    stop: Arc<OwnedFd>,
+    hasher: sha2::Sha256,
+    read: u64,
+}
+
+impl Following {
+    /// Starts following the blob of `layer` in `layout`.
+    pub fn new(layout: &Path, layer: &Descriptor, stop: Arc<OwnedFd>) -> Result<Self> {
+        use rustix::fs::inotify::{self, CreateFlags, WatchFlags};
+        let digest = layer.digest().to_string();
+        let hex = match digest.split_once(':') {
+            Some(("sha256", hex)) => hex.to_string(),
+            _ => anyhow::bail!("Layer {digest}: only sha256 digests are read"),
+        };
+        // Watching before looking, so that no change between a look and the wait is missed.
+        let inotify = inotify::init(CreateFlags::CLOEXEC | CreateFlags::NONBLOCK)
+            .context("Starting inotify")?;
+        let tmp = layout.join("tmp");
+        inotify::add_watch(
+            &inotify,
+            &tmp,
+            WatchFlags::MODIFY
+                | WatchFlags::CREATE
+                | WatchFlags::DELETE
+                | WatchFlags::MOVED_FROM
+                | WatchFlags::CLOSE_WRITE,
+        )
+        .with_context(|| format!("Watching {}", tmp.display()))?;
+        let blobs = layout.join("blobs/sha256");
+        inotify::add_watch(&inotify, &blobs, WatchFlags::MOVED_TO | WatchFlags::CREATE)
+            .with_context(|| format!("Watching {}", blobs.display()))?;
+        Ok(Self {
+            layout: layout.to_path_buf(),
+            hex,
+            size: layer.size(),
+            file: None,
+            inotify,
+            stop,
+            hasher: sha2::Sha256::new(),
+            read: 0,
+        })
+    }
+
+    fn complete_path(&self) -> PathBuf {
+        self.layout.join("blobs/sha256").join(&self.hex)
+    }
+
+    fn partial_path(&self) -> PathBuf {
+        self.layout
+            .join("tmp")
+            .join(format!("{}.partial", self.hex))
+    }
+
+    /// Whether `path` is the file being read.
+    fn is_ours(&self, path: &Path) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let (Some(file), Ok(there)) = (&self.file, std::fs::metadata(path)) else {
+            return false;
+        };
+        file.metadata()
+            .is_ok_and(|m| m.ino() == there.ino() && m.dev() == there.dev())
+    }
+
+    /// Waits for a change in the cache, or fails on `stop` or after [`STALLED`].
+    fn wait(&self) -> std::io::Result<()> {
+        use rustix::event::{PollFd, PollFlags, poll};
+        let mut fds = [
+            PollFd::new(&self.inotify, PollFlags::IN),
+            PollFd::new(&*self.stop, PollFlags::IN),
+        ];
+        let timeout = i32::try_from(STALLED.as_millis()).unwrap_or(i32::MAX);
+        let ready = loop {
+            match poll(&mut fds, timeout) {
+                Err(rustix::io::Errno::INTR) => continue,
+                other => break other?,
+            }
+        };
+        if fds[1].revents().contains(PollFlags::IN) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::Interrupted,
+                "Stopped while waiting for the download",
+            ));
+        }
+        if ready == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("Nothing of the download arrived in {} s", STALLED.as_secs()),
+            ));
+        }
+        // The events only say that something changed: drain them and look again.
+        let mut buf = [0u8; 4096];
+        while rustix::io::read(&self.inotify, &mut buf).is_ok_and(|n| n > 0) {}
+        Ok(())
+    }
+
+    fn check(&self) -> std::io::Result<()> {
+        let corrupt = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidData, m);
+        if self.read > self.size {
+            return Err(corrupt(format!(
+                "Blob sha256:{} is larger than the layer's {} bytes: size mismatch",
+                self.hex, self.size
+            )));
+        }
+        if self.read == self.size {
+            let found = hex(&self.hasher.clone().finalize());
+            if found != self.hex {
+                return Err(corrupt(format!(
+                    "Blob sha256:{} has digest sha256:{found}: digest mismatch",
+                    self.hex
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Read for Following {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            if let Some(file) = &mut self.file {
+                let n = file.read(buf)?;
+                if n > 0 || self.read == self.size {
+                    self.hasher.update(&buf[..n]);
+                    self.read += n as u64;
+                    self.check()?;
+                    return Ok(n);
+                }
+            }
+            // At the end of what is there: the file being read is still written, was
+            // completed (renamed), or went away.
+            let complete = self.complete_path();
+            let partial = self.partial_path();
+            match &self.file {
+                None if complete.exists() => {
+                    self.file = Some(std::fs::File::open(&complete)?);
+                    continue;
+                }
+                None => match std::fs::File::open(&partial) {
+                    Ok(file) => {
+                        self.file = Some(file);
+                        continue;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                },
+                Some(_) if self.is_ours(&complete) => {
+                    // Renamed once written in full: what is left is there to read.
+                    let n = self.file.as_mut().map_or(Ok(0), |f| f.read(buf))?;
+                    if n == 0 {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::UnexpectedEof,
+                            format!(
+                                "Blob sha256:{} holds {} of the layer's {} bytes: truncated",
+                                self.hex, self.read, self.size
+                            ),
+                        ));
+                    }
+                    self.hasher.update(&buf[..n]);
+                    self.read += n as u64;
+                    self.check()?;
+                    return Ok(n);
+                }
+                Some(_) if self.is_ours(&partial) => {}
+                Some(_) => {
+                    return Err(std::io::Error::other(format!(
+                        "The download of blob sha256:{} stopped after {} of {} bytes",
+                        self.hex, self.read, self.size
+                    )));
+                }
+            }
+            self.wait()?;
+        }
     }
 }
 

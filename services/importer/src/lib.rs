@@ -16,15 +16,16 @@ pub mod scan;
 pub mod store;
 
 use std::collections::BTreeSet;
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use dnfimage_interfaces::importer::{
-    CancelReply, GetDiskUsageReply, IDL, ImportPhase, ImportProgress, ImportReply, ImportResult,
-    ImportWarning, ImportWarningKind, ImportedImage, ImporterError, ListImagesReply, PrunePhase,
-    PruneProgress, PruneReply, PruneResult,
+    CancelReply, GetDiskUsageReply, IDL, ImportLayersReply, ImportLayersResult, ImportPhase,
+    ImportProgress, ImportReply, ImportResult, ImportWarning, ImportWarningKind, ImportedImage,
+    ImporterError, ListImagesReply, PrunePhase, PruneProgress, PruneReply, PruneResult,
 };
 use dnfimage_interfaces::reference::{ImageRef, ReferenceError, excerpt};
 use dnfimage_runtime::{
@@ -38,7 +39,7 @@ use zlink::Reply;
 use import::{Paths, Request};
 
 /// Methods that change state: only root may call them.
-pub const PRIVILEGED: &[&str] = &["Import", "Cancel", "Prune"];
+pub const PRIVILEGED: &[&str] = &["Import", "ImportLayers", "Cancel", "Prune"];
 
 /// How long a cancelled job's blocking work may take to stop before the job is let go.
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -212,23 +213,68 @@ fn import_job(
     paths: Paths,
     request: Request,
     sink: Sink<ImportReply>,
-    mut stop: Stop,
+    stop: Stop,
 ) -> Result<ImportResult, ImporterError> {
-    let operation = request.operation();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| failed(format!("Starting an async runtime for the import: {e}")))?;
     let emit = |progress: ImportProgress| {
         sink.send(ImportReply {
             progress: Some(progress),
             result: None,
         })
     };
+    let operation = request.operation();
+    in_runtime(&paths, operation, stop, |_| {
+        import::import(&paths, &request, &emit)
+    })
+}
+
+/// The job of `ImportLayers`, on its thread.
+fn import_layers_job(
+    paths: Paths,
+    request: import::LayersRequest,
+    sink: Sink<ImportLayersReply>,
+    stop: Stop,
+) -> Result<ImportLayersResult, ImporterError> {
+    let emit = |progress: ImportProgress| {
+        sink.send(ImportLayersReply {
+            progress: Some(progress),
+            result: None,
+        })
+    };
+    let operation = request.operation();
+    in_runtime(&paths, operation, stop, |wake| {
+        import::import_layers(&paths, &request, &emit, wake)
+    })
+}
+
+/// Runs `work` on a current-thread runtime of this thread until it ends or `stop` asks; on
+/// stop, `work`'s readers waiting for a download are woken through the event fd it gets.
+/// After a failure, removes what the journal says the import left half-written.
+fn in_runtime<T, F: std::future::Future<Output = Result<T, ImporterError>>>(
+    paths: &Paths,
+    operation: String,
+    mut stop: Stop,
+    work: impl FnOnce(Arc<OwnedFd>) -> F,
+) -> Result<T, ImporterError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| failed(format!("Starting an async runtime for the import: {e}")))?;
+    let wake = rustix::event::eventfd(
+        0,
+        rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
+    )
+    .map(Arc::new)
+    .map_err(|e| failed(format!("Creating an event fd: {e}")))?;
+    let work = work(wake.clone());
     let result = runtime.block_on(async {
         tokio::select! {
-            r = import::import(&paths, &request, &emit) => r,
-            () = stop.wait() => Err(ImporterError::Cancelled { operation: operation.clone() }),
+            r = work => r,
+            () = stop.wait() => {
+                if let Err(e) = rustix::io::write(&*wake, &1u64.to_ne_bytes()) {
+                    tracing::warn!("Waking the readers of the cancelled import: {e}");
+                }
+                Err(ImporterError::Cancelled { operation: operation.clone() })
+            }
         }
     });
     // Dropping the import (on cancel) leaves ostree-ext's blocking work to notice; wait for it
@@ -384,7 +430,7 @@ fn parse_source(source: &str) -> Result<ImageRef, ImporterError> {
     interface = "org.dnfimage.Importer",
     types = [
         ImportPhase, ImportWarningKind, ImportWarning, ImportProgress, ImportResult,
-        ImportedImage, PrunePhase, PruneProgress, PruneResult,
+        ImportLayersResult, ImportedImage, PrunePhase, PruneProgress, PruneResult,
     ],
     vendor = "dnfimage",
     product = "dnfimage-importer",
@@ -424,6 +470,37 @@ impl Importer {
             more,
             move |sink, stop| import_job(paths, request, sink, stop),
             |result| ImportReply {
+                progress: None,
+                result: Some(result),
+            },
+        )
+    }
+
+    /// Imports the layers of the image whose manifest `manifest` ("sha256:…", as stored) the
+    /// OCI layout at `layout` holds, while the fetcher still downloads them there (the
+    /// `staged` image of its progress records): each layer is read as it arrives, from
+    /// `tmp/HEX.partial` and then `blobs/sha256/HEX`, checked against its digest, and kept
+    /// as a layer commit, which the `Import` of the image then reuses. Records no image.
+    /// Streams progress records, then one record with the result. Fails when a download stops
+    /// before its layer is complete; on any failure or cancel, complete layers stay and no
+    /// reference to a half-imported layer does.
+    #[zlink(more)]
+    async fn import_layers(
+        &self,
+        more: bool,
+        layout: String,
+        manifest: String,
+    ) -> impl Stream<Item = Result<Reply<ImportLayersReply>, ImporterError>> + Unpin + use<> {
+        let request = match import::LayersRequest::new(&layout, &manifest) {
+            Ok(r) => r,
+            Err(e) => return refused(e),
+        };
+        let paths = self.shared.paths.clone();
+        self.spawn_job(
+            request.operation(),
+            more,
+            move |sink, stop| import_layers_job(paths, request, sink, stop),
+            |result| ImportLayersReply {
                 progress: None,
                 result: Some(result),
             },
