@@ -248,6 +248,62 @@ fn fetch_after_fetch_downloads_only_changed_layers() -> Result<()> {
 }
 
 #[test]
+fn fetch_after_an_update_check_asks_the_registry_nothing_again() -> Result<()> {
+    let s = setup()?;
+    let f = Fixtures::shared()?;
+    let (v1, v2) = (f.image(tags::BASE_V1)?, f.image(tags::BASE_V2)?);
+    let call = |method: &str, params: Value| -> Result<Value> {
+        let replies = dnfimage_integration::importer_support::Call::start(
+            &s.socket(),
+            &format!("{FETCHER}.{method}"),
+            params,
+            method == "Fetch",
+        )?
+        .rest()?;
+        let last = replies.last().context("no reply")?;
+        anyhow::ensure!(error_name(last).is_none(), "{method} failed: {last}");
+        Ok(last["parameters"].clone())
+    };
+    let manifests_since = |pos| -> Result<usize> {
+        Ok(s.registry
+            .requests_since(pos)?
+            .iter()
+            .filter(|r| r.path.contains("/manifests/"))
+            .count())
+    };
+    let check = call(
+        "CheckUpdate",
+        json!({"image": s.refs.base_v2, "currentDigest": v1.digest}),
+    )?;
+    assert_eq!(check["updateAvailable"], true, "{check}");
+    let pos = s.registry.log_position()?;
+    let fetched = call("Fetch", json!({"image": s.refs.base_v2}))?;
+    assert_eq!(fetched["result"]["digest"], v2.digest.as_str());
+    // The layers only: the manifest and configuration are the ones the check read.
+    assert_eq!(manifests_since(pos)?, 0);
+    let config = v2.manifest.config().digest().to_string();
+    assert!(!s.registry.blob_requests_since(pos)?.contains(&config));
+
+    // Used once: the next fetch asks again.
+    let pos = s.registry.log_position()?;
+    call("Fetch", json!({"image": s.refs.base_v2}))?;
+    assert!(manifests_since(pos)? > 0);
+    // Nor with another verification.
+    call(
+        "CheckUpdate",
+        json!({"image": s.refs.base_v2, "currentDigest": v1.digest}),
+    )?;
+    let pos = s.registry.log_position()?;
+    call(
+        "Fetch",
+        json!({"image": s.refs.base_v2, "signatureVerification": false}),
+    )?;
+    assert!(manifests_since(pos)? > 0);
+    assert_blobs_intact(&s.cache())?;
+    Ok(())
+}
+
+#[test]
 fn prune_keeps_named_images_and_their_blobs() -> Result<()> {
     let s = setup()?;
     let f = Fixtures::shared()?;

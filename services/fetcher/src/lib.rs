@@ -127,6 +127,31 @@ struct Shared {
     cache: Cache,
     proxy: ProxySettings,
     jobs: JobSlot,
+    /// The image the last privileged `CheckUpdate` resolved, for the `Fetch` that follows.
+    checked: std::sync::Mutex<Option<Checked>>,
+}
+
+/// How long a `Fetch` may use what a `CheckUpdate` resolved instead of asking the registry
+/// again: `dnf-image upgrade` fetches right after its check.
+const CHECKED_REUSE: Duration = Duration::from_secs(60);
+
+/// An image a `CheckUpdate` resolved (manifest, configuration, policy check, skopeo's open
+/// image), kept for the `Fetch` of the same reference with the same verification.
+struct Checked {
+    reference: String,
+    verify: bool,
+    at: Instant,
+    resolved: Resolved,
+}
+
+impl std::fmt::Debug for Checked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Checked")
+            .field("reference", &self.reference)
+            .field("verify", &self.verify)
+            .field("digest", &self.resolved.digest)
+            .finish_non_exhaustive()
+    }
 }
 
 /// What the source says about an image before any layer is fetched.
@@ -202,7 +227,12 @@ impl Fetcher {
     /// A fetcher over `cache`, starting skopeo as `proxy` says, running jobs in `jobs`.
     pub fn new(cache: Cache, proxy: ProxySettings, jobs: JobSlot) -> Self {
         Self {
-            shared: Arc::new(Shared { cache, proxy, jobs }),
+            shared: Arc::new(Shared {
+                cache,
+                proxy,
+                jobs,
+                checked: std::sync::Mutex::new(None),
+            }),
             caller: Caller::ROOT,
         }
     }
@@ -473,7 +503,7 @@ impl Fetcher {
         let reply = CheckUpdateReply {
             update_available: current.as_deref() != Some(resolved.digest.as_str()),
             version: version_of(&resolved.config.labels()),
-            digest: resolved.digest,
+            digest: resolved.digest.clone(),
             layers_missing: missing.len() as u64,
             bytes_missing: missing.iter().map(|l| l.size).sum(),
             layers_total: layers.len() as u64,
@@ -481,6 +511,15 @@ impl Fetcher {
         };
         if !record {
             return Ok(reply);
+        }
+        // What an unprivileged caller had resolved is not handed to a fetch.
+        if reply.update_available {
+            *self.lock_checked() = Some(Checked {
+                reference: image_ref.to_string(),
+                verify,
+                at: Instant::now(),
+                resolved,
+            });
         }
         let check = UpdateCheck {
             reference: image_ref.to_string(),
@@ -499,6 +538,23 @@ impl Fetcher {
             tracing::warn!("Recording the update check of {image_ref}: {e:#}");
         }
         Ok(reply)
+    }
+
+    fn lock_checked(&self) -> std::sync::MutexGuard<'_, Option<Checked>> {
+        self.shared
+            .checked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// What the last `CheckUpdate` resolved for `image` with `verify`, if it is recent; taken
+    /// (a fetch uses it once), and anything else kept is dropped.
+    fn take_checked(&self, image: &ImageRef, verify: bool) -> Option<Resolved> {
+        let checked = self.lock_checked().take()?;
+        let usable = checked.reference == image.to_string()
+            && checked.verify == verify
+            && checked.at.elapsed() < CHECKED_REUSE;
+        usable.then_some(checked.resolved)
     }
 
     fn layers(&self, manifest: &Manifest) -> Vec<Layer> {
@@ -869,7 +925,14 @@ impl Fetcher {
         progress.phase(FetchPhase::Resolving, format!("Resolving {reference}"));
         // Nothing is written before the policy accepted the manifest; then only the blobs it
         // names are fetched, by digest, so a tag moved meanwhile changes nothing.
-        let mut resolved = self.resolve(image, verify).await?;
+        // The manifest `upgrade` checked a moment ago is the one it fetches: not asked again.
+        let mut resolved = match self.take_checked(image, verify) {
+            Some(checked) => {
+                tracing::debug!("Fetching {reference} as its update check resolved it");
+                checked
+            }
+            None => self.resolve(image, verify).await?,
+        };
         if resolved.signature.verified {
             resolved.signature.signers = self.shared.proxy.signers(image, &resolved.digest).await;
         }
