@@ -539,7 +539,7 @@ async fn fetch_import_deploy(
     let (staged_tx, staged_rx) = tokio::sync::oneshot::channel();
     let (done_tx, done_rx) = tokio::sync::watch::channel(None);
     let fetch = async {
-        let fetched = image::fetch_staging(
+        let fetched = image::fetch(
             cli,
             &mut fetcher,
             out,

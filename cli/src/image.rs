@@ -96,6 +96,7 @@ pub(crate) async fn run(cli: &Cli, out: &Output, cmd: &ImageCommand) -> Result<u
                 image,
                 *concurrency,
                 !no_signature_verification,
+                None,
             )
             .await?;
             out.fetched(&result)?;
@@ -122,21 +123,10 @@ pub(crate) async fn run(cli: &Cli, out: &Output, cmd: &ImageCommand) -> Result<u
     }
 }
 
-/// Fetches with progress; Ctrl-C cancels the fetch in the service.
+/// Fetches with progress; Ctrl-C cancels the fetch in the service. `staged` receives where
+/// the image is stored as soon as the fetcher says (its layers can be imported while they
+/// download).
 pub(crate) async fn fetch(
-    cli: &Cli,
-    conn: &mut dnfimage_interfaces::Connection,
-    out: &Output,
-    image: &str,
-    concurrency: Option<u64>,
-    verify: bool,
-) -> Result<FetchResult> {
-    fetch_staging(cli, conn, out, image, concurrency, verify, None).await
-}
-
-/// [`fetch`], sending to `staged` where the image is stored as soon as the fetcher says (its
-/// layers can be imported while they download).
-pub(crate) async fn fetch_staging(
     cli: &Cli,
     conn: &mut dnfimage_interfaces::Connection,
     out: &Output,

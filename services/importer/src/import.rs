@@ -597,6 +597,22 @@ async fn scan_layer(opened: &Opened, layer: &Descriptor) -> Result<scan::Summary
     scanned.context("Scanning thread")?
 }
 
+/// Opens the repository for an import, after removing what an earlier one left half-written.
+/// The sysroot lock is not held while importing, so that the deployer can work meanwhile: a
+/// prune of the repository leaves alone what a transaction stages under tmp/, and every commit
+/// an import builds on (layer commits) has a reference before it is used.
+fn open_for_import(paths: &Paths) -> Result<ostree::Repo, ImporterError> {
+    let sysroot = store::load_sysroot_for_writing(&paths.sysroot)
+        .map_err(|e| failed_with("Opening the sysroot", &e))?;
+    if store::make_writable(&sysroot).map_err(|e| failed_with("Opening the sysroot", &e))? {
+        sysroot.unlock();
+    }
+    let repo =
+        store::open_repo(&paths.repo).map_err(|e| failed_with("Opening the repository", &e))?;
+    recover(&paths.repo).map_err(|e| failed_with("Cleaning up after an earlier import", &e))?;
+    Ok(repo)
+}
+
 /// Imports `request`, streaming progress to `emit`. On failure the repository may hold layer
 /// references listed in the journal as not completed: the caller runs [`recover`] once nothing
 /// of the import runs any more.
@@ -607,17 +623,7 @@ pub async fn import(
 ) -> Result<ImportResult, ImporterError> {
     let source = &request.source;
     let mut tracker = Tracker::new(emit);
-    let sysroot = store::load_sysroot_for_writing(&paths.sysroot)
-        .map_err(|e| failed_with("Opening the sysroot", &e))?;
-    // The lock is not held while importing, so that the deployer can work meanwhile: a prune
-    // of the repository leaves alone what a transaction stages under tmp/, and every commit an
-    // import builds on (layer commits) has a reference before it is used.
-    if store::make_writable(&sysroot).map_err(|e| failed_with("Opening the sysroot", &e))? {
-        sysroot.unlock();
-    }
-    let repo =
-        store::open_repo(&paths.repo).map_err(|e| failed_with("Opening the repository", &e))?;
-    recover(&paths.repo).map_err(|e| failed_with("Cleaning up after an earlier import", &e))?;
+    let repo = open_for_import(paths)?;
 
     tracker.phase(ImportPhase::Preparing, format!("Reading {source}"));
     let opened = Opened::open(source).await?;
@@ -1023,14 +1029,7 @@ pub async fn import_layers(
     wake: std::sync::Arc<std::os::fd::OwnedFd>,
 ) -> Result<ImportLayersResult, ImporterError> {
     let mut tracker = Tracker::new(emit);
-    let sysroot = store::load_sysroot_for_writing(&paths.sysroot)
-        .map_err(|e| failed_with("Opening the sysroot", &e))?;
-    if store::make_writable(&sysroot).map_err(|e| failed_with("Opening the sysroot", &e))? {
-        sysroot.unlock();
-    }
-    let repo =
-        store::open_repo(&paths.repo).map_err(|e| failed_with("Opening the repository", &e))?;
-    recover(&paths.repo).map_err(|e| failed_with("Cleaning up after an earlier import", &e))?;
+    let repo = open_for_import(paths)?;
     let name = format!("{}@{}", request.layout.display(), request.manifest);
     tracker.phase(ImportPhase::Preparing, format!("Reading {name}"));
     let not_found = |e: anyhow::Error| ImporterError::ImageNotFound {

@@ -569,8 +569,8 @@ impl Following {
             }
         };
         if fds[1].revents().contains(PollFlags::IN) {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::Interrupted,
+            // Not `Interrupted`: readers of readers (gzip, `io::copy`) retry on that.
+            return Err(std::io::Error::other(
                 "Stopped while waiting for the download",
             ));
         }

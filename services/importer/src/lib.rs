@@ -215,14 +215,13 @@ fn import_job(
     sink: Sink<ImportReply>,
     stop: Stop,
 ) -> Result<ImportResult, ImporterError> {
-    let emit = |progress: ImportProgress| {
+    let emit = |progress| {
         sink.send(ImportReply {
             progress: Some(progress),
             result: None,
         })
     };
-    let operation = request.operation();
-    in_runtime(&paths, operation, stop, |_| {
+    in_runtime(&paths, request.operation(), stop, |_| {
         import::import(&paths, &request, &emit)
     })
 }
@@ -234,14 +233,13 @@ fn import_layers_job(
     sink: Sink<ImportLayersReply>,
     stop: Stop,
 ) -> Result<ImportLayersResult, ImporterError> {
-    let emit = |progress: ImportProgress| {
+    let emit = |progress| {
         sink.send(ImportLayersReply {
             progress: Some(progress),
             result: None,
         })
     };
-    let operation = request.operation();
-    in_runtime(&paths, operation, stop, |wake| {
+    in_runtime(&paths, request.operation(), stop, |wake| {
         import::import_layers(&paths, &request, &emit, wake)
     })
 }
