@@ -299,36 +299,33 @@ fn killed_import_leaves_status_and_repo_unchanged() -> Result<()> {
     )?;
 
     host.publish(tags::BASE_V2)?;
-    // Start the upgrade and kill the importer as soon as it is importing (the log already
-    // holds the rebase's import: only what follows counts).
-    let importer_log = host.scratch.path().join("logs/importer.log");
-    let log_start = std::fs::read_to_string(&importer_log)?.len();
-    let child = host
+    // Start the upgrade and kill the importer as soon as the CLI says it is importing.
+    let mut child = host
         .cli()
         .arg("upgrade")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()?;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while !std::fs::read_to_string(&importer_log)
-        .unwrap_or_default()
-        .get(log_start..)
-        .is_some_and(|new| new.contains("Importing"))
-    {
-        anyhow::ensure!(
-            std::time::Instant::now() < deadline,
-            "the import never started"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(5));
+    let mut stderr = std::io::BufReader::new(child.stderr.take().context("stderr")?);
+    let mut said = String::new();
+    loop {
+        let mut line = String::new();
+        let n = std::io::BufRead::read_line(&mut stderr, &mut line)?;
+        anyhow::ensure!(n > 0, "the upgrade ended before it imported:\n{said}");
+        said.push_str(&line);
+        if line.starts_with("Importing") {
+            break;
+        }
     }
     host.services[1].kill();
-    let out = child.wait_with_output()?;
+    std::io::Read::read_to_string(&mut stderr, &mut said)?;
+    let status = child.wait()?;
     assert!(
-        !out.status.success(),
+        !status.success(),
         "the upgrade succeeded without its importer"
     );
     // Which service, what it means, what to do; not a protocol error.
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = &said;
     assert!(
         stderr.contains(
             "The importer (org.dnfimage.Importer) stopped while importing: nothing was \
