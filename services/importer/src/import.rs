@@ -244,14 +244,18 @@ pub fn source_digest(index: &[u8], tag: Option<&str>, stored: &str) -> Result<Op
     let Some(source) = entry.annotations.get(SOURCE_DIGEST) else {
         return Ok(None);
     };
-    let hex = source
-        .strip_prefix("sha256:")
-        .filter(|h| h.len() == 64 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')));
     anyhow::ensure!(
-        hex.is_some(),
+        sha256_hex(source).is_some(),
         "{SOURCE_DIGEST} {source:?} is not a sha256 digest"
     );
     Ok((source != stored).then(|| source.clone()))
+}
+
+/// The hex part of `digest` when it is a sha256 digest, "sha256:" and 64 lowercase hex digits.
+pub fn sha256_hex(digest: &str) -> Option<&str> {
+    digest
+        .strip_prefix("sha256:")
+        .filter(|h| h.len() == 64 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
 }
 
 /// [`source_digest`] of `source` when it is an OCI layout.
@@ -420,17 +424,20 @@ impl<'a> Tracker<'a> {
         self.record.layer = Some(digest.to_string());
         self.record.layer_bytes_done = Some(*done);
         self.record.layer_bytes_total = Some(layer.size());
-        self.record.bytes_done =
-            self.done_bytes + self.in_flight.iter().map(|(_, d)| d).sum::<u64>();
+        self.record.bytes_done = self.bytes_done();
         self.send(false);
+    }
+
+    /// Bytes of the completed layers and of those in flight.
+    fn bytes_done(&self) -> u64 {
+        self.done_bytes + self.in_flight.iter().map(|(_, d)| d).sum::<u64>()
     }
 
     fn completed(&mut self, layer: &Descriptor) {
         self.in_flight.retain(|(l, _)| l != layer);
         self.done_bytes += layer.size();
         self.record.layers_done += 1;
-        self.record.bytes_done =
-            self.done_bytes + self.in_flight.iter().map(|(_, d)| d).sum::<u64>();
+        self.record.bytes_done = self.bytes_done();
         self.record.layer = Some(layer.digest().to_string());
         self.record.layer_bytes_done = Some(layer.size());
         self.record.layer_bytes_total = Some(layer.size());
@@ -505,6 +512,22 @@ pub fn reserved_blocks(
     }
     let percent = min_percent.unwrap_or(DEFAULT_MIN_FREE_PERCENT).min(99);
     Ok(blocks.saturating_mul(percent) / 100)
+}
+
+/// The space importing `bytes` of layers needs, checked against what the repository's
+/// filesystem still has.
+fn space_needed(paths: &Paths, repo: &ostree::Repo, bytes: u64) -> Result<u64, ImporterError> {
+    let needed = bytes.saturating_mul(UNCOMPRESSED_FACTOR);
+    let available =
+        usable_space(repo, &paths.repo).map_err(|e| failed_with("Checking free space", &e))?;
+    if needed > available {
+        return Err(ImporterError::InsufficientSpace {
+            path: paths.repo.display().to_string(),
+            needed,
+            available,
+        });
+    }
+    Ok(needed)
 }
 
 /// Checks that the layers to import are complete in an OCI layout source (a truncated or
@@ -739,16 +762,9 @@ async fn import_opened(
             ))
         })?;
     }
-    let to_import: Vec<Descriptor> = prepared
-        .all_layers()
-        .filter(|l| l.commit.is_none())
-        .map(|l| l.layer().clone())
-        .collect();
-    let pending_refs: Vec<String> = prepared
-        .all_layers()
-        .filter(|l| l.commit.is_none())
-        .map(|l| l.ostree_ref.clone())
-        .collect();
+    let jobs = layer_jobs(&prepared);
+    let to_import: Vec<Descriptor> = jobs.iter().map(|j| j.layer.clone()).collect();
+    let pending_refs: Vec<String> = jobs.iter().map(|j| j.ostree_ref.clone()).collect();
     let bytes_to_import: u64 = to_import.iter().map(Descriptor::size).sum();
     let skipped = layers_in_image - to_import.len() as u64;
     tracker.record.layers_total = to_import.len() as u64;
@@ -762,16 +778,7 @@ async fn import_opened(
     if let Some(layout) = source.layout_dir() {
         check_blobs(layout, &to_import, &image)?;
     }
-    let needed = bytes_to_import.saturating_mul(UNCOMPRESSED_FACTOR);
-    let available =
-        usable_space(repo, &paths.repo).map_err(|e| failed_with("Checking free space", &e))?;
-    if needed > available {
-        return Err(ImporterError::InsufficientSpace {
-            path: paths.repo.display().to_string(),
-            needed,
-            available,
-        });
-    }
+    let needed = space_needed(paths, repo, bytes_to_import)?;
 
     let mut journal = Journal::begin(&paths.repo, &image, pending_refs)
         .map_err(|e| failed_with("Writing the import journal", &e))?;
@@ -827,7 +834,7 @@ async fn import_opened(
     let (commits, scanned) = layer_run
         .run(
             blobs,
-            layer_jobs(&prepared),
+            jobs,
             known_base,
             tracker,
             &mut journal,
@@ -942,8 +949,7 @@ impl LayersRequest {
                 "the layout is not an OCI image layout (no oci-layout file)",
             ));
         }
-        let hex = manifest.strip_prefix("sha256:").unwrap_or_default();
-        if hex.len() != 64 || !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        if sha256_hex(manifest).is_none() {
             return Err(invalid(
                 "the manifest must be a sha256 digest, \"sha256:\" and 64 hex digits",
             ));
@@ -967,9 +973,7 @@ impl LayersRequest {
 /// Reads blob `digest` of the layout, at most `limit` bytes, checked against its digest.
 fn read_blob(layout: &Path, digest: &str, limit: u64) -> Result<Vec<u8>> {
     use sha2::Digest as _;
-    let hex = digest
-        .strip_prefix("sha256:")
-        .with_context(|| format!("{digest} is not a sha256 digest"))?;
+    let hex = sha256_hex(digest).with_context(|| format!("{digest} is not a sha256 digest"))?;
     let path = layout.join("blobs/sha256").join(hex);
     let mut bytes = Vec::new();
     std::fs::File::open(&path)
@@ -982,10 +986,7 @@ fn read_blob(layout: &Path, digest: &str, limit: u64) -> Result<Vec<u8>> {
         "{} is larger than {limit} bytes",
         path.display()
     );
-    let found = sha2::Sha256::digest(&bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<String>();
+    let found = hex::encode(sha2::Sha256::digest(&bytes));
     anyhow::ensure!(found == hex, "{} has digest sha256:{found}", path.display());
     Ok(bytes)
 }
@@ -1095,16 +1096,7 @@ pub async fn import_layers(
     let known_base = store::layer_commit(&repo, commit_layer.digest().as_ref())
         .map_err(|e| failed_with("Reading the repository", &e))?;
     let bytes_to_import: u64 = jobs.iter().map(|j| j.layer.size()).sum();
-    let needed = bytes_to_import.saturating_mul(UNCOMPRESSED_FACTOR);
-    let available =
-        usable_space(&repo, &paths.repo).map_err(|e| failed_with("Checking free space", &e))?;
-    if needed > available {
-        return Err(ImporterError::InsufficientSpace {
-            path: paths.repo.display().to_string(),
-            needed,
-            available,
-        });
-    }
+    let needed = space_needed(paths, &repo, bytes_to_import)?;
     let layers_imported = jobs.len() as u64;
     tracker.record.layers_total = layers_imported;
     tracker.record.bytes_total = bytes_to_import;

@@ -85,8 +85,6 @@ pub enum Event {
 pub struct Done {
     /// The layer.
     pub layer: Descriptor,
-    /// What it is.
-    pub kind: Kind,
     /// Its reference.
     pub ostree_ref: String,
     /// Its commit.
@@ -178,12 +176,7 @@ pub async fn import(
         });
     };
     let rules = derived_rules(&base);
-    let mut options = ostree_ext::tar::WriteTarOptions::default();
-    options.base = Some(base);
-    options.selinux = true;
-    options.allow_nonusr = rules.allow_nonusr;
-    options.retain_var = rules.retain_var;
-    wave(ctx, derived, Some(&options)).await?;
+    wave(ctx, derived, Some((&base, rules))).await?;
     Ok(())
 }
 
@@ -191,7 +184,7 @@ pub async fn import(
 async fn wave(
     ctx: &Shared<'_>,
     jobs: Vec<Job>,
-    options: Option<&ostree_ext::tar::WriteTarOptions>,
+    base: Option<(&str, DerivedRules)>,
 ) -> Result<Vec<String>, Failed> {
     let mut pending = jobs.into_iter();
     let mut running = FuturesUnordered::new();
@@ -200,7 +193,7 @@ async fn wave(
     loop {
         while failed.is_none() && running.len() < ctx.jobs.max(1) {
             let Some(job) = pending.next() else { break };
-            running.push(one(ctx, job, options));
+            running.push(one(ctx, job, base));
         }
         match running.next().await {
             Some(Ok(commit)) => commits.push(commit),
@@ -218,19 +211,15 @@ async fn wave(
 async fn one(
     ctx: &Shared<'_>,
     job: Job,
-    options: Option<&ostree_ext::tar::WriteTarOptions>,
+    base: Option<(&str, DerivedRules)>,
 ) -> Result<String, Failed> {
     let layer = job.layer.clone();
-    run(ctx, job, options)
+    run(ctx, job, base)
         .await
         .map_err(|error| Failed { layer, error })
 }
 
-async fn run(
-    ctx: &Shared<'_>,
-    job: Job,
-    options: Option<&ostree_ext::tar::WriteTarOptions>,
-) -> Result<String> {
+async fn run(ctx: &Shared<'_>, job: Job, base: Option<(&str, DerivedRules)>) -> Result<String> {
     let digest = job.layer.digest().to_string();
     let _ = ctx.events.send(Event::Started(job.layer.clone()));
     let repo = store::open_repo(&ctx.repo)?;
@@ -280,15 +269,16 @@ async fn run(
         Some(scanned.context("Scanning thread").and_then(|r| r))
     };
     let consumer = async {
-        match (job.kind, options) {
+        match (job.kind, base) {
             (Kind::Chunk, _) => ostree_ext::tar::import_tar_objects(&repo, from_pump).await,
             (Kind::Commit, _) => ostree_ext::tar::import_tar(&repo, from_pump, None).await,
-            (Kind::Derived, Some(options)) => {
+            (Kind::Derived, Some((base, rules))) => {
+                // Labeled with the base's SELinux policy, as ostree-ext's importer does.
                 let mut opts = ostree_ext::tar::WriteTarOptions::default();
-                opts.base = options.base.clone();
-                opts.selinux = options.selinux;
-                opts.allow_nonusr = options.allow_nonusr;
-                opts.retain_var = options.retain_var;
+                opts.base = Some(base.to_string());
+                opts.selinux = true;
+                opts.allow_nonusr = rules.allow_nonusr;
+                opts.retain_var = rules.retain_var;
                 ostree_ext::tar::write_tar(
                     &repo,
                     from_pump,
@@ -323,7 +313,6 @@ async fn run(
     tracing::debug!("Layer {digest} is commit {commit}");
     let _ = ctx.events.send(Event::Completed(Done {
         layer: job.layer,
-        kind: job.kind,
         ostree_ref: job.ostree_ref,
         commit: commit.clone(),
         summary: scanned,
@@ -409,68 +398,97 @@ fn pump(
     Ok(())
 }
 
-/// A blob of an OCI layout, checked against its size and digest as it is read: the last read
-/// fails when they do not match, with an error [`crate::import::is_corruption`] recognizes.
-struct Verified {
-    file: std::fs::File,
-    path: PathBuf,
+/// Checks the bytes of a blob against the size and digest of its layer as they are read, with
+/// errors [`crate::import::is_corruption`] recognizes.
+struct Digest {
+    /// What the blob is called in errors.
+    name: String,
+    hex: String,
+    size: u64,
     hasher: sha2::Sha256,
     read: u64,
-    size: u64,
-    hex: String,
+}
+
+impl Digest {
+    fn of(layer: &Descriptor, name: impl FnOnce(&str) -> String) -> Result<Self> {
+        let digest = layer.digest().to_string();
+        let hex = crate::import::sha256_hex(&digest)
+            .with_context(|| format!("Layer {digest}: only sha256 digests are read"))?
+            .to_string();
+        Ok(Self {
+            name: name(&hex),
+            hex,
+            size: layer.size(),
+            hasher: sha2::Sha256::new(),
+            read: 0,
+        })
+    }
+
+    fn corrupt(&self, what: String) -> std::io::Error {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{} {what}", self.name),
+        )
+    }
+
+    /// Takes the next `bytes`: fails past the size, and at the size unless the digest matches.
+    fn update(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.hasher.update(bytes);
+        self.read += bytes.len() as u64;
+        if self.read > self.size {
+            return Err(self.corrupt(format!(
+                "is larger than the layer's {} bytes: size mismatch",
+                self.size
+            )));
+        }
+        if self.read == self.size {
+            let found = hex::encode(self.hasher.clone().finalize());
+            if found != self.hex {
+                return Err(self.corrupt(format!("has digest sha256:{found}: digest mismatch")));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether all of the blob was read (and matched).
+    fn complete(&self) -> bool {
+        self.read == self.size
+    }
+
+    /// The error of a blob that ends before its size.
+    fn truncated(&self) -> std::io::Error {
+        self.corrupt(format!(
+            "holds {} of the layer's {} bytes: truncated",
+            self.read, self.size
+        ))
+    }
+}
+
+/// A blob of an OCI layout, checked against its size and digest as it is read: the last read
+/// fails when they do not match.
+struct Verified {
+    file: std::fs::File,
+    digest: Digest,
 }
 
 impl Verified {
     fn open(layout: &Path, layer: &Descriptor) -> Result<Self> {
-        let digest = layer.digest().to_string();
-        let hex = match digest.split_once(':') {
-            Some(("sha256", hex)) => hex.to_string(),
-            _ => anyhow::bail!("Layer {digest}: only sha256 digests are read"),
-        };
-        let path = layout.join("blobs/sha256").join(&hex);
-        let file =
-            std::fs::File::open(&path).with_context(|| format!("Reading {}", path.display()))?;
-        Ok(Self {
-            file,
-            path,
-            hasher: sha2::Sha256::new(),
-            read: 0,
-            size: layer.size(),
-            hex,
-        })
+        let digest = Digest::of(layer, |hex| {
+            layout.join("blobs/sha256").join(hex).display().to_string()
+        })?;
+        let file = std::fs::File::open(&digest.name)
+            .with_context(|| format!("Reading {}", digest.name))?;
+        Ok(Self { file, digest })
     }
 }
 
 impl Read for Verified {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = self.file.read(buf)?;
-        self.hasher.update(&buf[..n]);
-        self.read += n as u64;
-        let corrupt = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidData, m);
-        if self.read > self.size {
-            return Err(corrupt(format!(
-                "{} is larger than the layer's {} bytes: size mismatch",
-                self.path.display(),
-                self.size
-            )));
+        if n == 0 && !self.digest.complete() {
+            return Err(self.digest.truncated());
         }
-        if n == 0 || self.read == self.size {
-            let found = hex(&self.hasher.clone().finalize());
-            if self.read < self.size {
-                return Err(corrupt(format!(
-                    "{} holds {} of the layer's {} bytes: truncated",
-                    self.path.display(),
-                    self.read,
-                    self.size
-                )));
-            }
-            if found != self.hex {
-                return Err(corrupt(format!(
-                    "{} has digest sha256:{found}: digest mismatch",
-                    self.path.display()
-                )));
-            }
-        }
+        self.digest.update(&buf[..n])?;
         Ok(n)
     }
 }
@@ -487,24 +505,17 @@ const STALLED: Duration = Duration::from_secs(120);
 /// `stop` becomes readable.
 pub struct Following {
     layout: PathBuf,
-    hex: String,
-    size: u64,
     file: Option<std::fs::File>,
     inotify: OwnedFd,
     stop: Arc<OwnedFd>,
-    hasher: sha2::Sha256,
-    read: u64,
+    digest: Digest,
 }
 
 impl Following {
     /// Starts following the blob of `layer` in `layout`.
     pub fn new(layout: &Path, layer: &Descriptor, stop: Arc<OwnedFd>) -> Result<Self> {
         use rustix::fs::inotify::{self, CreateFlags, WatchFlags};
-        let digest = layer.digest().to_string();
-        let hex = match digest.split_once(':') {
-            Some(("sha256", hex)) => hex.to_string(),
-            _ => anyhow::bail!("Layer {digest}: only sha256 digests are read"),
-        };
+        let digest = Digest::of(layer, |hex| format!("Blob sha256:{hex}"))?;
         // Watching before looking, so that no change between a look and the wait is missed.
         let inotify = inotify::init(CreateFlags::CLOEXEC | CreateFlags::NONBLOCK)
             .context("Starting inotify")?;
@@ -524,24 +535,21 @@ impl Following {
             .with_context(|| format!("Watching {}", blobs.display()))?;
         Ok(Self {
             layout: layout.to_path_buf(),
-            hex,
-            size: layer.size(),
             file: None,
             inotify,
             stop,
-            hasher: sha2::Sha256::new(),
-            read: 0,
+            digest,
         })
     }
 
     fn complete_path(&self) -> PathBuf {
-        self.layout.join("blobs/sha256").join(&self.hex)
+        self.layout.join("blobs/sha256").join(&self.digest.hex)
     }
 
     fn partial_path(&self) -> PathBuf {
         self.layout
             .join("tmp")
-            .join(format!("{}.partial", self.hex))
+            .join(format!("{}.partial", self.digest.hex))
     }
 
     /// Whether `path` is the file being read.
@@ -585,26 +593,6 @@ impl Following {
         while rustix::io::read(&self.inotify, &mut buf).is_ok_and(|n| n > 0) {}
         Ok(())
     }
-
-    fn check(&self) -> std::io::Result<()> {
-        let corrupt = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidData, m);
-        if self.read > self.size {
-            return Err(corrupt(format!(
-                "Blob sha256:{} is larger than the layer's {} bytes: size mismatch",
-                self.hex, self.size
-            )));
-        }
-        if self.read == self.size {
-            let found = hex(&self.hasher.clone().finalize());
-            if found != self.hex {
-                return Err(corrupt(format!(
-                    "Blob sha256:{} has digest sha256:{found}: digest mismatch",
-                    self.hex
-                )));
-            }
-        }
-        Ok(())
-    }
 }
 
 impl Read for Following {
@@ -612,10 +600,8 @@ impl Read for Following {
         loop {
             if let Some(file) = &mut self.file {
                 let n = file.read(buf)?;
-                if n > 0 || self.read == self.size {
-                    self.hasher.update(&buf[..n]);
-                    self.read += n as u64;
-                    self.check()?;
+                if n > 0 || self.digest.complete() {
+                    self.digest.update(&buf[..n])?;
                     return Ok(n);
                 }
             }
@@ -640,34 +626,22 @@ impl Read for Following {
                     // Renamed once written in full: what is left is there to read.
                     let n = self.file.as_mut().map_or(Ok(0), |f| f.read(buf))?;
                     if n == 0 {
-                        return Err(std::io::Error::new(
-                            std::io::ErrorKind::UnexpectedEof,
-                            format!(
-                                "Blob sha256:{} holds {} of the layer's {} bytes: truncated",
-                                self.hex, self.read, self.size
-                            ),
-                        ));
+                        return Err(self.digest.truncated());
                     }
-                    self.hasher.update(&buf[..n]);
-                    self.read += n as u64;
-                    self.check()?;
+                    self.digest.update(&buf[..n])?;
                     return Ok(n);
                 }
                 Some(_) if self.is_ours(&partial) => {}
                 Some(_) => {
                     return Err(std::io::Error::other(format!(
                         "The download of blob sha256:{} stopped after {} of {} bytes",
-                        self.hex, self.read, self.size
+                        self.digest.hex, self.digest.read, self.digest.size
                     )));
                 }
             }
             self.wait()?;
         }
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The decompressed stream of a blob of `media_type`.
@@ -724,7 +698,7 @@ mod tests {
     use super::*;
 
     fn descriptor(bytes: &[u8]) -> Descriptor {
-        let digest = format!("sha256:{}", hex(&sha2::Sha256::digest(bytes)));
+        let digest = format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes)));
         Descriptor::new(
             MediaType::ImageLayer,
             bytes.len() as u64,
